@@ -1,0 +1,311 @@
+"""keygen, trust, pack, sign, verify, inspect: the trust core's commands."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .._fs import read_capped
+from ..errors import EnvelopeError, KeyFileError, PolicyError, UsageError
+from ..manifest import Manifest, parse
+from ..ops.pack import PackOptions, PackResult, add_signature, pack
+from ..ops.verify import VerifiedBundle, VerifyOptions, verify_bundle
+from ..signing import ALGORITHMS, MAX_KEY_FILE_BYTES, generate, load_public_pem, load_signer, passphrase_from, write_keypair
+from ..spec import load_spec
+from ..trust import TrustPolicy, load_policy, new_policy, save_policy
+from . import cli
+from ._common import Output, airpack_command, human_bytes
+
+PathArg = click.Path(path_type=Path)
+
+
+def _signer(key: Path, passphrase_file: Path | None) -> Any:
+    return load_signer(key, passphrase=passphrase_from(passphrase_file))
+
+
+# -- keygen ----------------------------------------------------------------------------
+
+
+@airpack_command(cli, "keygen")
+@click.argument("name")
+@click.option("--dir", "directory", type=PathArg, default=Path("."), show_default=True, help="Where to write NAME.key and NAME.pub.")
+@click.option("--algorithm", type=click.Choice(ALGORITHMS), default="ed25519", show_default=True)
+@click.option("--passphrase-file", type=PathArg, help="Encrypt the private key with the first line of this file (or set AIRPACK_PASSPHRASE).")
+@click.option("--force", is_flag=True, help="Overwrite existing key files.")
+def keygen_cmd(out: Output, name: str, directory: Path, algorithm: str, passphrase_file: Path | None, force: bool) -> None:
+    """Create a signing key pair: NAME.key (private, 0600) and NAME.pub."""
+    if not name or "/" in name or name.startswith("."):
+        raise UsageError(f"invalid key name {name!r}")
+    directory.mkdir(parents=True, exist_ok=True)
+    key_path, pub_path = directory / f"{name}.key", directory / f"{name}.pub"
+    for p in (key_path, pub_path):
+        if p.exists() and not force:
+            raise UsageError(f"{p} already exists; pass --force to replace it", path=str(p))
+    passphrase = passphrase_from(passphrase_file)
+    kid = write_keypair(generate(algorithm), key_path, pub_path, passphrase=passphrase)
+    out.result(
+        {"keyid": kid, "algorithm": algorithm, "private_key": str(key_path), "public_key": str(pub_path), "encrypted": bool(passphrase)},
+        [f"wrote {key_path} (private{', encrypted' if passphrase else ''}) and {pub_path}", f"key id: {kid}"],
+    )
+
+
+# -- trust -----------------------------------------------------------------------------
+
+
+@cli.group("trust")
+def trust_group() -> None:
+    """Manage this host's trust policy (who may sign bundles)."""
+
+
+def _policy_json(policy: TrustPolicy) -> dict[str, Any]:
+    return {
+        "policy": policy.source,
+        "threshold": policy.threshold,
+        "keys": [{"name": k.name, "keyid": k.keyid, "algorithm": k.algorithm} for k in policy.keys],
+    }
+
+
+@airpack_command(trust_group, "init")
+@click.argument("policy", type=PathArg)
+@click.option("--threshold", type=click.IntRange(min=1), default=1, show_default=True, help="Distinct trusted signers required.")
+@click.option("--force", is_flag=True, help="Replace an existing policy.")
+def trust_init(out: Output, policy: Path, threshold: int, force: bool) -> None:
+    """Create an empty trust policy file."""
+    if policy.exists() and not force:
+        raise PolicyError(f"trust policy {policy} already exists; pass --force to replace it", path=str(policy))
+    p = new_policy(threshold, source=str(policy))
+    save_policy(p, policy)
+    out.result(_policy_json(p), [f"wrote {policy} (threshold {threshold}, no keys yet: add them with `airpack trust add`)"])
+
+
+@airpack_command(trust_group, "add")
+@click.argument("policy", type=PathArg)
+@click.argument("pubkey", type=PathArg)
+@click.option("--name", required=True, help="A human name for the key (shown in verify reports).")
+def trust_add(out: Output, policy: Path, pubkey: Path, name: str) -> None:
+    """Trust the public key PUBKEY (SPKI PEM) under NAME."""
+    p = load_policy(policy)
+    try:
+        pem = read_capped(pubkey, MAX_KEY_FILE_BYTES, what="public key")
+    except FileNotFoundError:
+        raise KeyFileError(f"public key {pubkey} not found", path=str(pubkey)) from None
+    if b"PRIVATE KEY" in pem:
+        raise KeyFileError(f"{pubkey} is a private key; give the .pub file", path=str(pubkey))
+    pub = load_public_pem(pem, where=str(pubkey))
+    p = p.with_key(name, pub, pem.decode("ascii").strip() + "\n")
+    save_policy(p, policy)
+    k = p.keys[-1]
+    out.result(_policy_json(p), [f"trusted {name}: {k.algorithm} {k.keyid}", f"policy {policy}: {len(p.keys)} key(s), threshold {p.threshold}"])
+
+
+@airpack_command(trust_group, "list")
+@click.argument("policy", type=PathArg)
+def trust_list(out: Output, policy: Path) -> None:
+    """Show the keys of a trust policy and its threshold."""
+    p = load_policy(policy)
+
+    def text() -> list[str]:
+        lines = [f"{policy}: threshold {p.threshold} of {len(p.keys)} key(s)"]
+        lines += [f"  {k.name:<20} {k.algorithm:<10} {k.keyid}" for k in p.keys]
+        return lines
+
+    out.result(_policy_json(p), text)
+
+
+# -- pack and sign ---------------------------------------------------------------------
+
+
+def _pack_text(r: PackResult) -> list[str]:
+    if r.dry_run:
+        lines = [f"dry run: would write {len(r.planned)} file(s), {human_bytes(r.total_bytes)} to {r.out}"]
+        for m in r.details.get("models", []):
+            extra = f" @ {m['commit']}" if m.get("commit") else ""
+            lines.append(f"  model {m['repo_id']}{extra} (licence: {m.get('license') or 'unknown'})")
+        lines += [f"  {p.bundle_path}  {human_bytes(p.size)}" for p in r.planned]
+        return lines
+    m = r.manifest
+    assert m is not None
+    lines = [f"packed {m.name} (channel {m.channel}, sequence {m.sequence}) into {r.out}"]
+    for model in m.models:
+        files = m.model_files(model)
+        lines.append(
+            f"  model {model.repo_id} @ {model.commit[:12]}: {len(files)} file(s), {human_bytes(sum(f.size for f in files))}, "
+            f"licence {model.license or 'unknown'}"
+        )
+    if m.wheels:
+        lines.append(f"  wheels: {len(m.wheels)}")
+    lines.append(f"  total: {len(m.files)} file(s), {human_bytes(m.total_bytes)}; manifest sha256 {m.digest}")
+    lines.append(f"  signed by key {r.keyid}")
+    return lines
+
+
+def _pack_json(r: PackResult) -> dict[str, Any]:
+    if r.dry_run:
+        return {
+            "dry_run": True,
+            "out": str(r.out),
+            "files": [{"path": p.bundle_path, "size": p.size} for p in r.planned],
+            "total_bytes": r.total_bytes,
+            **r.details,
+        }
+    assert r.manifest is not None
+    return {"dry_run": False, "out": str(r.out), "keyid": r.keyid, **manifest_summary(r.manifest)}
+
+
+@airpack_command(cli, "pack")
+@click.argument("spec", type=PathArg)
+@click.option("--out", "out_dir", type=PathArg, required=True, help="The bundle folder to write.")
+@click.option("--key", type=PathArg, help="Private key to sign with (not needed for --dry-run).")
+@click.option("--passphrase-file", type=PathArg, help="Passphrase of an encrypted key (or AIRPACK_PASSPHRASE).")
+@click.option("--format", "fmt", type=click.Choice(["dir", "tar"]), default="dir", show_default=True)
+@click.option("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or the public Hub).")
+@click.option("--token-file", type=PathArg, help="File holding a Hub token (default: HF_TOKEN).")
+@click.option("--dry-run", is_flag=True, help="Resolve everything, print what would be fetched, write nothing.")
+@click.option("--allow-expired", is_flag=True, help="Write a bundle whose expiry is already past.")
+def pack_cmd(
+    out: Output, spec: Path, out_dir: Path, key: Path | None, passphrase_file: Path | None, fmt: str,
+    endpoint: str | None, token_file: Path | None, dry_run: bool, allow_expired: bool,
+) -> None:
+    """Pack the models (and wheels) a SPEC names into a signed bundle."""
+    s = load_spec(spec)
+    if fmt != "dir":
+        raise UsageError("--format tar is not available yet; pack a folder and use `airpack export`")
+    if not dry_run and key is None:
+        raise UsageError("pack needs --key KEY to sign the bundle (or --dry-run)")
+    signer = _signer(key, passphrase_file) if key is not None and not dry_run else None
+    token = None
+    if token_file is not None:
+        try:
+            token = read_capped(token_file, 4096, what="token file").decode("utf-8").strip()
+        except FileNotFoundError:
+            raise UsageError(f"token file {token_file} not found", path=str(token_file)) from None
+    r = pack(
+        PackOptions(spec=s, out=out_dir, signer=signer, dry_run=dry_run, allow_expired=allow_expired,
+                    endpoint=endpoint, token=token, progress=out.progress)
+    )
+    out.result(_pack_json(r), lambda: _pack_text(r))
+
+
+@airpack_command(cli, "sign")
+@click.argument("bundle", type=PathArg)
+@click.option("--key", type=PathArg, required=True, help="Private key of the co-signer.")
+@click.option("--passphrase-file", type=PathArg, help="Passphrase of an encrypted key (or AIRPACK_PASSPHRASE).")
+def sign_cmd(out: Output, bundle: Path, key: Path, passphrase_file: Path | None) -> None:
+    """Add a signature to BUNDLE (co-signing) after checking every file against its manifest."""
+    signer = _signer(key, passphrase_file)
+    added, m = add_signature(bundle, signer, progress=out.progress)
+    msg = f"added signature by {signer.keyid} to {m.name}" if added else f"{signer.keyid} had already signed {m.name}; nothing changed"
+    out.result({"bundle": str(bundle), "keyid": signer.keyid, "added": added, "manifest_sha256": m.digest}, [msg])
+
+
+# -- verify and inspect ------------------------------------------------------------------
+
+
+def manifest_summary(m: Manifest) -> dict[str, Any]:
+    return {
+        "name": m.name,
+        "channel": m.channel,
+        "sequence": m.sequence,
+        "created": f"{m.created:%Y-%m-%dT%H:%M:%SZ}",
+        "expires": f"{m.expires:%Y-%m-%dT%H:%M:%SZ}" if m.expires else None,
+        "manifest_sha256": m.digest,
+        "models": [
+            {
+                "repo_id": x.repo_id,
+                "source": x.source,
+                "revision": x.revision,
+                "commit": x.commit,
+                "license": x.license,
+                "parameters": x.raw.get("parameters"),
+                "dtypes": x.raw.get("dtypes"),
+                "files": len(m.model_files(x)),
+                "bytes": sum(f.size for f in m.model_files(x)),
+                "pickles": list(x.pickles),
+                "code": list(x.code),
+            }
+            for x in m.models
+        ],
+        "wheels": [{"name": w.name, "version": w.version, "path": w.path, "sha256": w.sha256} for w in m.wheels],
+        "policy": {"allow_pickle": m.allow_pickle, "allow_code": m.allow_code},
+        "targets": list(m.targets),
+        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in m.files],
+        "total_bytes": m.total_bytes,
+    }
+
+
+def _manifest_lines(m: Manifest, *, verbose: int) -> list[str]:
+    lines = [
+        f"  bundle:   {m.name}   channel {m.channel}   sequence {m.sequence}",
+        f"  created:  {m.created:%Y-%m-%d %H:%M:%SZ}" + (f"   expires {m.expires:%Y-%m-%d %H:%M:%SZ}" if m.expires else ""),
+        f"  manifest: sha256 {m.digest}",
+    ]
+    for x in m.models:
+        files = m.model_files(x)
+        params = x.raw.get("parameters")
+        ptxt = f", {params:,} parameters" if isinstance(params, int) and params else ""
+        lines.append(
+            f"  model:    {x.repo_id} ({x.source}) @ {x.commit[:12]}: {len(files)} file(s), "
+            f"{human_bytes(sum(f.size for f in files))}{ptxt}, licence {x.license or 'unknown'}"
+        )
+        if x.pickles:
+            lines.append(f"            pickled files (allowed by policy): {', '.join(x.pickles)}")
+        if x.code:
+            lines.append(f"            code files (allowed by policy): {', '.join(x.code)}")
+    for w in m.wheels:
+        lines.append(f"  wheel:    {w.name} {w.version}")
+    for t in m.targets:
+        est = t.get("estimate") or {}
+        verdict = f": {est.get('verdict')}" if est.get("verdict") else ""
+        lines.append(f"  target:   {t.get('count', 1)} x {t.get('gpu')} ({t.get('runtime')}){verdict}")
+    lines.append(f"  files:    {len(m.files)}, {human_bytes(m.total_bytes)}")
+    if verbose:
+        lines += [f"    {f.sha256}  {f.size:>14}  {f.path}" for f in m.files]
+    return lines
+
+
+@airpack_command(cli, "verify")
+@click.argument("bundle", type=PathArg)
+@click.option("--trust", "policy", type=PathArg, envvar="AIRPACK_TRUST", required=True, help="This host's trust policy (or AIRPACK_TRUST).")
+def verify_cmd(out: Output, bundle: Path, policy: Path) -> None:
+    """Check BUNDLE's signatures against the trust policy, and every path, size and byte."""
+    p = load_policy(policy)
+    p.check_usable()
+    vb: VerifiedBundle = verify_bundle(VerifyOptions(bundle=bundle, policy=p, progress=out.progress))
+    m = vb.manifest
+
+    def text() -> list[str]:
+        signers = ", ".join(f"{k.name} ({k.keyid[:12]})" for k in vb.signers)
+        return [f"OK: {bundle} verified", f"  signed by: {signers} (threshold {p.threshold})", *_manifest_lines(m, verbose=out.verbose)]
+
+    out.result(
+        {"verified": True, "bundle": str(bundle), "signers": [{"name": k.name, "keyid": k.keyid} for k in vb.signers],
+         "threshold": p.threshold, **manifest_summary(m)},
+        text,
+    )
+
+
+@airpack_command(cli, "inspect")
+@click.argument("bundle", type=PathArg)
+def inspect_cmd(out: Output, bundle: Path) -> None:
+    """Show BUNDLE's manifest WITHOUT verifying it (nothing here is trusted)."""
+    from ..bundle import BundleDir
+
+    b = BundleDir.open(bundle)
+    env = b.envelope()
+    m = parse(env.payload, digest=hashlib.sha256(env.payload).hexdigest())
+    sigs = [s.keyid for s in env.signatures]
+    out.result(
+        {"verified": False, "warning": "UNVERIFIED: run `airpack verify` before trusting any of this",
+         "signature_keyids": sigs, "payload_type": env.payload_type, **manifest_summary(m)},
+        lambda: [
+            "UNVERIFIED: this is what the bundle claims; run `airpack verify --trust POLICY` before trusting it",
+            f"  signatures: {len(sigs)} (key ids claimed: {', '.join(k[:12] for k in sigs)})",
+            *_manifest_lines(m, verbose=out.verbose),
+        ],
+    )
+
+

@@ -1,0 +1,262 @@
+"""The one exception tree of airpack.
+
+Every refusal is a named class carrying its exit code (DESIGN.md, "Exit
+codes") and a hint that tells the user what to do next. The CLI maps these to
+exit codes in one place; nothing else calls ``sys.exit``.
+
+Trust failures (who signed, the envelope) and integrity failures (the bytes
+once the signature holds) are kept apart, as are transport failures (fetch)
+and local resource failures, so a script can tell them apart by exit code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class AirpackError(Exception):
+    """Base of every error airpack raises on purpose."""
+
+    exit_code: int = 1
+    default_hint: str = ""
+
+    def __init__(self, message: str, *, path: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+        self.hint = hint if hint is not None else self.default_hint
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "exit_code": self.exit_code,
+            "type": type(self).__name__,
+            "message": self.message,
+            "path": self.path,
+        }
+        if self.hint:
+            out["hint"] = self.hint
+        return out
+
+
+# -- 2: usage and configuration ------------------------------------------------
+
+
+class UsageError(AirpackError):
+    """A bad flag, spec, policy or key file: the user must change the input."""
+
+    exit_code = 2
+
+
+class SpecError(UsageError):
+    default_hint = "Fix the pack spec; see docs/spec.md for every field."
+
+
+class KeyFileError(UsageError):
+    default_hint = "Check the key file and its passphrase (--passphrase-file or AIRPACK_PASSPHRASE)."
+
+
+class PolicyError(UsageError):
+    default_hint = "Check the trust policy file; `airpack trust list POLICY` shows it."
+
+
+# -- 3: integrity ----------------------------------------------------------------
+
+
+class IntegrityError(AirpackError):
+    """The content does not match what was signed, or is unsafe to read."""
+
+    exit_code = 3
+    default_hint = "Do not use this bundle; get a fresh copy from the packer."
+
+
+class UnsafePathError(IntegrityError):
+    """A path that could escape the bundle or alias another (traversal, link, collision)."""
+
+
+class MalformedManifestError(IntegrityError):
+    """The signed payload parsed, but its content is not a valid airpack manifest."""
+
+
+class MalformedSafetensorsError(IntegrityError):
+    """A safetensors header that is not well formed."""
+
+
+class ContentPolicyError(IntegrityError):
+    """Pickled weights or code that the spec (or the operator) does not allow."""
+
+    default_hint = "Set allow_pickle / allow_code in the spec's [policy] only if you trust this code."
+
+
+@dataclass(frozen=True)
+class FileMismatch:
+    """One changed file: what was signed against what is there."""
+
+    path: str
+    reason: str
+    expected_size: int | None = None
+    actual_size: int | None = None
+    expected_sha256: str | None = None
+    actual_sha256: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "reason": self.reason,
+            "expected_size": self.expected_size,
+            "actual_size": self.actual_size,
+            "expected_sha256": self.expected_sha256,
+            "actual_sha256": self.actual_sha256,
+        }
+
+
+@dataclass(frozen=True)
+class MismatchReport:
+    """Every file that differs from the manifest, as model_signing reports it."""
+
+    missing: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+    changed: tuple[FileMismatch, ...] = field(default_factory=tuple)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.extra or self.changed)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "missing": list(self.missing),
+            "extra": list(self.extra),
+            "changed": [c.to_json() for c in self.changed],
+        }
+
+    def lines(self) -> list[str]:
+        out = [f"missing: {p}" for p in self.missing]
+        out += [f"extra:   {p}" for p in self.extra]
+        for c in self.changed:
+            if c.expected_sha256 and c.actual_sha256:
+                out.append(
+                    f"changed: {c.path} ({c.reason}; expected sha256 {c.expected_sha256}, got {c.actual_sha256})"
+                )
+            elif c.expected_size is not None and c.actual_size is not None:
+                out.append(
+                    f"changed: {c.path} ({c.reason}; expected {c.expected_size} bytes, got {c.actual_size})"
+                )
+            else:
+                out.append(f"changed: {c.path} ({c.reason})")
+        return out
+
+
+class BundleMismatchError(IntegrityError):
+    """Files missing, extra or changed; carries the full report."""
+
+    def __init__(self, report: MismatchReport, *, path: str | None = None) -> None:
+        first = (report.missing or report.extra or tuple(c.path for c in report.changed) or ("?",))[0]
+        n = len(report.missing) + len(report.extra) + len(report.changed)
+        parts = []
+        if report.missing:
+            parts.append(f"{len(report.missing)} missing")
+        if report.extra:
+            parts.append(f"{len(report.extra)} extra")
+        if report.changed:
+            parts.append(f"{len(report.changed)} changed")
+        super().__init__(
+            f"bundle content does not match its manifest: {', '.join(parts)} file(s); first: {first}",
+            path=path or first,
+        )
+        self.report = report
+        self.count = n
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        out["mismatch"] = self.report.to_json()
+        return out
+
+
+# -- 4: trust --------------------------------------------------------------------
+
+
+class TrustError(AirpackError):
+    """Who signed, the envelope, freshness: the bundle cannot be trusted."""
+
+    exit_code = 4
+    default_hint = "Check that the bundle was signed by keys in this host's trust policy."
+
+
+class EnvelopeError(TrustError):
+    """The DSSE envelope is missing, oversized, malformed or of an unknown type."""
+
+
+class SignatureError(TrustError):
+    """Too few distinct trusted keys signed the exact payload."""
+
+
+class ExpiredError(TrustError):
+    default_hint = "Ask the packer for a fresh bundle; an expired one is never accepted."
+
+
+class RollbackError(TrustError):
+    default_hint = "Install a bundle with a higher sequence, or use `airpack rollback` to go back on purpose."
+
+
+# -- 5: fit ----------------------------------------------------------------------
+
+
+class FitError(AirpackError):
+    """The model does not fit the target GPUs."""
+
+    exit_code = 5
+    default_hint = "Use more or larger GPUs, a shorter --context, or --ignore-fit if you know better."
+
+
+# -- 6: registry -----------------------------------------------------------------
+
+
+class RegistryError(AirpackError):
+    exit_code = 6
+
+
+class LockHeldError(RegistryError):
+    default_hint = "Another airpack process is writing this registry; wait for it to finish."
+
+
+class NotInstalledError(RegistryError):
+    default_hint = "`airpack list --registry DIR` shows what is installed."
+
+
+class ConflictError(RegistryError):
+    pass
+
+
+# -- 7: fetch --------------------------------------------------------------------
+
+
+class FetchError(AirpackError):
+    """The Hub or a package index could not give us what we asked for."""
+
+    exit_code = 7
+    default_hint = "Check the network, the endpoint and your token, then run pack again: it resumes."
+
+
+class RevisionNotFoundError(FetchError):
+    default_hint = "Check the repo id and revision (branch, tag or commit) in the spec."
+
+
+class GatedRepoError(FetchError):
+    default_hint = "Accept the model's licence on the Hub and pass a token (HF_TOKEN or --token-file)."
+
+
+# -- 8: resources ----------------------------------------------------------------
+
+
+class ResourceError(AirpackError):
+    exit_code = 8
+
+
+class DiskSpaceError(ResourceError):
+    default_hint = "Free disk space or choose another --out on a larger filesystem."
+
+
+class AccessDeniedError(ResourceError):
+    default_hint = "Check the permissions of the folder airpack writes to."

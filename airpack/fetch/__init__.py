@@ -1,0 +1,1 @@
+"""The only modules that reach the network (the Hub, package indexes)."""

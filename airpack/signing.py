@@ -1,0 +1,271 @@
+"""Keys and DSSE envelopes: Ed25519 by default, ECDSA P-256 accepted.
+
+The envelope signs ``PAE(payloadType, payload)`` (DSSE v1), so a signature
+can never be moved onto other bytes or another payload type. A key id is the
+SHA-256 of the public key's SPKI DER; in an envelope it is only a hint.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from ._fs import atomic_write, read_capped
+from ._json import StrictJSONError, loads_strict
+from .errors import EnvelopeError, KeyFileError, UsageError
+
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
+MAX_SIGNATURES = 64
+MAX_KEY_FILE_BYTES = 64 * 1024
+ALGORITHMS = ("ed25519", "ecdsa-p256")
+
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding."""
+    t = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
+
+
+def spki_der(public_key: PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def key_id(public_key: PublicKey) -> str:
+    import hashlib
+
+    return hashlib.sha256(spki_der(public_key)).hexdigest()
+
+
+def algorithm_of(public_key: PublicKey) -> str:
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return "ed25519"
+    return "ecdsa-p256"
+
+
+def _check_public(key: object, where: str) -> PublicKey:
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return key
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key
+    raise KeyFileError(f"{where}: unsupported key type (use Ed25519 or ECDSA P-256)", path=where)
+
+
+@dataclass(frozen=True)
+class Signer:
+    """A loaded private key that can sign DSSE payloads."""
+
+    private_key: PrivateKey
+    keyid: str
+    algorithm: str
+
+    def sign(self, payload_type: str, payload: bytes) -> dict[str, str]:
+        msg = pae(payload_type, payload)
+        if isinstance(self.private_key, ed25519.Ed25519PrivateKey):
+            sig = self.private_key.sign(msg)
+        else:
+            sig = self.private_key.sign(msg, ec.ECDSA(hashes.SHA256()))
+        return {"keyid": self.keyid, "sig": base64.b64encode(sig).decode("ascii")}
+
+
+def generate(algorithm: str = "ed25519") -> PrivateKey:
+    if algorithm == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if algorithm == "ecdsa-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    raise UsageError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+
+
+def write_keypair(
+    private_key: PrivateKey, key_path: Path, pub_path: Path, *, passphrase: bytes | None = None
+) -> str:
+    """Write NAME.key (PKCS#8 PEM, 0600, encrypted with a passphrase) and NAME.pub (SPKI PEM)."""
+    enc: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    )
+    pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+    pub = private_key.public_key()
+    pub_pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    atomic_write(key_path, pem, mode=0o600)
+    atomic_write(pub_path, pub_pem, mode=0o644)
+    return key_id(pub)
+
+
+def load_signer(path: Path, *, passphrase: bytes | None = None) -> Signer:
+    """Load a PKCS#8 PEM private key; a wrong passphrase or a corrupt file is a KeyFileError."""
+    shown = str(path)
+    try:
+        data = read_capped(Path(path), MAX_KEY_FILE_BYTES, display=shown, what="key file")
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {shown} not found", path=shown) from None
+    except Exception as e:  # noqa: BLE001 - any refusal of the key file is a key-file error
+        raise KeyFileError(f"cannot read key file {shown}: {e}", path=shown) from None
+    encrypted = b"ENCRYPTED" in data[:200]
+    if encrypted and not passphrase:
+        raise KeyFileError(
+            f"key file {shown} is encrypted; give its passphrase with --passphrase-file or AIRPACK_PASSPHRASE",
+            path=shown,
+        )
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase if encrypted else None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        reason = "wrong passphrase or corrupted key" if encrypted else f"not a valid PEM private key ({e})"
+        raise KeyFileError(f"cannot load key file {shown}: {reason}", path=shown) from None
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        alg = "ed25519"
+    elif isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+        alg = "ecdsa-p256"
+    else:
+        raise KeyFileError(f"key file {shown}: unsupported key type (use Ed25519 or ECDSA P-256)", path=shown)
+    return Signer(private_key=key, keyid=key_id(key.public_key()), algorithm=alg)
+
+
+def load_public_pem(data: bytes, *, where: str) -> PublicKey:
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise KeyFileError(f"{where}: not a valid PEM public key ({e})", path=where) from None
+    return _check_public(key, where)
+
+
+def load_public_file(path: Path) -> PublicKey:
+    shown = str(path)
+    try:
+        data = read_capped(Path(path), MAX_KEY_FILE_BYTES, display=shown, what="public key")
+    except FileNotFoundError:
+        raise KeyFileError(f"public key {shown} not found", path=shown) from None
+    except Exception as e:  # noqa: BLE001
+        raise KeyFileError(f"cannot read public key {shown}: {e}", path=shown) from None
+    return load_public_pem(data, where=shown)
+
+
+def verify_sig(public_key: PublicKey, payload_type: str, payload: bytes, sig: bytes) -> bool:
+    msg = pae(payload_type, payload)
+    try:
+        if isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(sig, msg)
+        else:
+            public_key.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+# -- the envelope ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawSignature:
+    keyid: str
+    sig: bytes
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A structurally valid DSSE envelope; nothing in it is trusted yet."""
+
+    payload_type: str
+    payload: bytes
+    signatures: tuple[RawSignature, ...]
+
+    def to_bytes(self) -> bytes:
+        return envelope_bytes(self.payload_type, self.payload, [
+            {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")} for s in self.signatures
+        ])
+
+
+def envelope_bytes(payload_type: str, payload: bytes, signatures: list[dict[str, str]]) -> bytes:
+    import json
+
+    doc = {
+        "payload": base64.b64encode(payload).decode("ascii"),
+        "payloadType": payload_type,
+        "signatures": signatures,
+    }
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("ascii")
+
+
+def _b64(value: Any, what: str, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise EnvelopeError(f"envelope {where}: {what} is not a string", path=where)
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise EnvelopeError(f"envelope {where}: {what} is not valid base64", path=where) from None
+
+
+def parse_envelope(data: bytes, *, where: str) -> Envelope:
+    """Parse envelope bytes strictly; the size cap is applied by the caller's read."""
+    if len(data) > MAX_ENVELOPE_BYTES:
+        raise EnvelopeError(f"envelope {where} is larger than {MAX_ENVELOPE_BYTES} bytes", path=where)
+    try:
+        doc = loads_strict(data, allow_floats=False, max_depth=4)
+    except StrictJSONError as e:
+        raise EnvelopeError(f"envelope {where} is malformed: {e}", path=where) from None
+    if not isinstance(doc, dict):
+        raise EnvelopeError(f"envelope {where} is not a JSON object", path=where)
+    unknown = set(doc) - {"payload", "payloadType", "signatures"}
+    if unknown:
+        raise EnvelopeError(f"envelope {where} has unknown fields: {', '.join(sorted(unknown))}", path=where)
+    ptype = doc.get("payloadType")
+    if not isinstance(ptype, str):
+        raise EnvelopeError(f"envelope {where} has no payloadType", path=where)
+    payload = _b64(doc.get("payload"), "payload", where)
+    sigs = doc.get("signatures")
+    if not isinstance(sigs, list) or not sigs:
+        raise EnvelopeError(f"envelope {where} has no signatures", path=where)
+    if len(sigs) > MAX_SIGNATURES:
+        raise EnvelopeError(f"envelope {where} has more than {MAX_SIGNATURES} signatures", path=where)
+    out = []
+    for s in sigs:
+        if not isinstance(s, dict) or "sig" not in s or set(s) - {"keyid", "sig"}:
+            raise EnvelopeError(f"envelope {where} has a malformed signature entry", path=where)
+        kid = s.get("keyid", "")
+        if not isinstance(kid, str) or len(kid) > 256:
+            raise EnvelopeError(f"envelope {where} has a malformed keyid", path=where)
+        sig = _b64(s["sig"], "signature", where)
+        if len(sig) > 1024:
+            raise EnvelopeError(f"envelope {where} has an oversized signature", path=where)
+        out.append(RawSignature(keyid=kid, sig=sig))
+    return Envelope(payload_type=ptype, payload=payload, signatures=tuple(out))
+
+
+def read_envelope(path: Path, *, where: str | None = None) -> Envelope:
+    shown = where or str(path)
+    try:
+        fd_data = read_capped(Path(path), MAX_ENVELOPE_BYTES, display=shown, what="envelope")
+    except FileNotFoundError:
+        raise EnvelopeError(f"no signature envelope at {shown}", path=shown) from None
+    except EnvelopeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - size cap, links, unreadable: all envelope refusals
+        raise EnvelopeError(f"cannot read envelope {shown}: {e}", path=shown) from None
+    return parse_envelope(fd_data, where=shown)
+
+
+def passphrase_from(file: Path | None) -> bytes | None:
+    """The passphrase from a file (first line) or AIRPACK_PASSPHRASE; None when neither is set."""
+    if file is not None:
+        try:
+            raw = read_capped(Path(file), 4096, what="passphrase file")
+        except FileNotFoundError:
+            raise KeyFileError(f"passphrase file {file} not found", path=str(file)) from None
+        except Exception as e:  # noqa: BLE001
+            raise KeyFileError(f"cannot read passphrase file {file}: {e}", path=str(file)) from None
+        line = raw.splitlines()[0] if raw.splitlines() else b""
+        if not line:
+            raise KeyFileError(f"passphrase file {file} is empty", path=str(file))
+        return line
+    env = os.environ.get("AIRPACK_PASSPHRASE")
+    return env.encode("utf-8") if env else None
