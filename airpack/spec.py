@@ -100,9 +100,9 @@ def _to_utc(v: Any, src: str) -> dt.datetime | None:
     if isinstance(v, dt.datetime):
         if v.tzinfo is None:
             raise SpecError(f"spec {src}: bundle.expires needs a time zone (e.g. 2027-06-30T00:00:00Z)", path=src)
-        return v.astimezone(dt.timezone.utc).replace(microsecond=0)
+        return v.astimezone(dt.UTC).replace(microsecond=0)
     if isinstance(v, dt.date):
-        return dt.datetime(v.year, v.month, v.day, tzinfo=dt.timezone.utc)
+        return dt.datetime(v.year, v.month, v.day, tzinfo=dt.UTC)
     raise SpecError(f"spec {src}: bundle.expires must be a TOML date or date-time", path=src)
 
 

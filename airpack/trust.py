@@ -87,7 +87,7 @@ class TrustPolicy:
         if self.by_id(kid):
             raise PolicyError(f"key {kid[:16]}… is already in the policy as {self.by_id(kid).name!r}")  # type: ignore[union-attr]
         new = TrustedKey(name=name, keyid=kid, algorithm=algorithm_of(public_key), public_key=public_key, pem=pem)
-        return TrustPolicy(keys=self.keys + (new,), threshold=self.threshold, source=self.source)
+        return TrustPolicy(keys=(*self.keys, new), threshold=self.threshold, source=self.source)
 
 
 def new_policy(threshold: int = 1, *, source: str = "<policy>") -> TrustPolicy:

@@ -17,14 +17,19 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from factories import make_model  # noqa: E402
+from factories import make_model
 
-from airpack.ops.pack import PackOptions, pack  # noqa: E402
-from airpack.ops.verify import VerifiedBundle, VerifyOptions, verify_bundle  # noqa: E402
-from airpack.signing import Signer, generate, load_signer, write_keypair  # noqa: E402
-from airpack.spec import load_spec  # noqa: E402
-from airpack.trust import TrustPolicy, load_policy, new_policy, save_policy  # noqa: E402
-from airpack.signing import load_public_file  # noqa: E402
+from airpack.ops.pack import PackOptions, pack
+from airpack.ops.verify import VerifiedBundle, VerifyOptions, verify_bundle
+from airpack.signing import (
+    Signer,
+    generate,
+    load_public_file,
+    load_signer,
+    write_keypair,
+)
+from airpack.spec import load_spec
+from airpack.trust import TrustPolicy, load_policy, new_policy, save_policy
 
 REPO = Path(__file__).resolve().parent.parent
 AIRPACK = [sys.executable, "-m", "airpack"]

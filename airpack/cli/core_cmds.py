@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import click
 
 from .._fs import read_capped
-from ..errors import EnvelopeError, KeyFileError, PolicyError, UsageError
+from ..errors import KeyFileError, PolicyError, UsageError
 from ..manifest import Manifest, parse
 from ..ops.pack import PackOptions, PackResult, add_signature, pack
 from ..ops.verify import VerifiedBundle, VerifyOptions, verify_bundle

@@ -78,7 +78,7 @@ def verify_payload(bundle: BundleDir, policy: TrustPolicy, *, now: dt.datetime |
 
 
 def check_fresh(manifest: Manifest, *, now: dt.datetime | None = None) -> None:
-    t = now or dt.datetime.now(dt.timezone.utc)
+    t = now or dt.datetime.now(dt.UTC)
     if manifest.expires is not None and t >= manifest.expires:
         raise ExpiredError(
             f"bundle {manifest.name} (sequence {manifest.sequence}) expired at {manifest.expires:%Y-%m-%dT%H:%M:%SZ}"
