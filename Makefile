@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench bench-fit lint clean
+.PHONY: venv test demo bench bench-fit lint clean registry-bin
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,14 +14,23 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) registry-bin
 	$(BIN)/python -m pytest -q -n auto tests
+
+# The OCI tests run the CNCF distribution registry (Debian package docker-registry) on 127.0.0.1.
+# Install it when missing and we are root; never leave its system-wide service running (tests start their own).
+registry-bin:
+	@command -v docker-registry >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-registry >/dev/null && { systemctl disable --now docker-registry >/dev/null 2>&1; service docker-registry stop >/dev/null 2>&1; true; }; } || echo "note: docker-registry is not installed; the OCI registry tests will skip"
 
 demo: $(STAMP)
 	$(BIN)/python demo/demo.py
 
-bench: $(STAMP)
+bench: $(STAMP) registry-bin
 	$(BIN)/python benchmarks/bench_verify.py
+	$(BIN)/python benchmarks/bench_pack.py
+	$(BIN)/python benchmarks/bench_install.py
+	$(BIN)/python benchmarks/bench_oci.py
+	$(BIN)/python benchmarks/bench_transfer.py
 
 bench-fit: $(STAMP)
 	$(BIN)/python benchmarks/bench_fit.py

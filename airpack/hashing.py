@@ -30,7 +30,12 @@ class FileDigest:
 
 
 def default_workers() -> int:
-    return max(2, min(8, os.cpu_count() or 2))
+    """One hashing thread per CPU this process may run on (taskset/cpuset aware), 2 to 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 2
+    return max(2, min(8, cpus))
 
 
 def hash_fd(fd: int, *, on_bytes: Callable[[int], None] | None = None, limit: int | None = None) -> FileDigest:

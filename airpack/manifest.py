@@ -234,7 +234,8 @@ def parse(payload: bytes, *, digest: str = "") -> Manifest:
             raise UnsafePathError(f"manifest lists the reserved name {name!r}", path=name)
         digests[name] = sha
         order.append(name)
-    check_no_collisions(order)
+    # The envelope and manifest copy take part: MANIFEST.JSON would overwrite manifest.json on FAT/exFAT media.
+    check_no_collisions([*sorted(RESERVED), *order])
 
     bundle = _req(pred, "bundle", dict, "predicate")
     name = _req(bundle, "name", str, "bundle")
@@ -309,7 +310,10 @@ def parse(payload: bytes, *, digest: str = "") -> Manifest:
         )
 
     wheels: list[WheelEntry] = []
-    for w in pred.get("wheels", []) or []:
+    wheels_doc = pred.get("wheels", []) or []
+    if not isinstance(wheels_doc, list):
+        raise MalformedManifestError("manifest: predicate.wheels must be a list")
+    for w in wheels_doc:
         if not isinstance(w, dict):
             raise MalformedManifestError("manifest: a wheels entry is malformed")
         wp = _req(w, "path", str, "wheels[]")

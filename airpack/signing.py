@@ -111,6 +111,8 @@ def load_signer(path: Path, *, passphrase: bytes | None = None) -> Signer:
         raise KeyFileError(f"key file {shown} not found", path=shown) from None
     except Exception as e:  # noqa: BLE001 - any refusal of the key file is a key-file error
         raise KeyFileError(f"cannot read key file {shown}: {e}", path=shown) from None
+    if b"-----BEGIN PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:
+        raise KeyFileError(f"key file {shown} is a public key; sign with the private NAME.key file", path=shown)
     encrypted = b"ENCRYPTED" in data[:200]
     if encrypted and not passphrase:
         raise KeyFileError(
@@ -200,9 +202,13 @@ def _b64(value: Any, what: str, where: str) -> bytes:
     if not isinstance(value, str):
         raise EnvelopeError(f"envelope {where}: {what} is not a string", path=where)
     try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise EnvelopeError(f"envelope {where}: {what} is not valid base64", path=where) from None
+    # One spelling per byte string: non-zero padding bits would let different envelopes carry the same bytes.
+    if base64.b64encode(raw).decode("ascii") != value:
+        raise EnvelopeError(f"envelope {where}: {what} is not valid base64 (non-canonical encoding)", path=where)
+    return raw
 
 
 def parse_envelope(data: bytes, *, where: str) -> Envelope:

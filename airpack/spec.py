@@ -44,6 +44,7 @@ class WheelSpec:
     index_url: str | None = None
     extra_index_urls: tuple[str, ...] = ()
     find_links: tuple[str, ...] = ()
+    no_index: bool = False  # only find_links: no package index at all
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,7 +191,7 @@ def spec_from_dict(doc: dict[str, Any], *, base: Path, src: str = "<spec>") -> P
         _check_keys(
             w,
             {"requirements", "requirements_file", "python_version", "platforms", "implementation", "abi",
-             "index_url", "extra_index_urls", "find_links"},
+             "index_url", "extra_index_urls", "find_links", "no_index"},
             "[wheels]",
             src,
         )
@@ -211,6 +212,7 @@ def spec_from_dict(doc: dict[str, Any], *, base: Path, src: str = "<spec>") -> P
             index_url=_typed(w, "index_url", str, "wheels", src),
             extra_index_urls=_str_tuple(w.get("extra_index_urls"), "wheels.extra_index_urls", src),
             find_links=find_links,
+            no_index=_typed(w, "no_index", bool, "wheels", src, default=False),
         )
 
     targets: list[TargetSpec] = []

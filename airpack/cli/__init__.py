@@ -20,7 +20,7 @@ def cli() -> None:
 
 
 # Each module registers its commands on ``cli`` when imported.
-COMMAND_MODULES = ("core_cmds",)
+COMMAND_MODULES = ("core_cmds", "oci_cmds", "install_cmds", "fit_cmds", "transfer_cmds")
 
 
 def _load_commands() -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .._fs import read_capped
+from .._fs import oserror_to_airpack, read_capped
 from ..errors import KeyFileError, PolicyError, UsageError
 from ..manifest import Manifest, parse
 from ..ops.pack import PackOptions, PackResult, add_signature, pack
@@ -39,7 +41,12 @@ def keygen_cmd(out: Output, name: str, directory: Path, algorithm: str, passphra
     """Create a signing key pair: NAME.key (private, 0600) and NAME.pub."""
     if not name or "/" in name or name.startswith("."):
         raise UsageError(f"invalid key name {name!r}")
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--dir {directory} exists and is not a folder", path=str(directory)) from None
+    except OSError as e:
+        raise oserror_to_airpack(e, "cannot create", str(directory)) from None
     key_path, pub_path = directory / f"{name}.key", directory / f"{name}.pub"
     for p in (key_path, pub_path):
         if p.exists() and not force:
@@ -123,7 +130,11 @@ def _pack_text(r: PackResult) -> list[str]:
         lines = [f"dry run: would write {len(r.planned)} file(s), {human_bytes(r.total_bytes)} to {r.out}"]
         for m in r.details.get("models", []):
             extra = f" @ {m['commit']}" if m.get("commit") else ""
-            lines.append(f"  model {m['repo_id']}{extra} (licence: {m.get('license') or 'unknown'})")
+            asked = f" (asked: {m['revision']})" if m.get("revision") and m.get("revision") != m.get("commit") else ""
+            gated = ", gated" if m.get("gated") else ""
+            lines.append(f"  model {m['repo_id']}{extra}{asked} (licence: {m.get('license') or 'unknown'}{gated})")
+        for w in r.details.get("wheels", []):
+            lines.append(f"  wheel {w['name']} {w['version']} ({w['filename']})")
         lines += [f"  {p.bundle_path}  {human_bytes(p.size)}" for p in r.planned]
         return lines
     m = r.manifest
@@ -132,11 +143,14 @@ def _pack_text(r: PackResult) -> list[str]:
     for model in m.models:
         files = m.model_files(model)
         lines.append(
-            f"  model {model.repo_id} @ {model.commit[:12]}: {len(files)} file(s), {human_bytes(sum(f.size for f in files))}, "
-            f"licence {model.license or 'unknown'}"
+            f"  model {model.repo_id} @ {model.commit}: {len(files)} file(s), {human_bytes(sum(f.size for f in files))}, "
+            f"licence {model.license or 'unknown'}" + (f" (from {model.source}, asked {model.revision})" if model.revision else "")
         )
     if m.wheels:
-        lines.append(f"  wheels: {len(m.wheels)}")
+        lines.append(
+            f"  wheels: {len(m.wheels)}, {human_bytes(sum(f.size for f in m.files if f.path.startswith('wheels/')))}: "
+            + ", ".join(f"{w.name} {w.version}" for w in m.wheels[:8]) + (" ..." if len(m.wheels) > 8 else "")
+        )
     lines.append(f"  total: {len(m.files)} file(s), {human_bytes(m.total_bytes)}; manifest sha256 {m.digest}")
     lines.append(f"  signed by key {r.keyid}")
     return lines
@@ -161,8 +175,8 @@ def _pack_json(r: PackResult) -> dict[str, Any]:
 @click.option("--key", type=PathArg, help="Private key to sign with (not needed for --dry-run).")
 @click.option("--passphrase-file", type=PathArg, help="Passphrase of an encrypted key (or AIRPACK_PASSPHRASE).")
 @click.option("--format", "fmt", type=click.Choice(["dir", "tar"]), default="dir", show_default=True)
-@click.option("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or the public Hub).")
-@click.option("--token-file", type=PathArg, help="File holding a Hub token (default: HF_TOKEN).")
+@click.option("--endpoint", envvar="HF_ENDPOINT", help="Hub endpoint (default: HF_ENDPOINT or the public Hub).")
+@click.option("--token-file", type=PathArg, help="File holding a Hub token (default: the HF_TOKEN variable).")
 @click.option("--dry-run", is_flag=True, help="Resolve everything, print what would be fetched, write nothing.")
 @click.option("--allow-expired", is_flag=True, help="Write a bundle whose expiry is already past.")
 def pack_cmd(
@@ -171,8 +185,6 @@ def pack_cmd(
 ) -> None:
     """Pack the models (and wheels) a SPEC names into a signed bundle."""
     s = load_spec(spec)
-    if fmt != "dir":
-        raise UsageError("--format tar is not available yet; pack a folder and use `airpack export`")
     if not dry_run and key is None:
         raise UsageError("pack needs --key KEY to sign the bundle (or --dry-run)")
     signer = _signer(key, passphrase_file) if key is not None and not dry_run else None
@@ -182,10 +194,23 @@ def pack_cmd(
             token = read_capped(token_file, 4096, what="token file").decode("utf-8").strip()
         except FileNotFoundError:
             raise UsageError(f"token file {token_file} not found", path=str(token_file)) from None
-    r = pack(
-        PackOptions(spec=s, out=out_dir, signer=signer, dry_run=dry_run, allow_expired=allow_expired,
-                    endpoint=endpoint, token=token, progress=out.progress)
-    )
+    else:
+        token = os.environ.get("HF_TOKEN", "").strip() or None
+
+    def run(dest: Path) -> PackResult:
+        return pack(PackOptions(spec=s, out=dest, signer=signer, dry_run=dry_run, allow_expired=allow_expired,
+                                endpoint=endpoint, token=token, progress=out.progress))
+
+    if fmt == "tar" and not dry_run:  # --out names the tar: pack beside it, export, remove the folder
+        from ..ops.export import pack_as_tar
+
+        assert signer is not None
+        r0, ex = pack_as_tar(run, out_dir, signer, progress=out.progress)
+        r = dataclasses.replace(r0, out=out_dir)
+        out.result({**_pack_json(r), "tar_size": ex.tar_size, "tar_sha256": ex.tar_sha256},
+                   lambda: [*_pack_text(r), f"  tar: {human_bytes(ex.tar_size)}, sha256 {ex.tar_sha256}"])
+        return
+    r = run(out_dir)
     out.result(_pack_json(r), lambda: _pack_text(r))
 
 
@@ -260,6 +285,11 @@ def _manifest_lines(m: Manifest, *, verbose: int) -> list[str]:
         est = t.get("estimate") or {}
         verdict = f": {est.get('verdict')}" if est.get("verdict") else ""
         lines.append(f"  target:   {t.get('count', 1)} x {t.get('gpu')} ({t.get('runtime')}){verdict}")
+        if isinstance(est, dict) and all(isinstance(est.get(k), int) for k in ("per_gpu_bytes", "limit_bytes", "max_context", "context")):
+            lines.append(f"            {human_bytes(est['per_gpu_bytes'])} per GPU of {human_bytes(est['limit_bytes'])} at context "
+                         f"{est['context']}; longest context that fits: {est['max_context']}")
+        elif isinstance(est, dict) and isinstance(est.get("reason"), str):
+            lines.append(f"            not estimated: {est['reason'][:200]}")
     lines.append(f"  files:    {len(m.files)}, {human_bytes(m.total_bytes)}")
     if verbose:
         lines += [f"    {f.sha256}  {f.size:>14}  {f.path}" for f in m.files]
@@ -269,10 +299,16 @@ def _manifest_lines(m: Manifest, *, verbose: int) -> list[str]:
 @airpack_command(cli, "verify")
 @click.argument("bundle", type=PathArg)
 @click.option("--trust", "policy", type=PathArg, envvar="AIRPACK_TRUST", required=True, help="This host's trust policy (or AIRPACK_TRUST).")
-def verify_cmd(out: Output, bundle: Path, policy: Path) -> None:
-    """Check BUNDLE's signatures against the trust policy, and every path, size and byte."""
+@click.option("--parts", "parts_only", is_flag=True, help="Only check each part of a split export against its signed index.")
+def verify_cmd(out: Output, bundle: Path, policy: Path, parts_only: bool = False) -> None:
+    """Check BUNDLE (a folder, a tar, or a folder of parts) against the trust policy, every path, size and byte."""
     p = load_policy(policy)
     p.check_usable()
+    if parts_only:
+        from .transfer_cmds import verify_parts
+
+        verify_parts(out, bundle, p)
+        return
     vb: VerifiedBundle = verify_bundle(VerifyOptions(bundle=bundle, policy=p, progress=out.progress))
     m = vb.manifest
 
@@ -291,10 +327,9 @@ def verify_cmd(out: Output, bundle: Path, policy: Path) -> None:
 @click.argument("bundle", type=PathArg)
 def inspect_cmd(out: Output, bundle: Path) -> None:
     """Show BUNDLE's manifest WITHOUT verifying it (nothing here is trusted)."""
-    from ..bundle import BundleDir
+    from ..ops.transfer import read_envelope_any
 
-    b = BundleDir.open(bundle)
-    env = b.envelope()
+    env, _ = read_envelope_any(bundle)  # a folder, a tar or a parts folder
     m = parse(env.payload, digest=hashlib.sha256(env.payload).hexdigest())
     sigs = [s.keyid for s in env.signatures]
     out.result(

@@ -11,6 +11,7 @@ import base64
 import datetime as dt
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from ..spec import ModelSpec, PackSpec
 from .verify import check_content_policy, check_files, check_safetensors
 
 PARTIAL_MARKER = ".airpack-partial"
+STAGING_DIR = ".airpack-staging"  # partial downloads of an unfinished pack; removed before signing
 SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
 CONFIG_SUMMARY_KEYS = (
     "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -180,6 +182,27 @@ def prepare_out(out: Path) -> None:
         raise oserror_to_airpack(e, "cannot create", str(out)) from None
 
 
+def prune_out(out: Path, keep: set[str]) -> None:
+    """Drop what an interrupted run left that this bundle does not list (staging, files of another spec)."""
+    try:
+        if (out / STAGING_DIR).exists():
+            shutil.rmtree(out / STAGING_DIR)
+        for dirpath, dirnames, filenames in os.walk(out, topdown=False):
+            rel_dir = Path(dirpath).relative_to(out).as_posix()
+            for fn in filenames:
+                rel = fn if rel_dir == "." else f"{rel_dir}/{fn}"
+                if rel not in keep and rel != PARTIAL_MARKER:
+                    os.unlink(os.path.join(dirpath, fn))
+            for d in dirnames:
+                full = os.path.join(dirpath, d)
+                if os.path.islink(full):
+                    os.unlink(full)
+                elif not os.listdir(full):
+                    os.rmdir(full)
+    except OSError as e:
+        raise oserror_to_airpack(e, "cannot clean", str(out)) from None
+
+
 def copy_into(src: Path, out: Path, bundle_path: str, on_bytes: Callable[[int], None]) -> FileEntry:
     """Copy one file into the bundle through a temp file, hashing exactly what was written."""
     dest = out.joinpath(*bundle_path.split("/"))
@@ -217,6 +240,7 @@ def pack_local_model(model: ModelSpec, opts: PackOptions) -> tuple[dict[str, Any
         model.repo_id, [r for r, _, _ in files], allow_pickle=opts.spec.allow_pickle, allow_code=opts.spec.allow_code
     )
     planned = [PlannedFile(bundle_path=f"{prefix}/{rel}", size=size, source=str(src)) for rel, src, size in files]
+    check_no_collisions(p.bundle_path for p in planned)  # before copying: on some media they would overwrite
     record: dict[str, Any] = {
         "repo_id": model.repo_id,
         "source": "local",
@@ -265,6 +289,7 @@ def pack(opts: PackOptions) -> PackResult:
             f"spec {spec.name}: expires {spec.expires:%Y-%m-%dT%H:%M:%SZ} is already past",
             hint="Set a later bundle.expires, or pass --allow-expired to write it anyway.",
         )
+    check_targets(spec)
     if not opts.dry_run:
         if opts.signer is None:
             raise UsageError("pack needs --key to sign the bundle")
@@ -298,7 +323,11 @@ def pack(opts: PackOptions) -> PackResult:
         return PackResult(out=opts.out, manifest=None, planned=tuple(planned), keyid=None, dry_run=True,
                           details={"models": models, "wheels": wheels})
 
-    targets = fit_targets(spec, opts.out, models)
+    targets = fit_targets(spec, opts.out, models, files=[e.path for e in entries])
+    from ..sbom import write_sbom  # the CycloneDX SBOM is a bundle file, so the signature covers it
+
+    entries.append(write_sbom(opts.out, name=spec.name, channel=spec.channel, sequence=spec.sequence, created=now,
+                              files=entries, models=models, wheels=wheels))
     statement = build_statement(
         name=spec.name,
         channel=spec.channel,
@@ -314,6 +343,7 @@ def pack(opts: PackOptions) -> PackResult:
     )
     payload = encode(statement)
     assert opts.signer is not None
+    prune_out(opts.out, {e.path for e in entries})
     sig = opts.signer.sign(PAYLOAD_TYPE, payload)
     try:
         write_signed(opts.out, payload, envelope_bytes(PAYLOAD_TYPE, payload, [sig]))
@@ -324,15 +354,38 @@ def pack(opts: PackOptions) -> PackResult:
     return PackResult(out=opts.out, manifest=manifest, planned=tuple(planned), keyid=opts.signer.keyid, dry_run=False)
 
 
-def fit_targets(spec: PackSpec, out: Path, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The spec's GPU targets, each with the fit estimate made now (when the estimator can run)."""
+def fit_targets(spec: PackSpec, out: Path, models: list[dict[str, Any]], *, files: list[str] | None = None) -> list[dict[str, Any]]:
+    """The spec's GPU targets, each with the fit estimate made now from the packed files (integers and strings only)."""
+    from .fit import estimate_target, worst_estimate
+
     targets: list[dict[str, Any]] = []
     for t in spec.targets:
         entry: dict[str, Any] = {"gpu": t.gpu, "count": t.count, "runtime": t.runtime, "batch": t.batch}
         if t.context is not None:
             entry["context"] = t.context
+        estimates = [
+            estimate_target(out, m["path"], m["repo_id"], gpu=t.gpu, count=t.count, context=t.context, runtime=t.runtime,
+                            batch=t.batch, files=files)
+            for m in models
+        ]
+        if estimates:
+            entry["estimate"] = worst_estimate(estimates)
+        if len(estimates) > 1:
+            entry["estimates"] = estimates
         targets.append(entry)
     return targets
+
+
+def check_targets(spec: PackSpec) -> None:
+    """Refuse a target GPU the catalog does not know before anything is fetched."""
+    from ..errors import AirpackError
+    from ..gpus import parse_gpu
+
+    for i, t in enumerate(spec.targets):
+        try:
+            parse_gpu(t.gpu, count=t.count)
+        except AirpackError as e:
+            raise SpecError(f"spec [[targets]] #{i + 1}: {e.message}") from None
 
 
 def add_signature(bundle: Path, signer: Signer, *, progress: Progress = NULL_PROGRESS) -> tuple[bool, Manifest]:

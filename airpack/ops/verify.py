@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import content
-from .._fs import check_no_collisions, check_relpath, collision_key, read_capped
+from .._fs import check_no_collisions, check_relpath, collision_key, oserror_to_airpack, read_capped
 from ..bundle import BundleDir
 from ..errors import (
     BundleMismatchError,
@@ -100,7 +100,10 @@ def check_content_policy(manifest: Manifest) -> None:
 
 def check_tree(bundle: BundleDir, manifest: Manifest) -> MismatchReport:
     """Paths and sizes: links and devices refused by name; missing, extra and resized files reported."""
-    entries = bundle.entries()
+    try:
+        entries = bundle.entries()
+    except OSError as err:
+        raise oserror_to_airpack(err, "cannot read", str(err.filename or bundle.root)) from None
     for e in entries:
         check_relpath(e.path)
         if e.problem:
@@ -126,43 +129,67 @@ def check_tree(bundle: BundleDir, manifest: Manifest) -> MismatchReport:
 def check_files(bundle: BundleDir, manifest: Manifest, *, workers: int | None = None, progress: Progress = NULL_PROGRESS) -> None:
     """Every path, size and digest against the manifest; one report lists every difference."""
     report = check_tree(bundle, manifest)
-    # Hash every file that is there at the right size, so the report lists all changed files at once.
-    resized = {c.path for c in report.changed}
-    to_hash = [f for f in manifest.files if f.path not in report.missing and f.path not in resized]
-    task = progress.task(f"verify {manifest.name}", sum(f.size for f in to_hash))
+    # Hash every file that is there, resized ones too, so the report lists every changed file with both digests.
+    resized = {c.path: c.actual_size or 0 for c in report.changed}
+    to_hash = [f for f in manifest.files if f.path not in report.missing]
+    task = progress.task(f"verify {manifest.name}", sum(resized.get(f.path, f.size) for f in to_hash))
 
-    def one(f: FileEntry) -> tuple[str, FileDigest]:
-        return f.path, hash_file(bundle.path_of(f.path), on_bytes=task.advance, display=f.path)
+    def one(f: FileEntry) -> tuple[str, FileDigest | None]:
+        try:
+            return f.path, hash_file(bundle.path_of(f.path), on_bytes=task.advance, display=f.path)
+        except FileNotFoundError:  # removed while verify ran
+            return f.path, None
+        except OSError as e:  # an unreadable sector on the medium: the bundle is damaged
+            raise IntegrityError(f"cannot read {f.path} in the bundle: {e.strerror}", path=f.path) from None
 
     try:
-        digests = dict(parallel_map(one, to_hash, workers=workers))
+        # Largest first, so one big file started last does not leave the other workers idle.
+        digests = dict(parallel_map(one, sorted(to_hash, key=lambda f: -resized.get(f.path, f.size)), workers=workers))
     finally:
         task.close()
-    changed = list(report.changed)
+    vanished = tuple(p for p, d in digests.items() if d is None)
+    changed: list[FileMismatch] = []
     for f in to_hash:
         d = digests[f.path]
-        if d.size != f.size:
-            changed.append(FileMismatch(path=f.path, reason="size changed while reading", expected_size=f.size, actual_size=d.size))
+        if d is None:
+            continue
+        if f.path in resized or d.size != f.size:
+            why = "size differs" if f.path in resized else "size changed while reading"
+            changed.append(FileMismatch(path=f.path, reason=why, expected_size=f.size, actual_size=d.size,
+                                        expected_sha256=f.sha256, actual_sha256=d.sha256))
         elif d.sha256 != f.sha256:
             changed.append(
                 FileMismatch(path=f.path, reason="digest differs", expected_size=f.size, actual_size=d.size,
                              expected_sha256=f.sha256, actual_sha256=d.sha256)
             )
-    final = MismatchReport(missing=report.missing, extra=report.extra, changed=tuple(sorted(changed, key=lambda c: c.path)))
+    missing = tuple(sorted(report.missing + vanished))
+    final = MismatchReport(missing=missing, extra=report.extra, changed=tuple(sorted(changed, key=lambda c: c.path)))
     if final:
         raise BundleMismatchError(final)
 
 
 def check_safetensors(bundle: BundleDir, manifest: Manifest) -> dict[str, SafetensorsInfo]:
-    return {
-        f.path: read_header(bundle.path_of(f.path), display=f.path)
-        for f in manifest.files
-        if content.is_safetensors(f.path)
-    }
+    out: dict[str, SafetensorsInfo] = {}
+    for f in manifest.files:
+        if content.is_safetensors(f.path):
+            try:
+                out[f.path] = read_header(bundle.path_of(f.path), display=f.path)
+            except FileNotFoundError:
+                raise BundleMismatchError(MismatchReport(missing=(f.path,))) from None
+            except OSError as e:
+                raise IntegrityError(f"cannot read {f.path} in the bundle: {e.strerror}", path=f.path) from None
+    return out
 
 
 def verify_bundle(opts: VerifyOptions) -> VerifiedBundle:
     """Run every check; return the trusted bundle or raise the first named refusal."""
+    from ..parts import locate
+
+    src = locate(opts.bundle)  # a tar or a parts folder is streamed, never extracted
+    if src.kind != "dir":
+        from .transfer import verify_source
+
+        return verify_source(opts, src)
     bundle = BundleDir.open(opts.bundle)
     verified, manifest = verify_payload(bundle, opts.policy, now=opts.now)
     check_content_policy(manifest)

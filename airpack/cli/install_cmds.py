@@ -1,0 +1,187 @@
+"""install, list, show, remove, rollback, log verify: the offline registry's commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..ops.install import (
+    InstallOptions,
+    InstallResult,
+    RemoveOptions,
+    RollbackOptions,
+    install,
+    list_installed,
+    remove,
+    rollback,
+    show,
+    verify_log,
+)
+from ..trust import load_policy
+from . import cli
+from ._common import Output, airpack_command, human_bytes
+from .oci_cmds import oci_source
+
+PathArg = click.Path(path_type=Path)
+
+
+def registry_option(fn: Any) -> Any:
+    return click.option(
+        "--registry", type=PathArg, envvar="AIRPACK_REGISTRY", required=True,
+        help="The registry folder (or AIRPACK_REGISTRY).",
+    )(fn)
+
+
+def _signers_text(signers: Any) -> str:
+    return ", ".join(f"{s['name']} ({s['keyid'][:12]})" for s in signers) or "nobody"
+
+
+def _install_text(r: InstallResult) -> list[str]:
+    m = r.manifest
+    head = {
+        "installed": f"installed {m.name} (channel {m.channel}, sequence {m.sequence}) into {r.registry}",
+        "noop": f"{m.name} (channel {m.channel}, sequence {m.sequence}) is already installed in {r.registry}; nothing changed",
+        "reactivated": f"{m.name} (channel {m.channel}, sequence {m.sequence}) was installed; its revisions are current again",
+    }[r.result]
+    lines = [head, f"  signed by: {_signers_text(r.signers)}"]
+    if r.downgrade:
+        lines.append("  DOWNGRADE: allowed by --allow-downgrade (logged)")
+    for x in r.models:
+        lines.append(f"  model {x['repo_id']} @ {x['commit'][:12]} (revision {x['ref']}): {x['files']} file(s)")
+    if r.result == "installed":
+        lines.append(f"  copied {human_bytes(r.bytes_copied)}; {human_bytes(r.bytes_shared)} already in the registry (shared)")
+    if r.wheels:
+        lines.append(f"  wheels: {len(r.wheels)}; requirements {r.requirements}")
+    if r.fit is None:
+        lines.append("  fit: not checked (the fit check is not available)")
+    elif not r.fit:
+        lines.append("  fit: no GPU given or found; not checked")
+    else:
+        for rep in r.fit:
+            verdict = str(rep.get("verdict", "?")).replace("_", " ")
+            what = rep.get("repo_id") or rep.get("model") or ""
+            lines.append(f"  fit: {what} {verdict}{' (installed anyway: --ignore-fit)' if verdict == 'does not fit' else ''}")
+    if r.models:
+        first = r.models[0]["repo_id"]
+        lines.append(f"  load it offline: `airpack show {first} --registry {r.registry}` prints the lines")
+    return lines
+
+
+@airpack_command(cli, "install")
+@click.argument("bundle")
+@registry_option
+@click.option("--trust", "policy", type=PathArg, envvar="AIRPACK_TRUST", required=True, help="This host's trust policy (or AIRPACK_TRUST).")
+@click.option("--gpu", help="Target GPUs, e.g. H100-80GB:2 (default: the GPUs NVML finds on this host).")
+@click.option("--context", type=click.IntRange(min=1), help="Context length to check the fit at.")
+@click.option("--runtime", help="Serving runtime to check the fit for (transformers, vllm).")
+@click.option("--ignore-fit", is_flag=True, help="Install even if the model does not fit the GPUs.")
+@click.option("--allow-downgrade", is_flag=True, help="Install an older (or same-sequence, other) bundle of the channel; logged.")
+@click.option("--allow-pickle", is_flag=True, help="Install pickled weights that the bundle's signed policy allows.")
+@oci_source  # BUNDLE may be oci://HOST/REPO:TAG: staged from the registry after a trust check, then installed as a folder
+def install_cmd(out: Output, bundle: str | Path, registry: Path, policy: Path, gpu: str | None, context: int | None,
+                runtime: str | None, ignore_fit: bool, allow_downgrade: bool, allow_pickle: bool) -> None:
+    """Verify BUNDLE and install it into the registry, all or nothing."""
+    p = load_policy(policy)
+    p.check_usable()
+    r = install(InstallOptions(bundle=Path(bundle), registry=registry, policy=p, gpu=gpu, context=context, runtime=runtime,
+                               ignore_fit=ignore_fit, allow_downgrade=allow_downgrade, allow_pickle=allow_pickle,
+                               progress=out.progress))
+    out.result(r.to_json(), lambda: _install_text(r))
+
+
+@airpack_command(cli, "list")
+@registry_option
+def list_cmd(out: Output, registry: Path) -> None:
+    """List the installed models: revision, commit, bundle, channel, sequence, signers."""
+    rows = list_installed(registry)
+
+    def text() -> list[str]:
+        if not rows:
+            return [f"{registry}: nothing installed"]
+        lines = [f"{'':1} {'REPO':<32} {'REVISION':<10} {'COMMIT':<12} {'BUNDLE':<24} {'SEQ':>6}  {'INSTALLED':<20} SIGNERS"]
+        for x in rows:
+            lines.append(
+                f"{'*' if x.current else ' '} {x.repo_id:<32} {x.ref:<10} {x.commit[:12]:<12} {x.bundle:<24} {x.sequence:>6}  "
+                f"{x.installed_at[:19]:<20} {', '.join(s['name'] for s in x.signers)}"
+            )
+        lines.append("(* = the revision its name points to)")
+        return lines
+
+    out.result([x.to_json() for x in rows], text)
+
+
+@airpack_command(cli, "show")
+@click.argument("name")
+@registry_option
+@click.option("--revision", help="A commit (or its first 7+ characters) or revision name; default: the current one.")
+def show_cmd(out: Output, name: str, registry: Path, revision: str | None) -> None:
+    """Show an installed model and the exact lines that load it offline."""
+    d = show(registry, name, revision=revision)
+
+    def text() -> list[str]:
+        ld = d["load"]
+        lines = [
+            f"{d['repo_id']} @ {d['commit']} (revision {d['revision']}{', current' if d['current'] else ''})",
+            f"  bundle:    {d['bundle']} (channel {d['channel']}, sequence {d['sequence']}), installed {d['installed_at']}",
+            f"  signed by: {_signers_text(d['signers'])}",
+            f"  snapshot:  {d['snapshot']}",
+            f"  files:     {d['files']}, {human_bytes(d['bytes'])}",
+        ]
+        if out.verbose:
+            lines += [f"    {f['sha256']}  {f['size']:>14}  {f['path']}" for f in d["files_list"]]
+        if len(d["revisions"]) > 1:
+            lines.append("  installed revisions:")
+            lines += [f"    {'*' if o['current'] else ' '} {o['commit'][:12]} ({o['revision']}) from {o['bundle']} seq {o['sequence']}"
+                      for o in d["revisions"]]
+        lines += ["", "Load it with no network (set both variables before Python starts):", f"  {ld['shell']}"]
+        lines += ["  python - <<'EOF'", *[f"  {line}" for line in ld["python"]], "  EOF"]
+        lines += ["", "Serve it with vLLM:", f"  {ld['vllm']}"]
+        if ld["pip"]:
+            lines += ["", "Install the bundle's wheels into a fresh virtualenv:", f"  {ld['pip']}"]
+        return lines
+
+    out.result({k: v for k, v in d.items() if k != "files_list"} | {"files_list": d["files_list"]}, text)
+
+
+@airpack_command(cli, "remove")
+@click.argument("name")
+@registry_option
+@click.option("--revision", help="Remove only this revision (commit, its first 7+ characters, or revision name).")
+def remove_cmd(out: Output, name: str, registry: Path, revision: str | None) -> None:
+    """Remove an installed model (repo id) or bundle (bundle name); files still used elsewhere stay."""
+    r = remove(RemoveOptions(registry=registry, name=name, revision=revision))
+
+    def text() -> list[str]:
+        lines = [f"removed {x['repo_id']} @ {x['commit'][:12]} ({x['revision']}, bundle {x['bundle']})" for x in r["removed"]]
+        if not r["removed"]:
+            lines.append(f"removed bundle {name}")
+        lines.append(f"  freed {r['blobs_removed']} blob(s), {human_bytes(r['bytes_freed'])}; "
+                     f"kept {r['blobs_kept_shared']} shared with other revisions")
+        return lines
+
+    out.result(r, text)
+
+
+@airpack_command(cli, "rollback")
+@click.argument("name")
+@registry_option
+def rollback_cmd(out: Output, name: str, registry: Path) -> None:
+    """Point NAME back at the revision installed before the current one."""
+    r = rollback(RollbackOptions(registry=registry, name=name))
+    out.result(r, [f"{c['repo_id']} ({c['revision']}): {c['from'][:12]} -> {c['to'][:12]} (bundle {c['bundle']}, sequence {c['sequence']})"
+                   for c in r["changes"]])
+
+
+@cli.group("log")
+def log_group() -> None:
+    """The registry's audit log."""
+
+
+@airpack_command(log_group, "verify")
+@registry_option
+def log_verify_cmd(out: Output, registry: Path) -> None:
+    """Check the audit log's hash chain; name the first broken line."""
+    rep = verify_log(registry)
+    out.result(rep.to_json(), [f"OK: {registry}/audit.log: {rep.lines} line(s), chain intact", f"  head sha256 {rep.head}"])

@@ -1,0 +1,189 @@
+"""push, pull (and install from oci://): the cluster transport's commands.
+
+``oci_source`` is the small hook ``install`` wears so that its BUNDLE may be
+``oci://HOST/REPO:TAG``: the OCI connection flags are added here, and the
+file install runs unchanged on a folder staged from the registry.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .._fs import read_capped
+from ..errors import UsageError
+from ..trust import load_policy
+from . import cli
+from ._common import Output, airpack_command, human_bytes
+
+if TYPE_CHECKING:
+    from ..fetch.oci import OciAccess
+    from ..ops.oci import PullResult
+
+# The network code (requests, oras) is imported inside the commands that use it, so that
+# loading the CLI for an offline command (verify, install from a folder) never loads it.
+
+PathArg = click.Path(path_type=Path)
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``64MiB``, ``64M`` or a byte count; powers of 1024."""
+    m = _SIZE.match(text)
+    if not m:
+        raise UsageError(f"invalid size {text!r}; write e.g. 64MiB")
+    power: int = "_KMGT".index((m.group(2) or "_").upper())
+    return int(m.group(1)) << (10 * power)
+
+
+def _password(password_file: Path | None) -> str | None:
+    if password_file is not None:
+        try:
+            data = read_capped(password_file, 4096, what="password file")
+        except FileNotFoundError:
+            raise UsageError(f"password file {password_file} not found", path=str(password_file)) from None
+        lines = data.decode("utf-8", "replace").splitlines()
+        return lines[0] if lines else ""
+    return os.environ.get("AIRPACK_OCI_PASSWORD")
+
+
+def is_oci_ref(text: object) -> bool:
+    """``oci://...``, or ``oci:/...`` as pathlib leaves it when the argument is a Path."""
+    return str(text).startswith("oci:/")
+
+
+def access_from(plain_http: bool, username: str | None, password_file: Path | None, ca_file: Path | None) -> OciAccess:
+    from ..fetch.oci import OciAccess
+
+    password = _password(password_file) if username is not None or password_file is not None else None
+    if password_file is not None and username is None:
+        raise UsageError("--password-file needs --username")
+    if username is not None and password is None:
+        raise UsageError("--username needs --password-file (or AIRPACK_OCI_PASSWORD)")
+    return OciAccess(plain_http=plain_http, username=username, password=password, ca_file=ca_file)
+
+
+def access_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The flags that say how to reach a registry (never whom to trust)."""
+    fn = click.option("--ca-file", type=PathArg, envvar="AIRPACK_OCI_CA_FILE",
+                      help="CA bundle (PEM) that signed the registry's TLS certificate (or AIRPACK_OCI_CA_FILE).")(fn)
+    fn = click.option("--password-file", type=PathArg, help="File whose first line is the registry password (or AIRPACK_OCI_PASSWORD).")(fn)
+    fn = click.option("--username", envvar="AIRPACK_OCI_USERNAME", help="Registry account (or AIRPACK_OCI_USERNAME).")(fn)
+    fn = click.option("--plain-http", is_flag=True, help="Talk plain HTTP (a registry without TLS, e.g. on loopback).")(fn)
+    return fn
+
+
+def _signers(signers: Any) -> list[dict[str, str]]:
+    return [{"name": k.name, "keyid": k.keyid} for k in signers]
+
+
+# -- push ----------------------------------------------------------------------------------
+
+
+@airpack_command(cli, "push")
+@click.argument("bundle", type=PathArg)
+@click.argument("target")
+@click.option("--trust", "policy", type=PathArg, envvar="AIRPACK_TRUST", required=True, help="Trust policy to verify with first (or AIRPACK_TRUST).")
+@access_options
+@click.option("--chunk-size", help="Upload in PATCH chunks of this size (e.g. 64MiB) instead of one streamed PUT per file.")
+@click.option("--workers", type=click.IntRange(min=1, max=64), help="Parallel blob uploads (default 4).")
+def push_cmd(out: Output, bundle: Path, target: str, policy: Path, plain_http: bool, username: str | None,
+             password_file: Path | None, ca_file: Path | None, chunk_size: str | None, workers: int | None) -> None:
+    """Verify BUNDLE, then push it to TARGET (oci://HOST[:PORT]/REPOSITORY:TAG) as one OCI artifact."""
+    from ..fetch.oci import parse_ref
+    from ..ops.oci import PushOptions, PushResult, push
+
+    ref = parse_ref(target)
+    access = access_from(plain_http, username, password_file, ca_file)
+    p = load_policy(policy)
+    r: PushResult = push(PushOptions(bundle=bundle, target=ref, policy=p, access=access, workers=workers, progress=out.progress,
+                                     chunk_size=parse_size(chunk_size) if chunk_size else None))
+    m = r.manifest
+    out.result(
+        {"pushed": True, "target": str(ref), "digest": r.digest, "pinned": r.pinned, "name": m.name, "channel": m.channel,
+         "sequence": m.sequence, "manifest_sha256": m.digest, "signers": _signers(r.signers), "uploaded": list(r.uploaded),
+         "skipped": list(r.skipped), "bytes_uploaded": r.bytes_uploaded, "total_bytes": m.total_bytes},
+        [f"pushed {m.name} (channel {m.channel}, sequence {m.sequence}) to {ref}",
+         f"  verified: signed by {', '.join(k.name for k in r.signers)}",
+         f"  sent {len(r.uploaded)} blob(s), {human_bytes(r.bytes_uploaded)}; {len(r.skipped)} already in the registry",
+         f"  digest: {r.digest}",
+         f"  nodes: airpack install {r.pinned} --registry DIR --trust POLICY"],
+    )
+
+
+# -- pull ----------------------------------------------------------------------------------
+
+
+def _pull_text(r: PullResult) -> list[str]:
+    m = r.manifest
+    lines = [f"pulled {r.source} into {r.out}: {m.name} (channel {m.channel}, sequence {m.sequence}), "
+             f"{len(m.files)} file(s), {human_bytes(r.bytes_received)}", f"  digest: {r.digest}"]
+    if r.verified:
+        lines.append(f"  verified: signed by {', '.join(k.name for k in r.signers)}; every blob matched its signed digest")
+    else:
+        lines.append(f"  NOT verified (no --trust): run `airpack verify {r.out} --trust POLICY` before using it")
+    return lines
+
+
+@airpack_command(cli, "pull")
+@click.argument("source")
+@click.option("--out", "out_dir", type=PathArg, required=True, help="The bundle folder to create (must not exist).")
+@click.option("--trust", "policy", type=PathArg, envvar="AIRPACK_TRUST", help="Check signatures before downloading (or AIRPACK_TRUST).")
+@access_options
+@click.option("--workers", type=click.IntRange(min=1, max=64), help="Parallel blob downloads (default 4).")
+def pull_cmd(out: Output, source: str, out_dir: Path, policy: Path | None, plain_http: bool, username: str | None,
+             password_file: Path | None, ca_file: Path | None, workers: int | None) -> None:
+    """Recreate a bundle folder from SOURCE (oci://HOST[:PORT]/REPOSITORY:TAG or @sha256:...)."""
+    from ..fetch.oci import parse_ref
+    from ..ops.oci import PullOptions, pull
+
+    ref = parse_ref(source)
+    access = access_from(plain_http, username, password_file, ca_file)
+    p = load_policy(policy) if policy is not None else None
+    r = pull(PullOptions(source=ref, out=out_dir, policy=p, access=access, workers=workers, progress=out.progress))
+    m = r.manifest
+    out.result(
+        {"pulled": True, "source": str(ref), "out": str(r.out), "digest": r.digest, "verified": r.verified,
+         "signers": _signers(r.signers), "name": m.name, "channel": m.channel, "sequence": m.sequence,
+         "manifest_sha256": m.digest, "files": len(m.files), "bytes": r.bytes_received},
+        lambda: _pull_text(r),
+    )
+
+
+# -- install from oci:// ----------------------------------------------------------------------
+
+
+def oci_source(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Let a command's BUNDLE be ``oci://...``: add the access flags, stage from the registry, run the command on it.
+
+    The staged folder sits on the registry's filesystem (``--registry``), is checked against
+    ``--trust`` before any model byte is downloaded, and is removed however the command ends.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(out: Output, *, bundle: Any, plain_http: bool, username: str | None, password_file: Path | None,
+                ca_file: Path | None, **kw: Any) -> Any:
+        if not is_oci_ref(bundle):  # a folder or tar: the OCI flags (maybe set by environment) do not apply
+            return fn(out, bundle=bundle, **kw)
+        from ..fetch.oci import parse_ref
+        from ..ops.oci import staged_bundle
+
+        ref = parse_ref(bundle)
+        access = access_from(plain_http, username, password_file, ca_file)
+        registry, policy = kw.get("registry"), kw.get("policy")
+        if registry is None or policy is None:
+            raise UsageError("installing from oci:// needs --registry and --trust")
+        p = load_policy(Path(policy))
+        options = {k: kw.get(k) for k in ("allow_downgrade", "allow_pickle", "ignore_fit", "gpu", "context", "runtime")}
+        with staged_bundle(source=ref, registry=Path(registry), policy=p, access=access, allow_downgrade=bool(kw.get("allow_downgrade")),
+                           options=options, progress=out.progress) as (folder, checked):
+            out.info(f"fetched {ref} ({checked.artifact.digest}): signatures checked before download, every blob digest while streaming")
+            return fn(out, bundle=folder, **kw)
+
+    return access_options(wrapper)

@@ -1,0 +1,481 @@
+"""``airpack fit``: will this model run on these GPUs, and at what context length?
+
+MODEL is a model folder (config.json + safetensors), a bundle folder (every
+model it carries), or the repo id of a model installed in a registry. Only
+config.json and the safetensors headers are read; no tensor is loaded. GPUs
+come from ``--gpu`` (catalog name or size, ``:COUNT``) or from NVML.
+
+``check_bundle_fit`` is install's gate: it estimates every model of a
+verified bundle on the given (or detected) GPUs and raises ``FitError``
+(exit 5) naming the model, the GPUs and the numbers when one does not fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .. import content
+from .._fs import check_relpath, open_regular_nofollow
+from .._json import StrictJSONError, loads_strict
+from ..errors import FitError, IntegrityError, ModelConfigError, UsageError
+from ..gpus import parse_gpu, resolve_gpus, try_detect
+from ..manifest import ENVELOPE_NAME, parse
+from ..safetensors_check import SafetensorsInfo, TensorInfo, read_header_fd
+from ..vram import (
+    FitResult,
+    GpuBudget,
+    ModelShape,
+    RunConfig,
+    Weights,
+    collect_weights,
+    fit,
+    model_shape,
+)
+from .verify import VerifiedBundle
+
+MAX_CONFIG_BYTES = 16 << 20
+MAX_INDEX_BYTES = 64 << 20
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_RUNTIME = "vllm"
+GiB = 1 << 30
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitOptions:
+    """What ``airpack fit`` was asked. ``gpu`` None means the GPUs NVML sees on this host."""
+
+    model: str
+    gpu: str | None = None
+    context: int | None = None
+    batch: int = 1
+    new_tokens: int = 256
+    runtime: str = DEFAULT_RUNTIME
+    kv_dtype: str = "auto"
+    gpu_memory_utilization: str = "0.9"
+    registry: Path | None = None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as the estimator sees it: its config and its tensors' headers."""
+
+    name: str
+    kind: str  # "folder", "bundle" or "registry"
+    location: str
+    config: dict[str, Any] = field(repr=False)
+    tensors: tuple[TensorInfo, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """One model on one set of GPUs."""
+
+    model: str
+    location: str
+    shape: ModelShape
+    weights: Weights
+    result: FitResult
+
+    def to_json(self) -> dict[str, Any]:
+        """Integers, strings, lists and objects only: it goes into manifests and audit lines."""
+        r = self.result
+        est = r.estimate
+        gpu: dict[str, Any] = {"name": r.gpu.name, "count": r.gpu.count, "memory_bytes": r.gpu.memory_bytes, "source": r.gpu.source}
+        if r.gpu.free_bytes is not None:
+            gpu["free_bytes"] = r.gpu.free_bytes
+        out: dict[str, Any] = {
+            "model": self.model,
+            "repo_id": self.model,
+            "location": self.location,
+            "architecture": self.shape.describe(),
+            "runtime": est.runtime,
+            "verdict": r.verdict,
+            "per_gpu_bytes": r.per_gpu_bytes,
+            "limit_bytes": r.limit_bytes,
+            "headroom_bytes": r.headroom_bytes,
+            "breakdown": est.breakdown.to_json(),
+            "overhead_detail": est.overhead.to_json(),
+            "gpu": gpu,
+            "context": est.context,
+            "batch": est.batch,
+            "prompt_tokens": est.prompt_tokens,
+            "new_tokens": est.new_tokens,
+            "kv_dtype": est.kv_dtype,
+            "kv_bytes_per_token": est.kv_bytes_per_token,
+            "max_context": r.max_context,
+            "model_max_context": r.model_max_context,
+            "weights_total_bytes": self.weights.total_bytes,
+            "parameters": self.weights.parameters,
+            "notes": list(r.notes),
+        }
+        if est.runtime == "vllm":
+            out["kv_pool_bytes"] = r.kv_pool_bytes
+            out["kv_token_capacity"] = r.kv_token_capacity
+            out["max_concurrency"] = r.max_concurrency
+        if self.weights.quantization:
+            out["quantization"] = self.weights.quantization
+        return out
+
+
+# -- reading a model --------------------------------------------------------------------------
+
+
+def _parse_json(data: bytes, what: str, display: str) -> Any:
+    try:
+        return loads_strict(data, allow_floats=True, max_depth=32)
+    except StrictJSONError as e:
+        raise ModelConfigError(f"{display}: {what} is not valid JSON ({e})", path=display) from None
+
+
+def parse_config(data: bytes, display: str) -> dict[str, Any]:
+    cfg = _parse_json(data, "config.json", display)
+    if not isinstance(cfg, dict):
+        raise ModelConfigError(f"{display} is not a JSON object", path=display)
+    return cfg
+
+
+def select_weight_files(names: Iterable[str], read_index: Callable[[], bytes] | None) -> list[str]:
+    """Which safetensors files a loader reads, as paths relative to the model folder.
+
+    The index's weight map when there is one (repos like Mistral's also ship a
+    ``consolidated.safetensors`` the loaders ignore), else ``model.safetensors``,
+    else every top-level ``*.safetensors``.
+    """
+    present = sorted(n for n in names if content.is_safetensors(n))
+    top = [n for n in present if "/" not in n]
+    if read_index is not None:
+        idx = _parse_json(read_index(), INDEX_NAME, INDEX_NAME)
+        wm = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise ModelConfigError(f"{INDEX_NAME} has no weight_map of file names", path=INDEX_NAME)
+        wanted = sorted(set(wm.values()))
+        for w in wanted:
+            check_relpath(w)
+        missing = [w for w in wanted if w not in present]
+        if missing:
+            raise ModelConfigError(f"{INDEX_NAME} names {missing[0]}, which is not there", path=missing[0])
+        return wanted
+    if "model.safetensors" in top:
+        return ["model.safetensors"]
+    if not top:
+        raise ModelConfigError("no safetensors weights found (the estimator reads safetensors headers only)")
+    rest = [n for n in top if not n.startswith("consolidated")]
+    return rest or top
+
+
+def _open_following(path: Path, display: str) -> int:
+    """Open a file of the user's own model folder, following links (an HF cache snapshot is links)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ModelConfigError(f"{display} not found", path=display) from None
+    except OSError as e:
+        raise UsageError(f"cannot open {display}: {e.strerror}", path=display) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ModelConfigError(f"{display} is not a regular file", path=display)
+    return fd
+
+
+def _read_fd(fd: int, cap: int, display: str, what: str) -> bytes:
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise IntegrityError(f"{what} {display} is larger than the {cap}-byte limit", path=display)
+    return data
+
+
+def _header_of(fd: int, display: str) -> SafetensorsInfo:
+    try:
+        return read_header_fd(fd, display=display)
+    finally:
+        os.close(fd)
+
+
+def _load_with(opener: Callable[[str], int], files: list[str], name: str, kind: str, location: str) -> ModelSource:
+    """Read config.json, the index and the chosen headers through ``opener(relpath) -> fd``."""
+    if "config.json" not in files:
+        raise ModelConfigError(f"{location}: no config.json (the estimator needs the model's config)", path=location)
+    cfg = parse_config(_read_fd(opener("config.json"), MAX_CONFIG_BYTES, f"{location}/config.json", "config"), f"{location}/config.json")
+    read_index = None
+    if INDEX_NAME in files:
+        def read_index() -> bytes:
+            return _read_fd(opener(INDEX_NAME), MAX_INDEX_BYTES, f"{location}/{INDEX_NAME}", "index")
+    tensors: list[TensorInfo] = []
+    for rel in select_weight_files(files, read_index):
+        tensors.extend(_header_of(opener(rel), f"{location}/{rel}").tensors)
+    return ModelSource(name=name, kind=kind, location=location, config=cfg, tensors=tuple(tensors))
+
+
+def _walk_files(root: Path) -> list[str]:
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(root).as_posix()
+        for fn in filenames:
+            out.append(fn if rel == "." else f"{rel}/{fn}")
+        if len(out) > 100_000:
+            raise UsageError(f"{root} holds too many files to be a model folder", path=str(root))
+    return out
+
+
+def load_folder(path: Path, *, name: str | None = None) -> ModelSource:
+    """A model folder of the user's (links followed: a Hugging Face cache snapshot is links)."""
+    root = Path(path)
+    files = _walk_files(root)
+    return _load_with(lambda rel: _open_following(root.joinpath(*rel.split("/")), f"{root}/{rel}"), files,
+                      name or root.name, "folder", str(root))
+
+
+def load_bundle(path: Path) -> list[ModelSource]:
+    """Every model of a bundle folder, read as it is on disk (not verified: `airpack verify` proves it)."""
+    from ..bundle import BundleDir
+
+    b = BundleDir.open(path)
+    env = b.envelope()
+    m = parse(env.payload, digest=hashlib.sha256(env.payload).hexdigest())
+    out = []
+    for model in m.models:
+        pre = model.prefix + "/"
+        files = [f.path[len(pre):] for f in m.model_files(model)]
+
+        def opener(rel: str, pre: str = pre) -> int:
+            full = pre + rel
+            try:
+                return open_regular_nofollow(b.path_of(full), display=full)
+            except FileNotFoundError:
+                raise IntegrityError(f"bundle file {full} is missing", path=full) from None
+
+        out.append(_load_with(opener, files, model.repo_id, "bundle", f"{b.root}/{model.prefix}"))
+    return out
+
+
+def _registry_snapshot(registry: Path, repo_id: str) -> tuple[Path, Path]:
+    """(snapshot folder, repo folder) of an installed model, from the Hugging Face cache layout."""
+    try:
+        from ..registry import Registry
+
+        Registry.open(registry)  # refuses a folder that is not a registry, with its own named error
+    except ImportError:
+        pass
+    repo_dir = registry / "hub" / ("models--" + repo_id.replace("/", "--"))
+    if not repo_dir.is_dir() or repo_dir.is_symlink():
+        raise UsageError(f"{repo_id} is not a folder, a bundle, or a model installed in {registry}", path=repo_id,
+                         hint="`airpack list --registry DIR` shows what is installed.")
+    commit = None
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file() and not ref.is_symlink():
+        commit = _read_fd(open_regular_nofollow(ref, display=str(ref)), 256, str(ref), "ref").decode("ascii", "replace").strip()
+    snaps = repo_dir / "snapshots"
+    if commit is None:
+        found = sorted(p.name for p in snaps.iterdir()) if snaps.is_dir() else []
+        if len(found) != 1:
+            raise UsageError(f"{repo_id} in {registry}: no refs/main and {len(found)} snapshots; cannot tell which to use", path=str(repo_dir))
+        commit = found[0]
+    snap = snaps / commit
+    if not commit.isalnum() or not snap.is_dir() or snap.is_symlink():
+        raise UsageError(f"{repo_id} in {registry}: snapshot {commit} is missing", path=str(snap))
+    return snap, repo_dir
+
+
+def load_registry(registry: Path, repo_id: str) -> ModelSource:
+    """An installed model: snapshot links are resolved and must land in the repo's own blobs."""
+    snap, repo_dir = _registry_snapshot(registry, repo_id)
+    blobs = (repo_dir / "blobs").resolve()
+
+    def opener(rel: str) -> int:
+        p = snap.joinpath(*rel.split("/"))
+        real = p.resolve()
+        if real != p and blobs not in real.parents:
+            raise IntegrityError(f"{repo_id}: {rel} links outside the repo's blobs", path=str(p))
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError as e:
+            raise IntegrityError(f"{repo_id}: cannot open {rel}: {e.strerror}", path=str(p)) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise IntegrityError(f"{repo_id}: {rel} is not a regular file", path=str(p))
+        return fd
+
+    files = _walk_files(snap)
+    return _load_with(opener, files, repo_id, "registry", f"{repo_id} ({snap})")
+
+
+def load_models(model: str, registry: Path | None) -> list[ModelSource]:
+    """MODEL as a bundle folder, a model folder, or an installed repo id."""
+    p = Path(model)
+    if p.is_dir():
+        if (p / ENVELOPE_NAME).exists():
+            return load_bundle(p)
+        return [load_folder(p)]
+    if p.exists():
+        raise UsageError(f"{model} is not a folder (give a model folder, a bundle folder or an installed repo id)", path=model)
+    reg = registry or (Path(os.environ["AIRPACK_REGISTRY"]) if os.environ.get("AIRPACK_REGISTRY") else None)
+    if reg is None:
+        raise UsageError(f"{model} is not a folder; to fit an installed model pass --registry DIR (or set AIRPACK_REGISTRY)", path=model)
+    return [load_registry(reg, model)]
+
+
+# -- estimating -------------------------------------------------------------------------------------
+
+
+def estimate_source(src: ModelSource, run: RunConfig, gpu: GpuBudget) -> FitReport:
+    """The estimate and verdict for one model on ``gpu``."""
+    probe = collect_weights(src.tensors)
+    shape = model_shape(src.config, weights_dtype=probe.float_dtype)
+    weights = collect_weights(src.tensors, shape=shape)
+    if not weights.tensors:
+        raise ModelConfigError(f"{src.location}: the safetensors files hold no tensors", path=src.location)
+    result = fit(shape, weights, replace(run, tensor_parallel=gpu.count), gpu)
+    return FitReport(model=src.name, location=src.location, shape=shape, weights=weights, result=result)
+
+
+def run_config(*, runtime: str | None, context: int | None, batch: int = 1, new_tokens: int = 256, kv_dtype: str = "auto",
+               gpu_memory_utilization: str = "0.9", count: int = 1) -> RunConfig:
+    return RunConfig(runtime=runtime or DEFAULT_RUNTIME, context=context, batch=batch, new_tokens=new_tokens, kv_dtype=kv_dtype,
+                     gpu_memory_utilization=gpu_memory_utilization, tensor_parallel=count)
+
+
+def fit_model(opts: FitOptions) -> list[FitReport]:
+    """``airpack fit``: one report per model (a bundle may carry several)."""
+    gpu = resolve_gpus(opts.gpu)
+    run = run_config(runtime=opts.runtime, context=opts.context, batch=opts.batch, new_tokens=opts.new_tokens,
+                     kv_dtype=opts.kv_dtype, gpu_memory_utilization=opts.gpu_memory_utilization, count=gpu.count)
+    return [estimate_source(src, run, gpu) for src in load_models(opts.model, opts.registry)]
+
+
+def _gib(n: int) -> str:
+    """Bytes for a message: GiB, MiB or KiB with two decimals."""
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def fit_error(report: FitReport) -> FitError:
+    """The one-line refusal: model, GPUs, what it needs against what there is, and the longest context that fits."""
+    r = report.result
+    b = r.estimate.breakdown
+    ctx = (f"; the longest context that fits is {r.max_context} tokens" if r.max_context
+           else "; it does not fit at any context length")
+    return FitError(
+        f"{report.model} does not fit {r.gpu.count} x {r.gpu.name} ({r.estimate.runtime}): needs {_gib(r.per_gpu_bytes)} per GPU "
+        f"at context {r.estimate.context} x batch {r.estimate.batch} (weights {_gib(b.weights)}, KV cache {_gib(b.kv_cache)}, "
+        f"activations {_gib(b.activations)}, overhead {_gib(b.overhead)}) but {_gib(r.limit_bytes)} is usable{ctx}",
+        path=report.location,
+    )
+
+
+# -- install's gate and pack's record ----------------------------------------------------------------
+
+
+def _verified_source(verified: VerifiedBundle, model: Any) -> ModelSource:
+    pre = model.prefix + "/"
+    files = [f.path[len(pre):] for f in verified.manifest.model_files(model)]
+    root = verified.root
+    location = f"{root}/{model.prefix}"
+    if "config.json" not in files:
+        raise ModelConfigError(f"{model.repo_id}: no config.json in the bundle", path=location)
+    cfg_path = pre + "config.json"
+    fd = open_regular_nofollow(root.joinpath(*cfg_path.split("/")), display=cfg_path)
+    cfg = parse_config(_read_fd(fd, MAX_CONFIG_BYTES, cfg_path, "config"), cfg_path)
+    read_index = None
+    if INDEX_NAME in files:
+        def read_index() -> bytes:
+            p = pre + INDEX_NAME
+            return _read_fd(open_regular_nofollow(root.joinpath(*p.split("/")), display=p), MAX_INDEX_BYTES, p, "index")
+    tensors: list[TensorInfo] = []
+    for rel in select_weight_files(files, read_index):
+        full = pre + rel
+        info = verified.safetensors.get(full)
+        if info is None:  # verify reads every header; read it again only if it was not handed over
+            info = _header_of(open_regular_nofollow(root.joinpath(*full.split("/")), display=full), full)
+        tensors.extend(info.tensors)
+    return ModelSource(name=model.repo_id, kind="bundle", location=location, config=cfg, tensors=tuple(tensors))
+
+
+def _unknown(model: str, why: str) -> dict[str, Any]:
+    return {"model": model, "repo_id": model, "verdict": "unknown", "reason": why[:500]}
+
+
+def check_bundle_fit(verified: VerifiedBundle, *, gpu: str | None, context: int | None, runtime: str | None,
+                     ignore: bool) -> list[dict[str, Any]]:
+    """Estimate every model of a verified bundle on ``gpu`` (or the GPUs NVML finds).
+
+    Returns one JSON-able report per model (integers and strings only), or []
+    when no GPU is given and none is detected. Raises ``FitError`` (exit 5)
+    for the first model that does not fit, unless ``ignore``. A model the
+    estimator cannot read (no config.json, no safetensors) is reported with
+    verdict ``unknown`` and never blocks an install.
+    """
+    budget = try_detect() if gpu is None or gpu.strip().lower() in ("", "auto") else resolve_gpus(gpu)
+    if budget is None:
+        return []
+    run = run_config(runtime=runtime, context=context, count=budget.count)
+    reports: list[dict[str, Any]] = []
+    refusal: FitError | None = None
+    for model in verified.manifest.models:
+        try:
+            rep = estimate_source(_verified_source(verified, model), run, budget)
+        except (ModelConfigError, IntegrityError) as e:
+            reports.append(_unknown(model.repo_id, e.message))
+            continue
+        reports.append(rep.to_json())
+        if rep.result.verdict == "does_not_fit" and refusal is None:
+            refusal = fit_error(rep)
+    if refusal is not None and not ignore:
+        raise refusal
+    return reports
+
+
+def estimate_target(out: Path, prefix: str, repo_id: str, *, gpu: str, count: int, context: int | None, runtime: str,
+                    batch: int, files: Iterable[str] | None = None) -> dict[str, Any]:
+    """The estimate pack records for one spec target and one packed model (integers and strings only).
+
+    ``files`` are the bundle paths pack wrote (so leftovers of an interrupted
+    pack are never counted); a model the estimator cannot read, or a runtime
+    it does not model, is recorded with verdict ``unknown`` and the reason.
+    """
+    budget = parse_gpu(gpu, count=count)
+    root = Path(out).joinpath(*prefix.split("/"))
+    pre = prefix + "/"
+    rels = [f[len(pre):] for f in files if f.startswith(pre)] if files is not None else _walk_files(root)
+
+    def opener(rel: str) -> int:
+        return open_regular_nofollow(root.joinpath(*rel.split("/")), display=pre + rel)
+
+    try:
+        run = run_config(runtime=runtime, context=context, batch=batch, count=budget.count)
+    except UsageError as e:
+        return _unknown(repo_id, e.message)
+    try:
+        rep = estimate_source(_load_with(opener, rels, repo_id, "bundle", prefix), run, budget)
+    except (ModelConfigError, IntegrityError) as e:
+        return _unknown(repo_id, e.message)
+    j = rep.to_json()
+    keep = ("model", "verdict", "per_gpu_bytes", "limit_bytes", "breakdown", "max_context", "context", "batch", "runtime",
+            "kv_bytes_per_token", "kv_pool_bytes", "kv_token_capacity", "model_max_context")
+    est = {k: j[k] for k in keep if k in j}
+    est["gpu"] = {"name": budget.name, "count": budget.count, "memory_bytes": budget.memory_bytes}
+    return est
+
+
+def worst_estimate(estimates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The estimate that decides a target: does not fit, then tight, then the largest."""
+    order = {"does_not_fit": 0, "tight": 1, "unknown": 2, "fits": 3}
+    return min(estimates, key=lambda d: (order.get(str(d.get("verdict")), 4), -int(d.get("per_gpu_bytes", 0))))
+
+
+def report_json(reports: list[FitReport]) -> dict[str, Any]:
+    """``airpack fit --json``: the model's report; with several models, the worst at the top and all under ``models``."""
+    docs = [r.to_json() for r in reports]
+    out = dict(worst_estimate(docs))
+    if len(docs) > 1:
+        out["models"] = docs
+    return out

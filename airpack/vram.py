@@ -1,0 +1,937 @@
+"""Estimate the GPU memory a model needs, from what a bundle holds; never load a tensor.
+
+Inputs are a model's ``config.json`` (a dict) and its safetensors headers
+(``TensorInfo``: exact bytes per tensor). The answer is per GPU, for a runtime
+(``transformers`` generate or ``vllm`` serving), a context length and a batch:
+
+* weights: the tensor bytes as stored (quantized checkpoints included: packed
+  GPTQ/AWQ ints with their scales and zeros, FP8 with its scales), tied tensors
+  once, every MoE expert resident, split over tensor-parallel GPUs;
+* KV cache: per layer and token from the attention layout (MHA, GQA, MQA, MLA),
+  sliding-window layers capped at their window, in the KV dtype;
+* activations: the prefill's peak working set (transformers) or vLLM's
+  profiling batch;
+* overhead: the CUDA context and libraries, cuBLAS workspace, the caching
+  allocator's slack, NCCL buffers under tensor parallelism.
+
+Every constant is named below and explained in docs/fit.md with where it came
+from (``benchmarks/bench_fit.py`` checks them against real H100 measurements).
+All results are frozen dataclasses holding integer bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from typing import Any
+
+from .errors import ModelConfigError, UsageError
+from .safetensors_check import DTYPE_BITS, TensorInfo
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# -- constants (docs/fit.md, "Constants") ------------------------------------------------
+
+#: Device memory a process holds once CUDA and PyTorch are initialised (measured on H100,
+#: CUDA 13, torch 2.11: ``cuda_context_bytes`` = 650,969,088 in the calibration file).
+CUDA_CONTEXT_BYTES = 621 * MiB
+#: cuBLAS/cuBLASLt handles and kernel modules loaded lazily on first use: NVML's figure
+#: minus the context minus PyTorch's reserved memory was 76-84 MiB on every calibration run.
+LIBRARY_BYTES = 82 * MiB
+#: cuBLAS workspace PyTorch allocates through its caching allocator (4 MiB x 8 on Hopper).
+CUBLAS_WORKSPACE_BYTES = 32 * MiB
+#: NCCL communicator buffers (and vLLM's custom all-reduce buffers) per GPU when TP > 1.
+COMMUNICATION_BYTES = 512 * MiB
+#: Slack of PyTorch's caching allocator over the bytes live at the peak, for the tensors
+#: transformers allocates while generating (KV cache grown by concatenation, prefill
+#: activations of changing sizes): reserved/allocated was 10-28% of KV + activations in
+#: the calibration runs; 20% keeps every run within the error targets.
+FRAGMENTATION_PERCENT = 20
+#: A verdict is "tight" when the estimate is within this share of the limit.
+TIGHT_PERCENT = 5
+#: Prefill working set per token, in activation elements: the MLP holds act(gate), up and
+#: their product (3 x intermediate) while the residual stream, the normed input, the
+#: attention output and the MLP output (4 x hidden) are alive.
+ACT_INTERMEDIATE_COPIES = 3
+ACT_HIDDEN_COPIES = 4
+
+# PyTorch caching allocator rules (c10/cuda/CUDACachingAllocator.cpp).
+_ALLOC_ROUND = 512
+_SMALL_SIZE = 1 * MiB
+_SMALL_SEGMENT = 2 * MiB
+_MID_LIMIT = 10 * MiB
+_MID_SEGMENT = 20 * MiB
+_LARGE_ROUND = 2 * MiB
+
+# vLLM defaults (engine args, V1 engine, OpenAI-compatible server).
+VLLM_GPU_MEMORY_UTILIZATION = "0.9"
+VLLM_MAX_NUM_BATCHED_TOKENS = 8192
+VLLM_MAX_NUM_SEQS = 256
+VLLM_BLOCK_SIZE = 16
+
+RUNTIMES = ("transformers", "vllm")
+KV_DTYPES = ("auto", "fp16", "bf16", "fp8", "fp32")
+VERDICTS = ("fits", "tight", "does_not_fit")
+
+_DTYPE_BYTES = {
+    "float32": 4, "fp32": 4, "float": 4, "f32": 4,
+    "float16": 2, "fp16": 2, "half": 2, "f16": 2,
+    "bfloat16": 2, "bf16": 2,
+    "float8": 1, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
+}
+_ST_FLOAT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float32"}
+_MAX_INT = 1 << 48
+_MAX_LAYERS = 100_000
+
+
+# -- the model, from config.json ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MLA:
+    """DeepSeek-style multi-head latent attention (config names kept)."""
+
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    qk_nope_head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
+class MoE:
+    """A mixture of experts: all experts are resident; ``top_k`` run per token."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate: int
+    shared_intermediate: int
+    has_dense_layers: bool
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimator needs from config.json (the text model's, for multimodal ones)."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_context: int
+    dtype: str  # the activation dtype: "bfloat16", "float16" or "float32"
+    layer_kinds: tuple[str, ...]  # per layer: "full", "sliding" or "none" (no per-token KV)
+    layer_windows: tuple[int, ...]  # per layer: the window of a sliding layer, else 0
+    tie_word_embeddings: bool = False
+    mla: MLA | None = None
+    moe: MoE | None = None
+    quantization: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def dtype_bytes(self) -> int:
+        return _DTYPE_BYTES[self.dtype]
+
+    @property
+    def attention(self) -> str:
+        """MHA, GQA, MQA or MLA: how the KV cache is laid out."""
+        if self.mla is not None:
+            return "MLA"
+        if self.num_kv_heads == 1 and self.num_heads > 1:
+            return "MQA"
+        return "MHA" if self.num_kv_heads == self.num_heads else "GQA"
+
+    def describe(self) -> str:
+        sliding = sum(1 for k in self.layer_kinds if k == "sliding")
+        none = sum(1 for k in self.layer_kinds if k == "none")
+        parts = [self.model_type or "model", f"{self.num_layers} layers", f"hidden {self.hidden_size}"]
+        if self.mla is not None:
+            parts.append(f"MLA (kv_lora_rank {self.mla.kv_lora_rank} + rope {self.mla.qk_rope_head_dim})")
+        else:
+            parts.append(f"{self.attention} {self.num_heads}/{self.num_kv_heads} heads x {self.head_dim}")
+        if sliding:
+            wins = sorted({w for w in self.layer_windows if w})
+            parts.append(f"{sliding} sliding-window layer(s) ({', '.join(map(str, wins))})")
+        if none:
+            parts.append(f"{none} layer(s) without KV cache")
+        if self.moe is not None:
+            parts.append(f"MoE {self.moe.num_experts} experts, {self.moe.top_k} active")
+        if self.quantization:
+            parts.append(f"quantized ({self.quantization})")
+        parts.append(self.dtype)
+        return ", ".join(parts)
+
+
+def _num(v: Any) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return None
+
+
+def _first(cfg: Mapping[str, Any], names: Iterable[str]) -> tuple[str, Any]:
+    for n in names:
+        v = cfg.get(n)
+        if v is not None:
+            return n, v
+    return "", None
+
+
+def _int(cfg: Mapping[str, Any], *names: str, default: int | None = None, minimum: int = 1) -> int:
+    """The first of ``names`` present, as a bounded integer; ``default`` when none is."""
+    key, v = _first(cfg, names)
+    if v is None:
+        if default is None:
+            raise ModelConfigError(f"config.json has no {names[0]}; cannot estimate memory", path="config.json")
+        return default
+    n = _num(v)
+    if n is None or not minimum <= n <= _MAX_INT:
+        raise ModelConfigError(f"config.json: {key} = {v!r} is not a usable integer", path="config.json")
+    return n
+
+
+def _opt_int(cfg: Mapping[str, Any], *names: str, minimum: int = 0) -> int | None:
+    key, v = _first(cfg, names)
+    if v is None:
+        return None
+    n = _num(v)
+    if n is None or not minimum <= n <= _MAX_INT:
+        raise ModelConfigError(f"config.json: {key} = {v!r} is not a usable integer", path="config.json")
+    return n
+
+
+_SUBCONFIGS = ("text_config", "llm_config", "language_config", "thinker_config")
+
+
+def text_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The language model's config: nested ``text_config`` (and kin) over the top level.
+
+    Multimodal checkpoints (Llava, Gemma 3, Qwen-VL, Mllama...) keep the decoder's
+    sizes in a sub-config; the top level still carries shared fields such as the
+    dtype, ``tie_word_embeddings`` or ``quantization_config``.
+    """
+    merged: dict[str, Any] = dict(config)
+    for _ in range(4):
+        sub = next((merged[k] for k in _SUBCONFIGS if isinstance(merged.get(k), dict)), None)
+        if sub is None:
+            break
+        outer = {k: v for k, v in merged.items() if k not in _SUBCONFIGS}
+        merged = {**outer, **{k: v for k, v in sub.items() if v is not None or k not in outer}}
+        if not any(isinstance(merged.get(k), dict) for k in _SUBCONFIGS):
+            break
+    return merged
+
+
+def _dtype_name(cfg: Mapping[str, Any], fallback: str | None) -> str:
+    _, v = _first(cfg, ("dtype", "torch_dtype"))
+    if isinstance(v, str):
+        name = v.lower().removeprefix("torch.")
+        if name in ("float32", "float", "fp32"):
+            return "float32"
+        if name in ("float16", "half", "fp16"):
+            return "float16"
+        if name in ("bfloat16", "bf16"):
+            return "bfloat16"
+    return fallback or "bfloat16"
+
+
+_SLIDING_PATTERN_DEFAULTS = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6, "cohere2": 4}
+_FULL_TYPES = {"full_attention", "attention", "full", "global", "global_attention", "hybrid"}
+
+
+def _layer_layout(cfg: Mapping[str, Any], n: int, model_type: str) -> tuple[tuple[str, ...], tuple[int, ...], list[str]]:
+    """Per layer: does it cache every token, a window of tokens, or none (mamba/linear)?"""
+    notes: list[str] = []
+    window = _opt_int(cfg, "sliding_window", minimum=0) if not isinstance(cfg.get("sliding_window"), list) else None
+    window = window or None
+    chunk = _opt_int(cfg, "attention_chunk_size", minimum=0) or None
+    kinds: list[str] = []
+    wins: list[int] = []
+
+    def add(kind: str, w: int | None = None) -> None:
+        if kind == "sliding" and not w:
+            kind = "full"
+        kinds.append(kind)
+        wins.append((w or 0) if kind == "sliding" else 0)
+
+    types = cfg.get("layer_types") or cfg.get("layers_block_type")
+    pattern = cfg.get("hybrid_override_pattern")
+    if isinstance(types, list) and len(types) == n and all(isinstance(t, str) for t in types):
+        for t in types:
+            t = t.lower()
+            if "chunk" in t:
+                add("sliding", chunk or window)
+            elif "sliding" in t or t in ("local", "local_attention"):
+                add("sliding", window)
+            elif t in _FULL_TYPES:
+                add("full")
+            else:
+                add("none")
+    elif isinstance(pattern, str) and len(pattern) == n:
+        for c in pattern:
+            add("full" if c == "*" else "none")
+    elif _opt_int(cfg, "attn_layer_period") and cfg.get("attn_layer_offset") is not None:
+        period = _int(cfg, "attn_layer_period")
+        offset = _int(cfg, "attn_layer_offset", minimum=0)
+        for i in range(n):
+            add("full" if i % period == offset else "none")
+    elif isinstance(cfg.get("sliding_window"), list) and len(cfg["sliding_window"]) == n:
+        for w in cfg["sliding_window"]:
+            wn = _num(w)
+            add("sliding", wn) if wn and wn > 0 else add("full")
+    elif isinstance(cfg.get("no_rope_layers"), list) and chunk and len(cfg["no_rope_layers"]) == n:
+        for flag in cfg["no_rope_layers"]:
+            add("sliding" if flag else "full", chunk)
+    elif cfg.get("use_sliding_window") is False or window is None:
+        for _ in range(n):
+            add("full")
+    elif cfg.get("use_sliding_window") is True and cfg.get("max_window_layers") is not None:
+        first = _int(cfg, "max_window_layers", minimum=0)
+        for i in range(n):
+            add("sliding" if i >= first else "full", window)
+    else:
+        every = _opt_int(cfg, "sliding_window_pattern") or _SLIDING_PATTERN_DEFAULTS.get(model_type)
+        for i in range(n):
+            add("sliding" if not every or (i + 1) % every else "full", window)
+    if any(k == "none" for k in kinds):
+        notes.append("layers without attention (mamba / linear attention) hold a fixed-size state per sequence that is not counted")
+    return tuple(kinds), tuple(wins), notes
+
+
+def _moe(cfg: Mapping[str, Any], model_type: str, intermediate: int) -> MoE | None:
+    experts = _opt_int(cfg, "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+    if not experts or experts < 2:
+        return None
+    top_k = _opt_int(cfg, "num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_top_k") or 2
+    expert_i = _opt_int(cfg, "moe_intermediate_size", "expert_intermediate_size") or intermediate
+    shared = _opt_int(cfg, "shared_expert_intermediate_size") or 0
+    n_shared = _opt_int(cfg, "n_shared_experts", "num_shared_experts") or 0
+    if not shared and n_shared:
+        shared = n_shared * expert_i
+    if not shared and model_type.startswith("llama4"):
+        shared = intermediate
+    mlp_only = cfg.get("mlp_only_layers")
+    dense = bool(
+        (_opt_int(cfg, "first_k_dense_replace") or 0) > 0
+        or (isinstance(mlp_only, list) and mlp_only)
+        or (_opt_int(cfg, "decoder_sparse_step") or 1) > 1
+        or (_opt_int(cfg, "interleave_moe_layer_step") or 1) > 1
+        or (_opt_int(cfg, "moe_layer_freq") or 1) > 1
+    )
+    return MoE(num_experts=experts, top_k=min(top_k, experts), expert_intermediate=expert_i,
+               shared_intermediate=shared, has_dense_layers=dense)
+
+
+def model_shape(config: Mapping[str, Any], *, weights_dtype: str | None = None) -> ModelShape:
+    """Read config.json (a parsed dict) into a ``ModelShape``; ``ModelConfigError`` when it cannot."""
+    if not isinstance(config, Mapping):
+        raise ModelConfigError("config.json is not a JSON object", path="config.json")
+    cfg = text_config(config)
+    model_type = cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else ""
+    assert isinstance(model_type, str)
+    hidden = _int(cfg, "hidden_size", "n_embd", "d_model", "dim")
+    layers = _int(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    if layers > _MAX_LAYERS:
+        raise ModelConfigError(f"config.json: {layers} layers is not plausible", path="config.json")
+    heads = _int(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads")
+    if cfg.get("multi_query") is True:
+        kv_heads = 1
+    else:
+        kv_heads = _int(cfg, "num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num", "n_kv_heads", default=heads)
+    head_dim = _opt_int(cfg, "head_dim", "kv_channels", minimum=1) or max(1, hidden // heads)
+    intermediate = _int(cfg, "intermediate_size", "ffn_hidden_size", "n_inner", "ffn_dim", default=4 * hidden)
+    vocab = _int(cfg, "vocab_size", "padded_vocab_size")
+    notes: list[str] = []
+    max_ctx = _opt_int(cfg, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "max_seq_len")
+    if not max_ctx:
+        max_ctx = 2048
+        notes.append("config.json gives no max_position_embeddings; assuming 2048 tokens")
+    kinds, wins, layout_notes = _layer_layout(cfg, layers, model_type)
+    notes += layout_notes
+    mla = None
+    if _opt_int(cfg, "kv_lora_rank"):
+        rope = _int(cfg, "qk_rope_head_dim")
+        nope = _int(cfg, "qk_nope_head_dim", default=head_dim)
+        mla = MLA(kv_lora_rank=_int(cfg, "kv_lora_rank"), qk_rope_head_dim=rope, qk_nope_head_dim=nope,
+                  v_head_dim=_int(cfg, "v_head_dim", default=nope))
+    moe = _moe(cfg, model_type, intermediate)
+    if moe is not None and _opt_int(cfg, "intermediate_size_mlp"):
+        intermediate = _int(cfg, "intermediate_size_mlp")
+    qc = cfg.get("quantization_config")
+    quant = None
+    if isinstance(qc, dict):
+        q = qc.get("quant_method") or qc.get("format") or "quantized"
+        quant = str(q)[:40]
+    tie = cfg.get("tie_word_embeddings")
+    return ModelShape(
+        model_type=model_type[:64], hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=min(kv_heads, heads),
+        head_dim=head_dim, intermediate_size=intermediate, vocab_size=vocab, max_context=max_ctx,
+        dtype=_dtype_name(cfg, weights_dtype), layer_kinds=kinds, layer_windows=wins,
+        tie_word_embeddings=bool(tie) if isinstance(tie, bool) else False, mla=mla, moe=moe, quantization=quant,
+        notes=tuple(notes),
+    )
+
+
+# -- the weights, from safetensors headers ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The tensors a runtime loads: duplicates and tied copies once, speculative-decoding layers out."""
+
+    tensors: tuple[WeightTensor, ...]
+    skipped: tuple[str, ...] = ()
+    quantization: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(t.shape) for t in self.tensors)
+
+    def dtype_bytes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.dtype] = out.get(t.dtype, 0) + t.nbytes
+        return dict(sorted(out.items()))
+
+    @property
+    def float_dtype(self) -> str | None:
+        """The most common floating dtype by bytes (the activation dtype when config.json is silent)."""
+        best: tuple[int, str] | None = None
+        for dt, n in self.dtype_bytes().items():
+            if dt in _ST_FLOAT and (best is None or n > best[0]):
+                best = (n, _ST_FLOAT[dt])
+        return best[1] if best else None
+
+
+_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight", "embedding.weight")
+_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LM_PREFIXES = ("", "model", "model.language_model", "language_model.model", "language_model", "transformer", "model.decoder")
+
+
+def _quant_kind(tensors: Iterable[WeightTensor]) -> str | None:
+    names = set()
+    for t in tensors:
+        base = t.name.rsplit(".", 1)[-1]
+        if base in ("qweight", "qzeros", "g_idx"):
+            names.add("gptq/awq")
+        elif t.dtype.startswith("F8"):
+            names.add("fp8")
+        elif base in ("weight_packed", "weight_scale") and t.dtype in ("I32", "U8", "I8"):
+            names.add("compressed-tensors")
+        elif base.endswith("_blocks") and t.dtype == "U8":
+            names.add("mxfp4")
+        elif t.dtype in ("F4", "F6_E2M3", "F6_E3M2"):
+            names.add("fp4/fp6")
+    return ", ".join(sorted(names)) or None
+
+
+def collect_weights(tensors: Iterable[TensorInfo], *, shape: ModelShape | None = None, tie: bool | None = None) -> Weights:
+    """The resident weights from safetensors headers (exact bytes, as stored).
+
+    A name seen twice (shards that repeat a tensor) counts once; with
+    ``tie_word_embeddings`` an ``lm_head`` that repeats the embedding counts once;
+    decoder layers numbered past ``num_hidden_layers`` (DeepSeek-V3's
+    multi-token-prediction layer) are not loaded by the runtimes and are left out.
+    """
+    tie_embeddings = tie if tie is not None else (shape.tie_word_embeddings if shape is not None else False)
+    seen: dict[str, WeightTensor] = {}
+    skipped: list[str] = []
+    for t in tensors:
+        if t.name in seen:
+            continue
+        if shape is not None:
+            m = _LAYER_RE.search(t.name)
+            if m and t.name[: m.start()] in _LM_PREFIXES and int(m.group(1)) >= shape.num_layers:
+                skipped.append(t.name)
+                continue
+        seen[t.name] = WeightTensor(name=t.name, dtype=t.dtype, shape=tuple(t.shape), nbytes=t.nbytes)
+    if tie_embeddings:
+        embeds = [t for n, t in seen.items() if n.endswith(_EMBED_SUFFIXES)]
+        for n in [n for n in seen if n.endswith(_HEAD_SUFFIXES)]:
+            head = seen[n]
+            if any(e.shape == head.shape and e.dtype == head.dtype for e in embeds):
+                del seen[n]
+                skipped.append(n)
+    tensors_out = tuple(seen.values())
+    return Weights(tensors=tensors_out, skipped=tuple(skipped), quantization=_quant_kind(tensors_out))
+
+
+def tensor_infos_from_header(header: Mapping[str, Any]) -> list[TensorInfo]:
+    """TensorInfo list from a ``{name: [dtype, shape]}`` summary (torch or safetensors dtype names).
+
+    Used for the calibration file and tests: offsets are synthetic but contiguous.
+    """
+    torch_to_st = {
+        "bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64", "int8": "I8", "uint8": "U8",
+        "int16": "I16", "int32": "I32", "int64": "I64", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    }
+    out: list[TensorInfo] = []
+    pos = 0
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        if isinstance(spec, dict):
+            dt, shp = spec.get("dtype"), spec.get("shape")
+        else:
+            dt, shp = spec[0], spec[1]
+        dts = torch_to_st.get(str(dt), str(dt))
+        if dts not in DTYPE_BITS or not isinstance(shp, list):
+            raise ModelConfigError(f"tensor {name!r}: unknown dtype {dt!r} or shape {shp!r}")
+        n = (math.prod(shp) * DTYPE_BITS[dts] + 7) // 8
+        out.append(TensorInfo(name=name, dtype=dts, shape=tuple(shp), begin=pos, end=pos + n))
+        pos += n
+    return out
+
+
+def _is_kv_proj(name: str) -> bool:
+    return bool(re.search(r"\.(k_proj|v_proj|key|value|wk|wv)\.", name + ".")) and "kv_a_proj" not in name and "kv_b_proj" not in name
+
+
+def _is_fused_qkv(name: str) -> bool:
+    return bool(re.search(r"\.(qkv_proj|query_key_value|c_attn|Wqkv|W_pack)\.", name + "."))
+
+
+def _is_replicated(name: str, t: WeightTensor, shape: ModelShape) -> bool:
+    if len(t.shape) <= 1:
+        return True  # norms and biases: small, kept whole on every GPU
+    if any(s in name for s in ("kv_a_proj_with_mqa", "q_a_proj", "kv_a_layernorm", "q_a_layernorm")):
+        return True  # MLA's down-projections are replicated (vLLM ReplicatedLinear)
+    # MoE router: tiny, replicated
+    return shape.moe is not None and bool(re.search(r"\.(gate|router)\.(weight|bias)$", name))
+
+
+def tensor_share(t: WeightTensor, shape: ModelShape, tp: int) -> Fraction:
+    """The share of one tensor the busiest GPU holds under tensor parallelism of ``tp``."""
+    if tp <= 1:
+        return Fraction(1)
+    name = t.name
+    if _is_replicated(name, t, shape):
+        return Fraction(1)
+    kvh = shape.num_kv_heads
+    kv_local = -(-kvh // tp)
+    if _is_kv_proj(name):
+        return Fraction(kv_local, kvh)
+    if _is_fused_qkv(name):
+        nh = shape.num_heads
+        return Fraction(-(-nh // tp) + 2 * kv_local, nh + 2 * kvh)
+    return Fraction(1, tp)
+
+
+def weights_per_gpu(weights: Weights, shape: ModelShape, tp: int, *, halve_fp32: bool = False) -> list[int]:
+    """Bytes of each tensor on the busiest GPU (rounded up), in load order."""
+    out = []
+    for t in weights.tensors:
+        n = t.nbytes // 2 if halve_fp32 and t.dtype == "F32" and len(t.shape) > 1 else t.nbytes
+        share = tensor_share(t, shape, tp)
+        out.append(-(-(n * share.numerator) // share.denominator))
+    return out
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def allocator_slack(sizes: Iterable[int]) -> int:
+    """Bytes PyTorch's caching allocator reserves beyond ``sizes`` allocated once each.
+
+    Requests are rounded to 512 bytes; up to 1 MiB they share 2 MiB blocks; from
+    1 to 10 MiB they are carved best-fit from 20 MiB segments; larger ones get a
+    segment of their own rounded to 2 MiB.
+    """
+    small = 0
+    large = 0
+    free: list[int] = []  # sorted free space left in each 20 MiB segment
+    segments = 0
+    total = 0
+    for s in sizes:
+        total += s
+        r = _round_up(max(s, 1), _ALLOC_ROUND)
+        if r <= _SMALL_SIZE:
+            small += r
+        elif r < _MID_LIMIT:
+            i = bisect.bisect_left(free, r)
+            if i < len(free):
+                left = free.pop(i) - r
+            else:
+                segments += 1
+                left = _MID_SEGMENT - r
+            bisect.insort(free, left)
+        else:
+            large += _round_up(r, _LARGE_ROUND)
+    return _round_up(small, _SMALL_SEGMENT) + segments * _MID_SEGMENT + large - total
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def parse_utilization(value: str | float | Decimal) -> Decimal:
+    """``gpu_memory_utilization`` as an exact decimal in (0, 1]."""
+    try:
+        d = Decimal(str(value))
+    except InvalidOperation:
+        raise UsageError(f"gpu_memory_utilization {value!r} is not a number") from None
+    if not d.is_finite() or not 0 < d <= 1:
+        raise UsageError(f"gpu_memory_utilization must be in (0, 1], not {value}")
+    return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """How the model will run. ``context`` is tokens per sequence (prompt + new tokens); None = the model's maximum."""
+
+    runtime: str = "vllm"
+    context: int | None = None
+    batch: int = 1
+    new_tokens: int = 256
+    kv_dtype: str = "auto"
+    tensor_parallel: int = 1
+    gpu_memory_utilization: str = VLLM_GPU_MEMORY_UTILIZATION
+    max_num_batched_tokens: int = VLLM_MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: int = VLLM_MAX_NUM_SEQS
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise UsageError(f"unknown runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        if self.kv_dtype.lower() not in _DTYPE_BYTES and self.kv_dtype.lower() != "auto":
+            raise UsageError(f"unknown KV cache dtype {self.kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+        for name in ("batch", "tensor_parallel", "max_num_batched_tokens", "max_num_seqs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 24:
+                raise UsageError(f"{name.replace('_', ' ')} must be a positive integer, not {v!r}")
+        if self.context is not None and (isinstance(self.context, bool) or not 1 <= self.context <= 1 << 32):
+            raise UsageError(f"context must be a positive number of tokens, not {self.context!r}")
+        if isinstance(self.new_tokens, bool) or not 0 <= self.new_tokens <= 1 << 32:
+            raise UsageError(f"new tokens must be a non-negative integer, not {self.new_tokens!r}")
+        parse_utilization(self.gpu_memory_utilization)
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Bytes on the busiest GPU, by kind; ``total`` is what the verdict compares."""
+
+    weights: int
+    kv_cache: int
+    activations: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.overhead
+
+    def to_json(self) -> dict[str, int]:
+        return {"weights": self.weights, "kv_cache": self.kv_cache, "activations": self.activations, "overhead": self.overhead}
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """What ``Breakdown.overhead`` is made of."""
+
+    cuda_context: int
+    libraries: int
+    workspace: int
+    allocator: int
+    communication: int
+
+    @property
+    def total(self) -> int:
+        return self.cuda_context + self.libraries + self.workspace + self.allocator + self.communication
+
+    def to_json(self) -> dict[str, int]:
+        return {"cuda_context": self.cuda_context, "libraries": self.libraries, "workspace": self.workspace,
+                "allocator": self.allocator, "communication": self.communication}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    runtime: str
+    context: int
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    tensor_parallel: int
+    kv_dtype: str
+    kv_bytes_per_token: int  # one token of one sequence on the busiest GPU, every KV layer, no window cap
+    breakdown: Breakdown
+    overhead: Overhead
+    notes: tuple[str, ...] = ()
+
+    @property
+    def per_gpu_bytes(self) -> int:
+        return self.breakdown.total
+
+
+def _kv_elem_bytes(shape: ModelShape, kv_dtype: str) -> tuple[str, int]:
+    name = kv_dtype.lower()
+    if name == "auto":
+        return shape.dtype, shape.dtype_bytes
+    return name, _DTYPE_BYTES[name]
+
+
+def kv_layer_token_bytes(shape: ModelShape, *, runtime: str, tp: int, kv_bytes: int) -> int:
+    """KV bytes one attention layer stores per token on the busiest GPU.
+
+    GQA/MHA/MQA: keys and values of the local KV heads; with fewer KV heads than
+    GPUs every GPU keeps one (replicated). MLA under vLLM: one latent of
+    ``kv_lora_rank + qk_rope_head_dim`` per token, the same on every GPU;
+    transformers expands it into per-head keys and values before caching.
+    """
+    if shape.mla is not None:
+        m = shape.mla
+        if runtime == "vllm":
+            return (m.kv_lora_rank + m.qk_rope_head_dim) * kv_bytes
+        heads = -(-shape.num_heads // tp)
+        return heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim) * kv_bytes
+    heads = -(-shape.num_kv_heads // tp)
+    return 2 * heads * shape.head_dim * kv_bytes
+
+
+def kv_sequence_bytes(shape: ModelShape, tokens: int, *, runtime: str, tp: int, kv_bytes: int) -> int:
+    """KV bytes of one sequence of ``tokens`` on the busiest GPU (sliding layers hold at most their window)."""
+    per = kv_layer_token_bytes(shape, runtime=runtime, tp=tp, kv_bytes=kv_bytes)
+    total = 0
+    for kind, win in zip(shape.layer_kinds, shape.layer_windows, strict=True):
+        if kind == "none":
+            continue
+        t = min(tokens, win) if kind == "sliding" else tokens
+        if runtime == "vllm":
+            t = _round_up(t, VLLM_BLOCK_SIZE)
+        total += t * per
+    return total
+
+
+def act_elements_per_token(shape: ModelShape, tp: int) -> int:
+    """Peak working set of one prefill token, in activation elements, on the busiest GPU.
+
+    The larger of the attention stage (q, k, v and the attention output, split
+    over GPUs) and the MLP stage (dense MLP: 3 x intermediate; MoE: each of the
+    top-k experts' 3 x intermediate plus its output, the shared expert, the
+    router's logits), plus 4 hidden-size tensors of the residual stream.
+    """
+    h = shape.hidden_size
+    base = ACT_HIDDEN_COPIES * h
+    if shape.mla is not None:
+        q = shape.num_heads * (shape.mla.qk_nope_head_dim + shape.mla.qk_rope_head_dim)
+        o = shape.num_heads * shape.mla.v_head_dim
+        kv = shape.num_heads * (shape.mla.qk_nope_head_dim + shape.mla.qk_rope_head_dim + shape.mla.v_head_dim)
+    else:
+        q = o = shape.num_heads * shape.head_dim
+        kv = 2 * shape.num_kv_heads * shape.head_dim
+    stages = [base + -(-(q + o + kv) // tp)]
+    moe = shape.moe
+    if moe is None or moe.has_dense_layers:
+        stages.append(base + ACT_INTERMEDIATE_COPIES * -(-shape.intermediate_size // tp))
+    if moe is not None:
+        per_expert = ACT_INTERMEDIATE_COPIES * -(-moe.expert_intermediate // tp) + h
+        shared = ACT_INTERMEDIATE_COPIES * -(-moe.shared_intermediate // tp)
+        stages.append(base + moe.top_k * per_expert + shared + 2 * moe.num_experts)
+    return max(stages)
+
+
+def _rope_bytes_per_token(shape: ModelShape) -> int:
+    """cos and sin of the rotary embedding, computed in float32 for every position."""
+    dim = shape.mla.qk_rope_head_dim if shape.mla is not None else shape.head_dim
+    return 2 * dim * 4
+
+
+class _Model:
+    """Everything that does not depend on the context length, computed once."""
+
+    def __init__(self, shape: ModelShape, weights: Weights, run: RunConfig) -> None:
+        self.shape = shape
+        self.run = run
+        tp = run.tensor_parallel
+        vllm = run.runtime == "vllm"
+        # vLLM loads float32 checkpoints in 16-bit; transformers keeps what is stored.
+        self.act_dtype = "bfloat16" if vllm and shape.dtype == "float32" else shape.dtype
+        self.act_bytes = _DTYPE_BYTES[self.act_dtype]
+        kv_name, kv_bytes = _kv_elem_bytes(replace(shape, dtype=self.act_dtype), run.kv_dtype)
+        self.kv_name = kv_name
+        self.kv_bytes = kv_bytes
+        sizes = weights_per_gpu(weights, shape, tp, halve_fp32=vllm and shape.dtype == "float32")
+        self.weights = sum(sizes)
+        # transformers places each checkpoint tensor on its own; vLLM fuses them into few large tensors.
+        self.weight_slack = 0 if vllm else allocator_slack(sizes)
+        self.act_per_token = act_elements_per_token(shape, tp) * self.act_bytes + _rope_bytes_per_token(shape)
+        self.kv_token = kv_layer_token_bytes(shape, runtime=run.runtime, tp=tp, kv_bytes=kv_bytes) * sum(
+            1 for k in shape.layer_kinds if k != "none"
+        )
+        self.communication = COMMUNICATION_BYTES if tp > 1 else 0
+        self.has_sliding = any(k == "sliding" for k in shape.layer_kinds)
+        self.min_window = min((w for w in shape.layer_windows if w), default=0)
+
+    def estimate(self, context: int) -> Estimate:
+        shape, run = self.shape, self.run
+        tp = run.tensor_parallel
+        kv_seq = kv_sequence_bytes(shape, context, runtime=run.runtime, tp=tp, kv_bytes=self.kv_bytes)
+        kv = run.batch * kv_seq
+        notes: list[str] = []
+        if run.runtime == "transformers":
+            prompt = max(1, context - run.new_tokens)
+            new = context - prompt
+            tokens = run.batch * prompt
+            act = tokens * self.act_per_token
+            act += run.batch * shape.vocab_size * (self.act_bytes + 4)  # last-token logits, then float32 scores
+            if self.has_sliding and prompt > self.min_window:
+                # SDPA cannot express a window through is_causal: transformers builds a boolean mask.
+                act += run.batch * prompt * prompt
+            dynamic = kv + act
+            allocator = self.weight_slack + dynamic * FRAGMENTATION_PERCENT // 100
+            overhead = Overhead(cuda_context=CUDA_CONTEXT_BYTES, libraries=LIBRARY_BYTES, workspace=CUBLAS_WORKSPACE_BYTES,
+                                allocator=allocator, communication=self.communication)
+        else:
+            prompt, new = context, 0
+            tokens = run.max_num_batched_tokens
+            act = tokens * self.act_per_token
+            act += 2 * run.max_num_seqs * shape.vocab_size * 4  # the sampler's float32 logits and probabilities
+            # vLLM's budget (gpu_memory_utilization x total) is counted from a snapshot taken after CUDA
+            # started: the context lives outside it, in the headroom, with the CUDA graphs.
+            overhead = Overhead(cuda_context=0, libraries=LIBRARY_BYTES, workspace=CUBLAS_WORKSPACE_BYTES,
+                                allocator=self.weight_slack, communication=self.communication)
+        if context > shape.max_context:
+            notes.append(f"context {context} is beyond the model's max_position_embeddings ({shape.max_context})")
+        return Estimate(
+            runtime=run.runtime, context=context, batch=run.batch, prompt_tokens=prompt, new_tokens=new,
+            tensor_parallel=tp, kv_dtype=self.kv_name, kv_bytes_per_token=self.kv_token,
+            breakdown=Breakdown(weights=self.weights, kv_cache=kv, activations=act, overhead=overhead.total),
+            overhead=overhead, notes=tuple(notes),
+        )
+
+
+def estimate(shape: ModelShape, weights: Weights, run: RunConfig) -> Estimate:
+    """Bytes on the busiest GPU for ``run`` (at ``run.context``, or the model's maximum)."""
+    return _Model(shape, weights, run).estimate(run.context or shape.max_context)
+
+
+# -- the verdict ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuBudget:
+    """The GPUs to fit on, as numbers: per-GPU total memory CUDA sees, and what is free now if known."""
+
+    name: str
+    count: int
+    memory_bytes: int
+    free_bytes: int | None = None
+    source: str = "catalog"
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.memory_bytes < 1:
+            raise UsageError(f"GPU {self.name}: count and memory must be positive")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    estimate: Estimate
+    gpu: GpuBudget
+    limit_bytes: int  # what the run may use on each GPU
+    verdict: str
+    max_context: int  # the longest context (tokens per sequence) with total <= limit; 0 if none
+    model_max_context: int
+    kv_pool_bytes: int = 0  # vLLM: what is left for the KV cache per GPU
+    kv_token_capacity: int = 0  # vLLM: tokens the pool holds at full-length sequences
+    max_concurrency: int = 0  # vLLM: full-length sequences the pool holds at once
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def per_gpu_bytes(self) -> int:
+        return self.estimate.per_gpu_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.limit_bytes - self.per_gpu_bytes
+
+
+def verdict_for(total: int, limit: int) -> str:
+    """fits; tight when within TIGHT_PERCENT of the limit; does_not_fit above it."""
+    if total > limit:
+        return "does_not_fit"
+    if total * 100 > limit * (100 - TIGHT_PERCENT):
+        return "tight"
+    return "fits"
+
+
+def fit(shape: ModelShape, weights: Weights, run: RunConfig, gpu: GpuBudget) -> FitResult:
+    """Estimate, compare with the GPUs, and search the longest context that fits."""
+    if run.tensor_parallel != gpu.count:
+        run = replace(run, tensor_parallel=gpu.count)
+    model = _Model(shape, weights, run)
+    context = run.context or shape.max_context
+    est = model.estimate(context)
+    notes = list(shape.notes) + list(est.notes)
+    util = parse_utilization(run.gpu_memory_utilization)
+    startup_ok = True
+    if run.runtime == "vllm":
+        limit = int(util * gpu.memory_bytes)
+        # vLLM starts only if, once its CUDA context exists, its whole budget is free.
+        free_after_context = (gpu.memory_bytes if gpu.free_bytes is None else gpu.free_bytes) - CUDA_CONTEXT_BYTES
+        if free_after_context < limit:
+            startup_ok = False
+            most = max(Decimal(0), Decimal(free_after_context) / Decimal(gpu.memory_bytes))
+            notes.append(
+                f"vLLM refuses to start: after its CUDA context {free_after_context / GiB:.2f} GiB would be free, less than "
+                f"gpu_memory_utilization {util} x {gpu.memory_bytes / GiB:.2f} GiB; at most "
+                f"{most.quantize(Decimal('0.01'), rounding='ROUND_DOWN')} would start"
+            )
+        if shape.num_heads % run.tensor_parallel:
+            notes.append(f"vLLM needs the GPU count to divide the {shape.num_heads} attention heads")
+    else:
+        limit = gpu.memory_bytes if gpu.free_bytes is None else min(gpu.memory_bytes, gpu.free_bytes)
+    verdict = verdict_for(est.per_gpu_bytes, limit) if startup_ok else "does_not_fit"
+
+    def fits_at(c: int) -> bool:
+        return model.estimate(c).per_gpu_bytes <= limit
+
+    hi = max(shape.max_context, 1)
+    if not startup_ok or not fits_at(1):
+        best = 0
+    elif fits_at(hi):
+        best = hi
+    else:
+        lo = 1  # fits_at(lo) is True, fits_at(hi) is False
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits_at(mid):
+                lo = mid
+            else:
+                hi = mid
+        best = lo
+
+    pool = capacity = concurrency = 0
+    if run.runtime == "vllm":
+        static = est.breakdown.weights + est.breakdown.activations + est.breakdown.overhead
+        pool = max(0, limit - static)
+        seq = kv_sequence_bytes(shape, context, runtime="vllm", tp=run.tensor_parallel, kv_bytes=model.kv_bytes)
+        if seq:
+            concurrency = pool // seq
+            capacity = pool * context // seq
+    if shape.num_kv_heads < run.tensor_parallel and shape.mla is None:
+        notes.append(f"{shape.num_kv_heads} KV head(s) over {run.tensor_parallel} GPUs: each GPU keeps a replicated copy")
+    return FitResult(
+        estimate=est, gpu=gpu, limit_bytes=limit, verdict=verdict, max_context=best, model_max_context=shape.max_context,
+        kv_pool_bytes=pool, kv_token_capacity=capacity, max_concurrency=concurrency, notes=tuple(dict.fromkeys(notes)),
+    )

@@ -1,0 +1,182 @@
+"""Whole estimates per runtime, verdicts, and the longest-context search, hand-computed.
+
+The small config of ``vram_fixtures.config()``: hidden 64, intermediate 128,
+2 layers, 4 heads / 2 KV heads of 16 dims, vocab 256, bf16, untied: 213,632
+bytes of weights, 256 bytes of KV per token.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from vram_fixtures import GiB, MiB, config, shape_and_weights
+
+from airpack.errors import UsageError
+from airpack.vram import (
+    COMMUNICATION_BYTES,
+    GpuBudget,
+    RunConfig,
+    estimate,
+    fit,
+    verdict_for,
+)
+
+WEIGHTS = 2 * 256 * 64 * 2 + 2 * (2 * 64 * 64 * 2 + 2 * 32 * 64 * 2 + 3 * 128 * 64 * 2 + 2 * 64 * 2) + 64 * 2
+KV_PER_TOKEN = 2 * 2 * 2 * 16 * 2
+# per prefill token: max(attention 4x64 + 3x64, MLP 4x64 + 3x128) = 640 elements x 2 bytes, + rope cos/sin 2 x 16 x 4 bytes
+ACT_PER_TOKEN = 640 * 2 + 2 * 16 * 4
+FIXED = (621 + 82 + 32) * MiB  # CUDA context + libraries + cuBLAS workspace
+VLLM_FIXED = (82 + 32) * MiB  # vLLM counts its budget after CUDA started: the context is not in it
+
+
+def test_hand_computed_transformers_estimate() -> None:
+    shape, weights = shape_and_weights(config())
+    assert weights.total_bytes == WEIGHTS == 213_632
+    est = estimate(shape, weights, RunConfig(runtime="transformers", context=1040, batch=2, new_tokens=16))
+    b = est.breakdown
+    assert b.weights == 213_632
+    assert b.kv_cache == 2 * 1040 * KV_PER_TOKEN == 532_480
+    logits = 2 * 256 * (2 + 4)  # last-token logits in bf16, then float32 scores
+    assert b.activations == 2 * 1024 * ACT_PER_TOKEN + logits == 2_886_656
+    # every tensor is under 1 MiB: 512-byte blocks in one 2 MiB segment
+    slack = 2 * MiB - 213_632
+    assert est.overhead.allocator == slack + (532_480 + 2_886_656) * 20 // 100
+    assert b.overhead == FIXED + est.overhead.allocator
+    assert est.per_gpu_bytes == b.weights + b.kv_cache + b.activations + b.overhead
+
+
+def test_hand_computed_vllm_estimate_and_kv_pool() -> None:
+    shape, weights = shape_and_weights(config())
+    gpu = GpuBudget(name="test", count=1, memory_bytes=10 * GiB)
+    r = fit(shape, weights, RunConfig(runtime="vllm", context=1024), gpu)
+    b = r.estimate.breakdown
+    assert b.kv_cache == 1024 * KV_PER_TOKEN
+    assert b.activations == 8192 * ACT_PER_TOKEN + 2 * 256 * 256 * 4  # profile batch + sampler logits/probs
+    assert b.overhead == VLLM_FIXED and r.estimate.overhead.cuda_context == 0
+    assert r.limit_bytes == 9_663_676_416  # 0.9 x 10 GiB, exactly
+    pool = r.limit_bytes - (b.weights + b.activations + b.overhead)
+    assert r.kv_pool_bytes == pool
+    assert r.kv_token_capacity == pool // KV_PER_TOKEN
+    assert r.max_concurrency == pool // (1024 * KV_PER_TOKEN)
+    assert r.verdict == "fits"
+
+
+def test_utilization_sets_the_vllm_limit_exactly() -> None:
+    shape, weights = shape_and_weights(config())
+    r = fit(shape, weights, RunConfig(runtime="vllm", gpu_memory_utilization="0.5"), GpuBudget(name="t", count=1, memory_bytes=1000 * MiB))
+    assert r.limit_bytes == 500 * MiB
+
+
+def test_sliding_window_mask_is_counted_for_transformers_prefill() -> None:
+    full_shape, w = shape_and_weights(config())
+    slide_shape, _ = shape_and_weights(config(sliding_window=64))
+    run = RunConfig(runtime="transformers", context=1024 + 16, new_tokens=16, batch=2)
+    a_full = estimate(full_shape, w, run).breakdown.activations
+    a_slide = estimate(slide_shape, w, run).breakdown.activations
+    assert a_slide - a_full == 2 * 1024 * 1024  # a boolean batch x prompt x prompt mask
+
+
+def test_tensor_parallel_adds_communication_buffers() -> None:
+    shape, weights = shape_and_weights(config())
+    one = estimate(shape, weights, RunConfig(runtime="vllm", context=64))
+    two = estimate(shape, weights, RunConfig(runtime="vllm", context=64, tensor_parallel=2))
+    assert one.overhead.communication == 0 and two.overhead.communication == COMMUNICATION_BYTES
+
+
+def test_fit_uses_the_gpu_count_as_tensor_parallel_size() -> None:
+    shape, weights = shape_and_weights(config())
+    r = fit(shape, weights, RunConfig(runtime="vllm", context=64), GpuBudget(name="t", count=2, memory_bytes=80 * GiB))
+    assert r.estimate.tensor_parallel == 2
+    assert r.estimate.breakdown.kv_cache == 64 * KV_PER_TOKEN // 2
+
+
+# -- verdicts ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("total", "verdict"), [(50, "fits"), (95, "fits"), (96, "tight"), (100, "tight"), (101, "does_not_fit")])
+def test_verdict_bands(total: int, verdict: str) -> None:
+    assert verdict_for(total, 100) == verdict
+
+
+def test_transformers_limit_is_free_memory_when_known() -> None:
+    shape, weights = shape_and_weights(config())
+    gpu = GpuBudget(name="t", count=1, memory_bytes=80 * GiB, free_bytes=700 * MiB, source="nvml")
+    r = fit(shape, weights, RunConfig(runtime="transformers", context=64), gpu)
+    assert r.limit_bytes == 700 * MiB
+    assert r.verdict == "does_not_fit"  # 735 MiB of context and libraries alone
+
+
+def test_vllm_refuses_to_start_when_less_than_its_share_is_free() -> None:
+    shape, weights = shape_and_weights(config())
+    gpu = GpuBudget(name="t", count=1, memory_bytes=80 * GiB, free_bytes=40 * GiB, source="nvml")
+    r = fit(shape, weights, RunConfig(runtime="vllm", context=64), gpu)
+    assert r.verdict == "does_not_fit" and r.max_context == 0
+    # (40 GiB free - 621 MiB of CUDA context) / 80 GiB, rounded down: the highest utilization that starts
+    assert any("at most 0.49" in n for n in r.notes)
+
+
+def test_vllm_needs_room_for_its_context_beside_its_budget() -> None:
+    shape, weights = shape_and_weights(config())
+    run = RunConfig(runtime="vllm", context=64)
+    small = fit(shape, weights, run, GpuBudget(name="t", count=1, memory_bytes=6 * GiB))
+    assert small.verdict == "does_not_fit" and small.max_context == 0  # 6 GiB - 621 MiB < 0.9 x 6 GiB
+    big = fit(shape, weights, run, GpuBudget(name="t", count=1, memory_bytes=7 * GiB))
+    assert big.verdict == "fits" and big.max_context == 4096
+
+
+def test_weights_alone_too_big_fit_no_context() -> None:
+    shape, weights = shape_and_weights(config())
+    r = fit(shape, weights, RunConfig(runtime="transformers"), GpuBudget(name="t", count=1, memory_bytes=600 * MiB))
+    assert (r.verdict, r.max_context) == ("does_not_fit", 0)
+
+
+def test_whole_model_context_fits_on_a_big_gpu() -> None:
+    shape, weights = shape_and_weights(config())
+    r = fit(shape, weights, RunConfig(runtime="transformers"), GpuBudget(name="t", count=1, memory_bytes=80 * GiB))
+    assert r.verdict == "fits"
+    assert r.max_context == shape.max_context == 4096
+    assert r.estimate.context == 4096  # no --context: the model's maximum
+
+
+@settings(max_examples=60, deadline=None)
+@given(mem_mib=st.integers(min_value=736, max_value=5000), runtime=st.sampled_from(["transformers", "vllm"]),
+       batch=st.integers(min_value=1, max_value=64), window=st.sampled_from([None, 100]))
+def test_max_context_is_the_longest_that_fits(mem_mib: int, runtime: str, batch: int, window: int | None) -> None:
+    cfg = config(sliding_window=window, num_hidden_layers=4, sliding_window_pattern=2, max_position_embeddings=65536)
+    shape, weights = shape_and_weights(cfg)
+    gpu = GpuBudget(name="t", count=1, memory_bytes=mem_mib * MiB)
+    run = RunConfig(runtime=runtime, batch=batch, new_tokens=16, gpu_memory_utilization="0.5")
+
+    def total(context: int) -> int:
+        return estimate(shape, weights, RunConfig(runtime=runtime, batch=batch, new_tokens=16, context=context)).per_gpu_bytes
+
+    r = fit(shape, weights, run, gpu)
+    if r.max_context == 0:
+        assert total(1) > r.limit_bytes or any("refuses to start" in n for n in r.notes)
+        return
+    assert total(r.max_context) <= r.limit_bytes
+    if r.max_context < shape.max_context:
+        assert total(r.max_context + 1) > r.limit_bytes
+    assert (r.verdict == "does_not_fit") == (r.max_context < shape.max_context)
+
+
+# -- bad run settings are usage errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"runtime": "llamacpp"},
+        {"batch": 0},
+        {"context": 0},
+        {"new_tokens": -1},
+        {"gpu_memory_utilization": "1.5"},
+        {"gpu_memory_utilization": "nan"},
+        {"gpu_memory_utilization": "lots"},
+        {"tensor_parallel": 0},
+    ],
+)
+def test_bad_run_config(kw: dict) -> None:
+    with pytest.raises(UsageError):
+        RunConfig(**kw)
