@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from factories import make_model  # noqa: E402
+from hubserver import serve  # noqa: E402
 
 OUT = REPO / "demo-out"
 AIRPACK = str(Path(sys.executable).parent / "airpack")
@@ -43,22 +44,29 @@ def run(*args: str | os.PathLike[str], expect: int = 0, env: dict[str, str] | No
 def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir()
-    step("online side: a tiny model, two signing keys, a reviewed spec")
-    make_model(OUT / "models" / "tiny-llama", shards=2)
-    (OUT / "spec.toml").write_text(
-        "[bundle]\n"
-        'name = "tiny-llama"\nchannel = "tiny-llama"\nsequence = 1\n\n'
-        "[[models]]\n"
-        'repo_id = "demo/tiny-llama"\npath = "models/tiny-llama"\nlicense = "apache-2.0"\n\n'
-        "[[targets]]\n"
-        'gpu = "L4"\ncount = 1\ncontext = 2048\nruntime = "transformers"\n'
-    )
-    run("keygen", "packer", "--dir", OUT / "keys")
-    run("keygen", "officer", "--dir", OUT / "keys", "--algorithm", "ecdsa-p256")
-    run("pack", OUT / "spec.toml", "--out", OUT / "bundle", "--key", OUT / "keys" / "packer.key")
+    step("online side: a local Hub-compatible server holding a tiny model, two signing keys, a reviewed spec")
+    make_model(OUT / "upstream" / "tiny-llama", shards=2)
+    hub = serve({"demo/tiny-llama": OUT / "upstream" / "tiny-llama"}, token=None)
+    print(f"  Hub-compatible server at {hub.url} (127.0.0.1 only; the real huggingface_hub client talks to it)")
+    try:
+        (OUT / "spec.toml").write_text(
+            "[bundle]\n"
+            'name = "tiny-llama"\nchannel = "tiny-llama"\nsequence = 1\n\n'
+            "[[models]]\n"
+            'repo_id = "demo/tiny-llama"\nrevision = "v1.0"\n\n'
+            "[[targets]]\n"
+            'gpu = "L4"\ncount = 1\ncontext = 2048\nruntime = "vllm"\n'
+        )
+        run("keygen", "packer", "--dir", OUT / "keys")
+        run("keygen", "officer", "--dir", OUT / "keys", "--algorithm", "ecdsa-p256")
+        run("pack", OUT / "spec.toml", "--out", OUT / "bundle", "--dry-run", "--endpoint", hub.url)
+        run("pack", OUT / "spec.toml", "--out", OUT / "bundle", "--key", OUT / "keys" / "packer.key", "--endpoint", hub.url)
+    finally:
+        hub.stop()
 
     step("transfer station: the security officer co-signs after checking every byte")
     run("sign", OUT / "bundle", "--key", OUT / "keys" / "officer.key")
+    run("sbom", OUT / "bundle", "--out", OUT / "tiny-llama.cdx.json")
 
     step("offline host: its own trust policy (two distinct signers required), then verify")
     run("trust", "init", OUT / "trust.json", "--threshold", "2")
@@ -74,6 +82,45 @@ def main() -> None:
     weights.write_bytes(bytes(data))
     (OUT / "tampered" / "models" / "demo--tiny-llama" / "evil.py").write_text("import os\n")
     run("verify", OUT / "tampered", "--trust", OUT / "trust.json", expect=3)
+
+    step("does it fit? (the estimate recorded at pack time, then on other GPUs)")
+    run("inspect", OUT / "bundle")
+    run("fit", OUT / "bundle", "--gpu", "L4", "--context", "2048")
+    run("fit", OUT / "bundle", "--gpu", "600MiB", "--runtime", "transformers", expect=5)
+
+    step("transfer station: export to 64 KiB parts with 2 parity parts and a signed parts index")
+    (OUT / "media").mkdir()
+    run("export", OUT / "bundle", "--tar", OUT / "media" / "tiny-llama.tar", "--split", "64KiB", "--parity", "2",
+        "--trust", OUT / "trust.json", "--key", OUT / "keys" / "officer.key")
+    run("verify", "--parts", OUT / "media", "--trust", OUT / "trust.json")
+
+    step("offline host: a part is lost on the way; repair rebuilds it from parity, then install from the parts")
+    (OUT / "media" / "tiny-llama.tar.part0002").unlink()
+    run("verify", OUT / "media", "--trust", OUT / "trust.json", expect=3)
+    run("repair", OUT / "media", "--trust", OUT / "trust.json")
+    reg = OUT / "registry"
+    run("install", OUT / "media", "--registry", reg, "--trust", OUT / "trust.json", "--gpu", "L4")
+    run("install", OUT / "bundle", "--registry", reg, "--trust", OUT / "trust.json", "--gpu", "L4")
+
+    step("offline host: what is installed, how to load it, and the install log")
+    run("list", "--registry", reg)
+    run("show", "demo/tiny-llama", "--registry", reg)
+    run("log", "verify", "--registry", reg)
+
+    step("load the model with the real huggingface_hub client and no network")
+    code = (
+        "import os; from huggingface_hub import snapshot_download; "
+        "p = snapshot_download('demo/tiny-llama', revision='v1.0'); print(p); print(sorted(os.listdir(p)))"
+    )
+    print("$ HF_HUB_CACHE=registry/hub HF_HUB_OFFLINE=1 python -c \"from huggingface_hub import snapshot_download; ...\"", flush=True)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=OUT, text=True, capture_output=True,
+        env={**os.environ, "HF_HUB_CACHE": str(reg / "hub"), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"},
+    )
+    for line in (r.stdout + r.stderr).rstrip().splitlines():
+        print(f"  {os.path.relpath(line, OUT) if line.startswith(str(OUT)) else line}")
+    if r.returncode != 0:
+        sys.exit("demo failed: the installed model did not load offline")
 
     print("\ndemo finished: everything above ran for real; files are in demo-out/")
 
