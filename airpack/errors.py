@@ -63,6 +63,24 @@ class PolicyError(UsageError):
     default_hint = "Check the trust policy file; `airpack trust list POLICY` shows it."
 
 
+class ModelConfigError(UsageError):
+    """config.json or the weight files do not describe a model the VRAM estimator understands."""
+
+    default_hint = "`airpack fit` needs a config.json and safetensors weights; see docs/fit.md for what it reads."
+
+
+class GpuSpecError(UsageError):
+    """A --gpu value (or a spec target) that names no known GPU or size."""
+
+    default_hint = "Give a GPU name like H100-80GB:2, a size like 24GiB:1, or see docs/fit.md for the catalog."
+
+
+class NoGpuError(UsageError):
+    """No GPU could be detected on this host (no NVML library, no driver, or no device)."""
+
+    default_hint = "Pass --gpu NAME[:COUNT] (e.g. --gpu H100-80GB:2) to estimate for a GPU that is not here."
+
+
 # -- 3: integrity ----------------------------------------------------------------
 
 
@@ -174,6 +192,39 @@ class BundleMismatchError(IntegrityError):
         return out
 
 
+class AuditLogError(IntegrityError):
+    """The audit log's hash chain is broken; ``line`` is the first bad line (1-based)."""
+
+    default_hint = "The audit log was edited, truncated or reordered; keep the file as evidence and investigate."
+
+    def __init__(self, message: str, *, line: int, path: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, path=path, hint=hint)
+        self.line = line
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        out["line"] = self.line
+        return out
+
+
+class PartsError(IntegrityError):
+    """Parts of a split export that are missing, damaged, or belong to another export; named one by one."""
+
+    default_hint = "Run `airpack repair DIR` if the export has enough parity parts; otherwise copy the named parts again."
+
+    def __init__(self, message: str, *, missing: tuple[str, ...] = (), bad: tuple[tuple[str, str], ...] = (),
+                 path: str | None = None, hint: str | None = None) -> None:
+        first = (missing or tuple(b[0] for b in bad) or (None,))[0]
+        super().__init__(message, path=path or first, hint=hint)
+        self.missing = missing
+        self.bad = bad
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        out["parts"] = {"missing": list(self.missing), "bad": [{"name": n, "reason": r} for n, r in self.bad]}
+        return out
+
+
 # -- 4: trust --------------------------------------------------------------------
 
 
@@ -198,6 +249,18 @@ class ExpiredError(TrustError):
 
 class RollbackError(TrustError):
     default_hint = "Install a bundle with a higher sequence, or use `airpack rollback` to go back on purpose."
+
+
+class SequenceJumpError(TrustError):
+    """A sequence far beyond the channel's highest installed one (a leaked key jumping to the end)."""
+
+    default_hint = "Ask the packer why the sequence jumped; a channel may grow by at most 1,000,000 per install."
+
+
+class ArtifactMismatchError(TrustError):
+    """An OCI artifact whose envelope signs another manifest than the one the artifact carries."""
+
+    default_hint = "The registry's copy was altered or mixed with another bundle; push it again from the entry host and pin nodes to its digest."
 
 
 # -- 5: fit ----------------------------------------------------------------------
@@ -227,6 +290,12 @@ class NotInstalledError(RegistryError):
 
 class ConflictError(RegistryError):
     pass
+
+
+class UnsafeRegistryError(RegistryError):
+    """A link or odd file planted where the registry would write."""
+
+    default_hint = "Someone changed the registry by hand; inspect the named path, remove it, then retry."
 
 
 # -- 7: fetch --------------------------------------------------------------------
@@ -260,84 +329,3 @@ class DiskSpaceError(ResourceError):
 
 class AccessDeniedError(ResourceError):
     default_hint = "Check the permissions of the folder airpack writes to."
-
-
-# -- registry (install) additions -------------------------------------------------
-
-
-class SequenceJumpError(TrustError):
-    """A sequence far beyond the channel's highest installed one (a leaked key jumping to the end)."""
-
-    default_hint = "Ask the packer why the sequence jumped; a channel may grow by at most 1,000,000 per install."
-
-
-class UnsafeRegistryError(RegistryError):
-    """A link or odd file planted where the registry would write."""
-
-    default_hint = "Someone changed the registry by hand; inspect the named path, remove it, then retry."
-
-
-class AuditLogError(IntegrityError):
-    """The audit log's hash chain is broken; ``line`` is the first bad line (1-based)."""
-
-    default_hint = "The audit log was edited, truncated or reordered; keep the file as evidence and investigate."
-
-    def __init__(self, message: str, *, line: int, path: str | None = None, hint: str | None = None) -> None:
-        super().__init__(message, path=path, hint=hint)
-        self.line = line
-
-    def to_json(self) -> dict[str, Any]:
-        out = super().to_json()
-        out["line"] = self.line
-        return out
-
-
-# -- OCI transport (appended) -------------------------------------------------------------
-
-
-class ArtifactMismatchError(TrustError):
-    """An OCI artifact whose envelope signs another manifest than the one the artifact carries."""
-
-    default_hint = "The registry's copy was altered or mixed with another bundle; push it again from the entry host and pin nodes to its digest."
-
-
-# -- fit: configuration (2) -------------------------------------------------------
-
-
-class ModelConfigError(UsageError):
-    """config.json or the weight files do not describe a model the VRAM estimator understands."""
-
-    default_hint = "`airpack fit` needs a config.json and safetensors weights; see docs/fit.md for what it reads."
-
-
-class GpuSpecError(UsageError):
-    """A --gpu value (or a spec target) that names no known GPU or size."""
-
-    default_hint = "Give a GPU name like H100-80GB:2, a size like 24GiB:1, or see docs/fit.md for the catalog."
-
-
-class NoGpuError(UsageError):
-    """No GPU could be detected on this host (no NVML library, no driver, or no device)."""
-
-    default_hint = "Pass --gpu NAME[:COUNT] (e.g. --gpu H100-80GB:2) to estimate for a GPU that is not here."
-
-
-# -- transfer: tar parts (appended) ------------------------------------------------------
-
-
-class PartsError(IntegrityError):
-    """Parts of a split export that are missing, damaged, or belong to another export; named one by one."""
-
-    default_hint = "Run `airpack repair DIR` if the export has enough parity parts; otherwise copy the named parts again."
-
-    def __init__(self, message: str, *, missing: tuple[str, ...] = (), bad: tuple[tuple[str, str], ...] = (),
-                 path: str | None = None, hint: str | None = None) -> None:
-        first = (missing or tuple(b[0] for b in bad) or (None,))[0]
-        super().__init__(message, path=path or first, hint=hint)
-        self.missing = missing
-        self.bad = bad
-
-    def to_json(self) -> dict[str, Any]:
-        out = super().to_json()
-        out["parts"] = {"missing": list(self.missing), "bad": [{"name": n, "reason": r} for n, r in self.bad]}
-        return out

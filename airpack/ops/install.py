@@ -50,7 +50,7 @@ from ..errors import (
     SequenceJumpError,
     UsageError,
 )
-from ..hashing import FileDigest, copy_and_hash, hash_file, parallel_map
+from ..hashing import FileDigest, copy_and_hash, hash_fd, hash_file, parallel_map
 from ..manifest import FileEntry, Manifest
 from ..progress import NULL_PROGRESS, Progress
 from ..registry import (
@@ -75,6 +75,7 @@ from ..registry import (
 )
 from ..safetensors_check import read_header
 from ..trust import TrustPolicy
+from .fit import check_bundle_fit
 from .verify import VerifiedBundle, check_content_policy, check_safetensors, check_tree, verify_payload
 
 SPACE_MARGIN = 64 << 20  # keep this much free beyond the bytes to copy
@@ -168,14 +169,8 @@ def verify_for_install(bundle_path: Path, policy: TrustPolicy, *, now: dt.dateti
     return VerifiedBundle(root=bundle.root, manifest=manifest, signers=verified.signers, payload=verified.payload, safetensors=headers)
 
 
-def run_fit(vb: VerifiedBundle, opts: InstallOptions) -> list[dict[str, Any]] | None:
-    """The VRAM fit check (raises FitError unless ignored); None where the fit module is not there."""
-    try:
-        from .fit import check_bundle_fit  # type: ignore[import-not-found,unused-ignore]
-    except ModuleNotFoundError as e:
-        if e.name == f"{__package__}.fit":
-            return None
-        raise
+def run_fit(vb: VerifiedBundle, opts: InstallOptions) -> list[dict[str, Any]]:
+    """The VRAM fit check: raises FitError unless ``--ignore-fit``; [] when no GPU is given or detected."""
     reports: list[dict[str, Any]] = check_bundle_fit(vb, gpu=opts.gpu, context=opts.context, runtime=opts.runtime, ignore=opts.ignore_fit)
     return reports
 
@@ -363,8 +358,11 @@ def stage_files(txn: Txn, vb: VerifiedBundle, plan: _Plan, *, workers: int | Non
     root = BundleDir(vb.root)
     to_copy = [r for r in plan.reads.values() if r.live is None]
     copy_bytes = sum(r.source.size for r in to_copy)
+    # A tar, parts or OCI install first spools the files into a private folder of this registry
+    # (hashed as they were written); those files are moved into staging, not copied again.
+    adopt = vb.root.resolve().is_relative_to(txn.reg.root.resolve())
     free = _free_bytes(txn.stage)
-    if copy_bytes + SPACE_MARGIN > free:
+    if (0 if adopt else copy_bytes) + SPACE_MARGIN > free:
         raise DiskSpaceError(
             f"registry {txn.reg.root} has {free:,} bytes free; installing {vb.manifest.name} needs {copy_bytes + SPACE_MARGIN:,}",
             path=str(txn.reg.root), hint="Free space on the registry's filesystem, or remove models you no longer need.",
@@ -372,7 +370,26 @@ def stage_files(txn: Txn, vb: VerifiedBundle, plan: _Plan, *, workers: int | Non
     total = copy_bytes + sum(f.size for f in plan.hash_only)
     task = progress.task(f"install {vb.manifest.name}", total)
 
+    def adopt_one(r: _Read) -> tuple[str, FileDigest]:
+        f = r.source
+        src = root.path_of(f.path)
+        sfd = open_regular_nofollow(src, display=f.path)
+        try:
+            try:
+                os.rename(src, txn.staged(r.dests[0]))  # the spool is ours and goes away after the install
+                os.fchmod(sfd, FILE_MODE)
+                d = hash_fd(sfd, on_bytes=task.advance, limit=f.size)  # the installed inode is what is hashed
+                os.fsync(sfd)
+            except OSError as e:
+                raise oserror_to_airpack(e, "cannot stage", f"{txn.staged(r.dests[0])} (adopting {f.path})") from None
+        finally:
+            os.close(sfd)
+        crash_point("copy")
+        return f.path, d
+
     def copy(r: _Read) -> tuple[str, FileDigest]:
+        if adopt:
+            return adopt_one(r)
         f = r.source
         dst = txn.staged(r.dests[0])
         sfd = open_regular_nofollow(root.path_of(f.path), display=f.path)
@@ -657,7 +674,7 @@ def _install(w: Writer, attempt: _Attempt, opts: InstallOptions, *, spool: str |
         "signer_names": [s["name"] for s in signers],
     })
     fit = run_fit(vb, opts)
-    audit["fit"] = fit if fit is not None else "unavailable"
+    audit["fit"] = fit
     check_pickles(m, opts.allow_pickle)
     downgrade = check_sequence(w, m, allow_downgrade=opts.allow_downgrade)
     audit["downgrade"] = downgrade

@@ -23,6 +23,7 @@ from .._fs import atomic_write, check_no_collisions, check_relpath, oserror_to_a
 from .._json import StrictJSONError, loads_strict
 from ..bundle import BundleDir, write_signed
 from ..errors import (
+    AirpackError,
     ContentPolicyError,
     EnvelopeError,
     ExpiredError,
@@ -30,12 +31,14 @@ from ..errors import (
     SpecError,
     UsageError,
 )
+from ..gpus import parse_gpu
 from ..hashing import copy_and_hash, parallel_map
 from ..manifest import ENVELOPE_NAME, MANIFEST_NAME, FileEntry, Manifest, build_statement, encode, model_slug, now_utc, parse
 from ..progress import NULL_PROGRESS, Progress
 from ..safetensors_check import read_header, summarize
 from ..signing import MAX_ENVELOPE_BYTES, PAYLOAD_TYPE, Signer, envelope_bytes
 from ..spec import ModelSpec, PackSpec
+from .fit import estimate_target, worst_estimate
 from .verify import check_content_policy, check_files, check_safetensors
 
 PARTIAL_MARKER = ".airpack-partial"
@@ -356,8 +359,6 @@ def pack(opts: PackOptions) -> PackResult:
 
 def fit_targets(spec: PackSpec, out: Path, models: list[dict[str, Any]], *, files: list[str] | None = None) -> list[dict[str, Any]]:
     """The spec's GPU targets, each with the fit estimate made now from the packed files (integers and strings only)."""
-    from .fit import estimate_target, worst_estimate
-
     targets: list[dict[str, Any]] = []
     for t in spec.targets:
         entry: dict[str, Any] = {"gpu": t.gpu, "count": t.count, "runtime": t.runtime, "batch": t.batch}
@@ -378,9 +379,6 @@ def fit_targets(spec: PackSpec, out: Path, models: list[dict[str, Any]], *, file
 
 def check_targets(spec: PackSpec) -> None:
     """Refuse a target GPU the catalog does not know before anything is fetched."""
-    from ..errors import AirpackError
-    from ..gpus import parse_gpu
-
     for i, t in enumerate(spec.targets):
         try:
             parse_gpu(t.gpu, count=t.count)
