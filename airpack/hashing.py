@@ -40,21 +40,7 @@ def default_workers() -> int:
 
 def hash_fd(fd: int, *, on_bytes: Callable[[int], None] | None = None, limit: int | None = None) -> FileDigest:
     """Hash from ``fd`` to its end (or to ``limit`` bytes plus one, to detect growth)."""
-    h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    size = 0
-    while True:
-        n = os.readv(fd, [view])
-        if n == 0:
-            break
-        h.update(view[:n])
-        size += n
-        if on_bytes is not None:
-            on_bytes(n)
-        if limit is not None and size > limit:
-            break
-    return FileDigest(size=size, sha256=h.hexdigest())
+    return copy_and_hash(fd, None, on_bytes=on_bytes, limit=limit)
 
 
 def hash_file(path: Path, *, on_bytes: Callable[[int], None] | None = None, display: str | None = None) -> FileDigest:
@@ -87,12 +73,12 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T] | Iterable[T], *, work
 
 def copy_and_hash(
     src_fd: int,
-    dst_fd: int,
+    dst_fd: int | None,
     *,
     on_bytes: Callable[[int], None] | None = None,
     limit: int | None = None,
 ) -> FileDigest:
-    """Copy ``src_fd`` to ``dst_fd`` and hash exactly the bytes written (each byte read once)."""
+    """Copy ``src_fd`` to ``dst_fd`` (or nowhere) and hash exactly the bytes written (each byte read once)."""
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -103,9 +89,10 @@ def copy_and_hash(
             break
         chunk = view[:n]
         h.update(chunk)
-        written = 0
-        while written < n:
-            written += os.write(dst_fd, chunk[written:])
+        if dst_fd is not None:
+            written = 0
+            while written < n:
+                written += os.write(dst_fd, chunk[written:])
         size += n
         if on_bytes is not None:
             on_bytes(n)

@@ -47,7 +47,7 @@ from .errors import (
     PartsError,
     UsageError,
 )
-from .hashing import CHUNK, parallel_map
+from .hashing import hash_fd, parallel_map
 from .manifest import ENVELOPE_NAME, STATEMENT_TYPE
 from .signing import PAYLOAD_TYPE, Signer, envelope_bytes, parse_envelope
 from .trust import TrustPolicy, VerifiedPayload, verify_envelope
@@ -683,20 +683,10 @@ def _check_one(folder: Path, p: PartInfo, on_bytes: Callable[[int], None]) -> tu
         size = os.fstat(fd).st_size
         if size != p.size:
             return p.name, f"size {size}, expected {p.size}"
-        h = hashlib.sha256()
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        got = 0
-        while True:
-            n = os.readv(fd, [view])
-            if not n:
-                break
-            h.update(view[:n])
-            got += n
-            on_bytes(n)
-        if got != p.size:
-            return p.name, f"size changed while reading ({got} bytes)"
-        if h.hexdigest() != p.sha256:
+        d = hash_fd(fd, on_bytes=on_bytes)
+        if d.size != p.size:
+            return p.name, f"size changed while reading ({d.size} bytes)"
+        if d.sha256 != p.sha256:
             return p.name, "sha256 differs from the parts index"
         return p.name, None
     finally:

@@ -603,6 +603,20 @@ def _set_ref(conn: sqlite3.Connection, repo_id: str, ref: str, commit: str, mode
     )
 
 
+def _switch_refs(txn: Txn, attempt: _Attempt, moves: list[tuple[str, str, str, int]], *, result: str) -> None:
+    """Point refs at commits already installed ((repo_id, ref, commit, model_id) each): files first, then the row."""
+    txn.refs = {f"{HUB_DIR}/{repo_folder(repo)}/refs/{ref}": commit for repo, ref, commit, _ in moves}
+    txn.result = result
+    txn.prepare()
+
+    def rec(conn: sqlite3.Connection) -> None:
+        for repo, ref, commit, model_id in moves:
+            _set_ref(conn, repo, ref, commit, model_id)
+
+    txn.commit(rec)
+    attempt.logged = True
+
+
 def _run(txn: Txn, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run a txn's steps; before its commit any failure takes back what reached the live tree."""
     try:
@@ -736,16 +750,7 @@ def _reinstall(w: Writer, attempt: _Attempt, bundle_id: int, result: Callable[..
     txn = w.begin("reactivate", attempt.record)
 
     def body() -> dict[str, Any]:
-        txn.refs = {f"{HUB_DIR}/{repo_folder(r['repo_id'])}/refs/{r['ref']}": r["commit_sha"] for r in stale}
-        txn.result = "reactivated"
-        txn.prepare()
-
-        def rec(conn: sqlite3.Connection) -> None:
-            for r in stale:
-                _set_ref(conn, r["repo_id"], r["ref"], r["commit_sha"], r["id"])
-
-        txn.commit(rec)
-        attempt.logged = True
+        _switch_refs(txn, attempt, [(r["repo_id"], r["ref"], r["commit_sha"], r["id"]) for r in stale], result="reactivated")
         txn.finish({"models": [{"repo_id": r["repo_id"], "revision": r["ref"], "commit": r["commit_sha"]} for r in stale]})
         return {}
 
@@ -950,17 +955,8 @@ def rollback(opts: RollbackOptions) -> dict[str, Any]:
         txn = w.begin("rollback", attempt.record)
 
         def steps() -> dict[str, Any]:
-            txn.refs = {f"{HUB_DIR}/{repo_folder(c['repo_id'])}/refs/{c['revision']}": c["to"] for c in changes}
-            txn.result = "rolled back"
-            txn.prepare()
-
-            def rec(conn: sqlite3.Connection) -> None:
-                for c in changes:
-                    _set_ref(conn, c["repo_id"], c["revision"], c["to"], c["model_id"])
-
-            txn.commit(rec)
+            _switch_refs(txn, attempt, [(c["repo_id"], c["revision"], c["to"], c["model_id"]) for c in changes], result="rolled back")
             public = [{k: v for k, v in c.items() if k != "model_id"} for c in changes]
-            attempt.logged = True
             txn.finish({"changes": public})
             return {"changes": public, "registry": str(reg.root), "txn": txn.id}
 
