@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from factories import make_model  # noqa: E402
 from hubserver import serve  # noqa: E402
 
-OUT = REPO / "demo-out"
+OUT = Path(os.environ.get("AIRPACK_DEMO_OUT", REPO / "demo-out")).resolve()
 AIRPACK = str(Path(sys.executable).parent / "airpack")
 
 
@@ -122,7 +122,7 @@ def main() -> None:
     if r.returncode != 0:
         sys.exit("demo failed: the installed model did not load offline")
 
-    print("\ndemo finished: everything above ran for real; files are in demo-out/")
+    print(f"\ndemo finished: everything above ran for real; files are in {os.path.relpath(OUT)}/")
 
 
 if __name__ == "__main__":
