@@ -100,6 +100,9 @@ class InstallOptions:
     now: dt.datetime | None = None
     workers: int | None = None
     progress: Progress = NULL_PROGRESS
+    # The bundle folder is a private stage that airpack itself wrote inside this registry (the OCI
+    # path): its files are moved into place (and hashed again), not copied. Never set for a user's folder.
+    adopt_staged: bool = False
 
 
 @dataclass(frozen=True)
@@ -353,14 +356,14 @@ def _free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def stage_files(txn: Txn, vb: VerifiedBundle, plan: _Plan, *, workers: int | None, progress: Progress) -> int:
+def stage_files(txn: Txn, vb: VerifiedBundle, plan: _Plan, *, workers: int | None, progress: Progress, adopt: bool = False) -> int:
     """Copy each distinct content once into staging while hashing it; check every digest; return bytes copied."""
     root = BundleDir(vb.root)
     to_copy = [r for r in plan.reads.values() if r.live is None]
     copy_bytes = sum(r.source.size for r in to_copy)
     # A tar, parts or OCI install first spools the files into a private folder of this registry
-    # (hashed as they were written); those files are moved into staging, not copied again.
-    adopt = vb.root.resolve().is_relative_to(txn.reg.root.resolve())
+    # (hashed as they were written); with ``adopt`` those files are moved into staging, not copied again.
+    adopt = adopt and vb.root.resolve().is_relative_to(txn.reg.root.resolve())
     free = _free_bytes(txn.stage)
     if (0 if adopt else copy_bytes) + SPACE_MARGIN > free:
         raise DiskSpaceError(
@@ -713,7 +716,8 @@ def _install(w: Writer, attempt: _Attempt, opts: InstallOptions, *, spool: str |
 
     def body() -> dict[str, Any]:
         plan = _plan(w, txn, vb)
-        copied = stage_files(txn, vb, plan, workers=opts.workers, progress=opts.progress)
+        spooled = spool is not None and vb.root == w.reg.path(spool)
+        copied = stage_files(txn, vb, plan, workers=opts.workers, progress=opts.progress, adopt=opts.adopt_staged or spooled)
         crash_point("staged")
         txn.plan_creates(plan.leaves)
         txn.refs = dict(plan.refs)

@@ -478,5 +478,5 @@ def install_from_oci(opts: OciInstallOptions) -> OciInstallResult:
                "gpu": i.gpu, "context": i.context, "runtime": i.runtime}
     with staged_bundle(source=opts.source, registry=i.registry, policy=i.policy, access=opts.access, allow_downgrade=i.allow_downgrade,
                        options=options, workers=i.workers, now=i.now, progress=i.progress) as (folder, checked):
-        result = install(replace(i, bundle=folder))
+        result = install(replace(i, bundle=folder, adopt_staged=True))  # the stage is ours: move, do not copy
     return OciInstallResult(source=opts.source, digest=checked.artifact.digest, install=result)
