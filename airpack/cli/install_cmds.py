@@ -81,13 +81,13 @@ def _install_text(r: InstallResult) -> list[str]:
 @click.option("--allow-pickle", is_flag=True, help="Install pickled weights that the bundle's signed policy allows.")
 @oci_source  # BUNDLE may be oci://HOST/REPO:TAG: staged from the registry after a trust check, then installed as a folder
 def install_cmd(out: Output, bundle: str | Path, registry: Path, policy: Path, gpu: str | None, context: int | None,
-                runtime: str | None, ignore_fit: bool, allow_downgrade: bool, allow_pickle: bool) -> None:
+                runtime: str | None, ignore_fit: bool, allow_downgrade: bool, allow_pickle: bool, adopt_staged: bool = False) -> None:
     """Verify BUNDLE and install it into the registry, all or nothing."""
     p = load_policy(policy)
     p.check_usable()
     r = install(InstallOptions(bundle=Path(bundle), registry=registry, policy=p, gpu=gpu, context=context, runtime=runtime,
                                ignore_fit=ignore_fit, allow_downgrade=allow_downgrade, allow_pickle=allow_pickle,
-                               progress=out.progress))
+                               progress=out.progress, adopt_staged=adopt_staged))
     out.result(r.to_json(), lambda: _install_text(r))
 
 

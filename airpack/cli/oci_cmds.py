@@ -170,7 +170,7 @@ def oci_source(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(out: Output, *, bundle: Any, plain_http: bool, username: str | None, password_file: Path | None,
                 ca_file: Path | None, **kw: Any) -> Any:
         if not is_oci_ref(bundle):  # a folder or tar: the OCI flags (maybe set by environment) do not apply
-            return fn(out, bundle=bundle, **kw)
+            return fn(out, bundle=bundle, adopt_staged=False, **kw)
         from ..fetch.oci import parse_ref
         from ..ops.oci import staged_bundle
 
@@ -184,6 +184,6 @@ def oci_source(fn: Callable[..., Any]) -> Callable[..., Any]:
         with staged_bundle(source=ref, registry=Path(registry), policy=p, access=access, allow_downgrade=bool(kw.get("allow_downgrade")),
                            options=options, progress=out.progress) as (folder, checked):
             out.info(f"fetched {ref} ({checked.artifact.digest}): signatures checked before download, every blob digest while streaming")
-            return fn(out, bundle=folder, **kw)
+            return fn(out, bundle=folder, adopt_staged=True, **kw)  # the stage is airpack's own: moved, not copied
 
     return access_options(wrapper)
