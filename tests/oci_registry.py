@@ -213,7 +213,7 @@ def _answers(host: str, ca: Path | None) -> bool:
         return False
 
 
-def start_registry(root: Path, *, tls: bool = False, users: dict[str, str] | None = None) -> OciRegistry:
+def start_registry(root: Path, *, tls: bool = False, users: dict[str, str] | None = None, auth_yaml: str | None = None) -> OciRegistry:
     if not os.access(REGISTRY_BIN, os.X_OK):
         pytest.skip(f"the CNCF distribution registry ({REGISTRY_BIN}) is not installed: apt-get install docker-registry "
                     "(make test does this when run as root)")
@@ -227,6 +227,8 @@ def start_registry(root: Path, *, tls: bool = False, users: dict[str, str] | Non
     if users:
         _htpasswd(root / "htpasswd", users)
         auth = f"auth:\n  htpasswd:\n    realm: airpack-test\n    path: {root / 'htpasswd'}\n"
+    if auth_yaml is not None:  # e.g. the token auth of Harbor-like setups (tests/test_oci_token_auth.py)
+        auth = auth_yaml
     last = ""
     for _ in range(3):
         port = _free_port()
@@ -264,8 +266,9 @@ def make_oci_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     for var in ("NO_PROXY", "no_proxy"):  # a proxy set for the machine must not capture loopback
         monkeypatch.setenv(var, ",".join(filter(None, [os.environ.get(var), "127.0.0.1", "localhost"])))
 
-    def _make(*, tls: bool = False, users: dict[str, str] | None = None, name: str | None = None) -> OciRegistry:
-        reg = start_registry(tmp_path / (name or f"oci-registry{len(started) + 1}"), tls=tls, users=users)
+    def _make(*, tls: bool = False, users: dict[str, str] | None = None, name: str | None = None,
+              auth_yaml: str | None = None) -> OciRegistry:
+        reg = start_registry(tmp_path / (name or f"oci-registry{len(started) + 1}"), tls=tls, users=users, auth_yaml=auth_yaml)
         started.append(reg)
         return reg
 
