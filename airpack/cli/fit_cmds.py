@@ -10,6 +10,7 @@ import click
 
 from ..errors import FitError
 from ..ops.fit import FitOptions, FitReport, fit_error, fit_model, report_json
+from ..trust import load_policy
 from ..vram import KV_DTYPES, RUNTIMES, parse_utilization
 from . import cli
 from ._common import Output, airpack_command, human_bytes
@@ -81,12 +82,15 @@ def report_lines(rep: FitReport, *, utilization: str) -> list[str]:
 @click.option("--gpu-memory-utilization", "utilization", default="0.9", show_default=True, help="vLLM's share of each GPU.")
 @click.option("--registry", type=click.Path(path_type=Path), envvar="AIRPACK_REGISTRY",
               help="Registry to find an installed MODEL in (or AIRPACK_REGISTRY).")
+@click.option("--trust", "policy", type=click.Path(path_type=Path), envvar="AIRPACK_TRUST",
+              help="Trust policy to verify a bundle tar or parts folder with as it streams (or AIRPACK_TRUST).")
 def fit_cmd(out: Output, model: str, gpu: str | None, context: int | None, batch: int, new_tokens: int, runtime: str,
-            kv_dtype: str, utilization: str, registry: Path | None) -> None:
-    """Estimate whether MODEL (a model folder, a bundle, or an installed repo id) fits the GPUs. Exit 5 if not."""
+            kv_dtype: str, utilization: str, registry: Path | None, policy: Path | None) -> None:
+    """Estimate whether MODEL (a model folder, a bundle folder, tar or parts folder, or an installed repo id) fits. Exit 5 if not."""
     util = str(parse_utilization(utilization))
     reports = fit_model(FitOptions(model=model, gpu=gpu, context=context, batch=batch, new_tokens=new_tokens, runtime=runtime,
-                                   kv_dtype=kv_dtype, gpu_memory_utilization=util, registry=registry))
+                                   kv_dtype=kv_dtype, gpu_memory_utilization=util, registry=registry,
+                                   policy=load_policy(policy) if policy is not None else None))
     failing = [r for r in reports if r.result.verdict == "does_not_fit"]
     err: FitError | None = fit_error(failing[0]) if failing else None
     doc: dict[str, Any] = report_json(reports)

@@ -25,8 +25,9 @@ from .._fs import check_relpath, open_regular_nofollow
 from .._json import StrictJSONError, loads_strict
 from ..errors import FitError, IntegrityError, ModelConfigError, UsageError
 from ..gpus import parse_gpu, resolve_gpus, try_detect
-from ..manifest import ENVELOPE_NAME, parse
+from ..manifest import ENVELOPE_NAME, FileEntry, parse
 from ..safetensors_check import SafetensorsInfo, TensorInfo, read_header_fd
+from ..trust import TrustPolicy
 from ..vram import (
     FitResult,
     GpuBudget,
@@ -37,7 +38,7 @@ from ..vram import (
     fit,
     model_shape,
 )
-from .verify import VerifiedBundle
+from .verify import VerifiedBundle, VerifyOptions
 
 MAX_CONFIG_BYTES = 16 << 20
 MAX_INDEX_BYTES = 64 << 20
@@ -59,6 +60,7 @@ class FitOptions:
     kv_dtype: str = "auto"
     gpu_memory_utilization: str = "0.9"
     registry: Path | None = None
+    policy: TrustPolicy | None = None  # a tar or parts folder is verified as it streams, so it needs one
 
 
 @dataclass(frozen=True)
@@ -307,15 +309,19 @@ def load_registry(registry: Path, repo_id: str) -> ModelSource:
     return _load_with(opener, files, repo_id, "registry", f"{repo_id} ({snap})")
 
 
-def load_models(model: str, registry: Path | None) -> list[ModelSource]:
-    """MODEL as a bundle folder, a model folder, or an installed repo id."""
+def load_models(model: str, registry: Path | None, policy: TrustPolicy | None = None) -> list[ModelSource]:
+    """MODEL as a bundle (folder, tar or parts folder), a model folder, or an installed repo id."""
     p = Path(model)
     if p.is_dir():
         if (p / ENVELOPE_NAME).exists():
             return load_bundle(p)
+        if any(p.glob("*.index.dsse.json")):
+            return load_stream(p, policy)
         return [load_folder(p)]
+    if p.is_file():
+        return load_stream(p, policy)
     if p.exists():
-        raise UsageError(f"{model} is not a folder (give a model folder, a bundle folder or an installed repo id)", path=model)
+        raise UsageError(f"{model} is not a folder or a tar (give a model folder, a bundle, or an installed repo id)", path=model)
     reg = registry or (Path(os.environ["AIRPACK_REGISTRY"]) if os.environ.get("AIRPACK_REGISTRY") else None)
     if reg is None:
         raise UsageError(f"{model} is not a folder; to fit an installed model pass --registry DIR (or set AIRPACK_REGISTRY)", path=model)
@@ -347,7 +353,7 @@ def fit_model(opts: FitOptions) -> list[FitReport]:
     gpu = resolve_gpus(opts.gpu)
     run = run_config(runtime=opts.runtime, context=opts.context, batch=opts.batch, new_tokens=opts.new_tokens,
                      kv_dtype=opts.kv_dtype, gpu_memory_utilization=opts.gpu_memory_utilization, count=gpu.count)
-    return [estimate_source(src, run, gpu) for src in load_models(opts.model, opts.registry)]
+    return [estimate_source(src, run, gpu) for src in load_models(opts.model, opts.registry, opts.policy)]
 
 
 def _gib(n: int) -> str:
@@ -375,21 +381,25 @@ def fit_error(report: FitReport) -> FitError:
 # -- install's gate and pack's record ----------------------------------------------------------------
 
 
-def _verified_source(verified: VerifiedBundle, model: Any) -> ModelSource:
+def _verified_source(verified: VerifiedBundle, model: Any, *, read: Callable[[str, int], bytes] | None = None) -> ModelSource:
+    """A verified bundle's model: config and index read through ``read(path, cap)`` (from disk by default)."""
     pre = model.prefix + "/"
     files = [f.path[len(pre):] for f in verified.manifest.model_files(model)]
     root = verified.root
     location = f"{root}/{model.prefix}"
     if "config.json" not in files:
         raise ModelConfigError(f"{model.repo_id}: no config.json in the bundle", path=location)
+
+    def from_disk(path: str, cap: int) -> bytes:
+        return _read_fd(open_regular_nofollow(root.joinpath(*path.split("/")), display=path), cap, path, "file")
+
+    reader = read or from_disk
     cfg_path = pre + "config.json"
-    fd = open_regular_nofollow(root.joinpath(*cfg_path.split("/")), display=cfg_path)
-    cfg = parse_config(_read_fd(fd, MAX_CONFIG_BYTES, cfg_path, "config"), cfg_path)
+    cfg = parse_config(reader(cfg_path, MAX_CONFIG_BYTES), cfg_path)
     read_index = None
     if INDEX_NAME in files:
         def read_index() -> bytes:
-            p = pre + INDEX_NAME
-            return _read_fd(open_regular_nofollow(root.joinpath(*p.split("/")), display=p), MAX_INDEX_BYTES, p, "index")
+            return reader(pre + INDEX_NAME, MAX_INDEX_BYTES)
     tensors: list[TensorInfo] = []
     for rel in select_weight_files(files, read_index):
         full = pre + rel
@@ -398,6 +408,49 @@ def _verified_source(verified: VerifiedBundle, model: Any) -> ModelSource:
             info = _header_of(open_regular_nofollow(root.joinpath(*full.split("/")), display=full), full)
         tensors.extend(info.tensors)
     return ModelSource(name=model.repo_id, kind="bundle", location=location, config=cfg, tensors=tuple(tensors))
+
+
+class _Keep:
+    """Keeps a small file's bytes while a tar streams past (config.json, the shard index); drops anything else."""
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self.data = bytearray()
+
+    def write(self, chunk: memoryview) -> None:
+        if self.keep and len(self.data) <= MAX_INDEX_BYTES:
+            self.data += chunk
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.data.clear()
+
+
+def load_stream(path: Path, policy: TrustPolicy | None) -> list[ModelSource]:
+    """Every model of a bundle tar or parts folder, verified in one streaming pass (nothing is extracted to disk)."""
+    from ..parts import locate
+    from .transfer import verify_source
+
+    if policy is None:
+        raise UsageError(f"{path} is a tar or parts folder: it is verified as it streams, so fit needs --trust POLICY",
+                         path=str(path), hint="Pass --trust POLICY (or set AIRPACK_TRUST), or fit the bundle folder instead.")
+    kept: dict[str, _Keep] = {}
+
+    def sink(entry: FileEntry) -> _Keep:
+        k = kept[entry.path] = _Keep(entry.path.rsplit("/", 1)[-1] in ("config.json", INDEX_NAME))
+        return k
+
+    verified = verify_source(VerifyOptions(bundle=path, policy=policy), locate(path), sink=sink)
+
+    def read(p: str, cap: int) -> bytes:
+        data = bytes(kept[p].data) if p in kept else b""
+        if len(data) > cap:
+            raise ModelConfigError(f"{p} is larger than {cap} bytes", path=p)
+        return data
+
+    return [_verified_source(verified, m, read=read) for m in verified.manifest.models]
 
 
 def _unknown(model: str, why: str) -> dict[str, Any]:
