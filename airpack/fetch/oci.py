@@ -46,6 +46,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urljoin
 
 import oras.auth.token
+import oras.auth.utils
 import oras.utils
 import requests
 import urllib3.exceptions
@@ -335,6 +336,8 @@ class _Session:
         self.auth = oras.auth.token.TokenAuth()
         self.auth.session, self.auth.prefix, self.auth._tls_verify = self.session, self.prefix, self._tls_verify
         self._scheme: str | None = None  # "basic" or "bearer" once the registry has challenged us
+        self._scopes: dict[str, set[str]] = {}  # every token scope asked for so far: "repository:NAME" -> actions
+        self._token_scopes: dict[str, set[str]] = {}  # what the current token was granted for
         self._lock = threading.Lock()
         if access.username is not None and access.password is not None:
             self.auth.set_basic_auth(access.username, access.password)
@@ -346,8 +349,13 @@ class _Session:
             return f"Bearer {self.auth.token}"
         return None
 
-    def _negotiate(self, resp: requests.Response) -> bool:
-        """Answer a 401 once: Basic with the given credentials, or a Bearer token from the realm."""
+    def _negotiate(self, resp: requests.Response, used: str | None) -> bool:
+        """Answer a 401 once: Basic with the given credentials, or a Bearer token from the realm.
+
+        Tokens are scoped (pull, or pull and push) and shared by the upload threads, so a
+        new token asks for every scope seen so far, and a thread whose token another
+        thread already replaced with a covering one simply retries with it.
+        """
         challenge = resp.headers.get("WWW-Authenticate", "")
         kind = challenge.split(" ", 1)[0].lower()
         has_creds = self._access.username is not None
@@ -357,18 +365,28 @@ class _Session:
                     return False
                 self._scheme = "basic"
                 return True
-            if kind == "bearer":
-                self.auth.token = None
-                try:
-                    _, changed = self.auth.authenticate_request(resp, {})
-                except requests.RequestException as e:
-                    raise FetchError(f"cannot get a token for {self._ref.host}: {e}", path=str(self._ref)) from None
-                except Exception as e:  # noqa: BLE001 - oras raises bare errors on odd challenges
-                    raise FetchError(f"cannot answer the registry's token challenge {challenge[:120]!r}: {e}", path=str(self._ref)) from None
-                if changed and self.auth.token:
-                    self._scheme = "bearer"
-                    return True
-            return False
+            if kind != "bearer":
+                return False
+            h = oras.auth.utils.parse_auth_header(challenge)
+            wanted = _parse_scopes(getattr(h, "scope", None))
+            if self.auth.token and self.auth.token != used and _covers(self._token_scopes, wanted):
+                return True  # another thread got a token for this already
+            for res, actions in wanted.items():
+                self._scopes.setdefault(res, set()).update(actions)
+            h.scope = _format_scopes(self._scopes) or None
+            self.auth.token = None
+            try:
+                token = self.auth.request_token(h) if has_creds else self.auth.request_anonymous_token(h)
+            except requests.RequestException as e:
+                raise FetchError(f"cannot get a token for {self._ref.host}: {e}", path=str(self._ref)) from None
+            except Exception as e:  # noqa: BLE001 - oras raises bare errors on odd challenges
+                raise FetchError(f"cannot answer the registry's token challenge {challenge[:120]!r}: {e}", path=str(self._ref)) from None
+            if not token:
+                return False
+            self.auth.token = token
+            self._token_scopes = {res: set(a) for res, a in self._scopes.items()}
+            self._scheme = "bearer"
+            return True
 
     def _send(self, method: str, url: str, data: Any, headers: dict[str, str], json: Any, stream: bool) -> requests.Response:
         try:
@@ -395,11 +413,12 @@ class _Session:
                    json: Any = None, stream: bool = False) -> requests.Response:
         """One request, one auth retry, no sleeping retries: a cluster script wants a named error now."""
         hdrs = dict(headers or {})
+        used = self.auth.token
         auth = self._auth_header()
         if auth:
             hdrs["Authorization"] = auth
         resp = self._send(method, url, data, hdrs, json, stream)
-        if resp.status_code == 401 and self._negotiate(resp):
+        if resp.status_code == 401 and self._negotiate(resp, used if auth else None):
             resp.close()
             if hasattr(data, "seek"):
                 data.seek(0)
@@ -417,6 +436,24 @@ class _Session:
             raise FetchError(f"registry {self._ref.host} denied {method} {_path(url)}", path=str(self._ref),
                              hint="The account lacks permission on this repository.")
         return resp
+
+
+def _parse_scopes(scope: object) -> dict[str, set[str]]:
+    """``repository:acme/tiny:pull,push`` (space-separated for several) as {"repository:acme/tiny": {"pull", "push"}}."""
+    out: dict[str, set[str]] = {}
+    for one in (scope if isinstance(scope, str) else "").split():
+        resource, _, actions = one.rpartition(":")
+        if resource:
+            out.setdefault(resource, set()).update(a for a in actions.split(",") if a)
+    return out
+
+
+def _format_scopes(scopes: dict[str, set[str]]) -> str:
+    return " ".join(f"{res}:{','.join(sorted(actions))}" for res, actions in sorted(scopes.items()))
+
+
+def _covers(have: dict[str, set[str]], wanted: dict[str, set[str]]) -> bool:
+    return bool(wanted) and all(actions <= have.get(res, set()) for res, actions in wanted.items())
 
 
 def _short(e: BaseException) -> str:
