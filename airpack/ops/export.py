@@ -30,6 +30,7 @@ from ..progress import NULL_PROGRESS, Progress
 from ..signing import MAX_ENVELOPE_BYTES, PAYLOAD_TYPE, Signer, parse_envelope
 from ..tarball import TarWriter, archive_size
 from ..trust import TrustedKey, TrustPolicy, verify_envelope
+from .pack import PARTIAL_MARKER
 from .verify import check_content_policy, check_fresh, check_safetensors, check_tree
 
 R = TypeVar("R")
@@ -225,10 +226,13 @@ def export(opts: ExportOptions) -> ExportResult:
 
 def pack_as_tar(pack_fn: Callable[[Path], R], tar: Path, signer: Signer, *, split: int | None = None, parity: int = 0,
                 progress: Progress = NULL_PROGRESS) -> tuple[R, ExportResult]:
-    """``pack --format tar``: pack into a temp folder beside ``tar``, export it, remove the folder.
+    """``pack --format tar``: pack into a work folder beside ``tar``, export it, remove the folder.
 
-    ``pack_fn(out_dir)`` runs the pack; the export is verified against the
-    packer's own key (it just signed), so a file changed mid-pack is still caught.
+    ``pack_fn(out_dir)`` runs the pack. The work folder has a fixed name
+    (``.NAME.tar.packing``), and a failed pack leaves it in place, so running
+    the same command again resumes the downloads as a folder pack does. The
+    export is verified against the packer's own key (it just signed), so a
+    file changed mid-pack is still caught.
     """
     from cryptography.hazmat.primitives import serialization
 
@@ -238,10 +242,19 @@ def pack_as_tar(pack_fn: Callable[[Path], R], tar: Path, signer: Signer, *, spli
     if not folder.is_dir():
         raise UsageError(f"folder {folder} for the tar does not exist", path=str(folder))
     _refuse_existing([tar])
-    work = Path(tempfile.mkdtemp(prefix=f".{tar.name}.", suffix=".packing", dir=folder))
+    work = folder / f".{tar.name}.packing"
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
+        raise UsageError(f"{work} is in the way (not a folder airpack made); remove it", path=str(work))
+    out = work / "bundle"
+    if (out / ENVELOPE_NAME).exists():  # packed, then killed before the export: pack it again (resuming from the files there)
+        (out / ENVELOPE_NAME).unlink()
+        (out / PARTIAL_MARKER).touch()
     try:
-        out = work / "bundle"
-        result = pack_fn(out)
+        work.mkdir(exist_ok=True)
+    except OSError as e:
+        raise oserror_to_airpack(e, "cannot create", str(work)) from None
+    result = pack_fn(out)  # on failure the work folder stays: the next run resumes in it
+    try:
         pub = signer.private_key.public_key()
         pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
         own = TrustPolicy(keys=(TrustedKey(name="packer", keyid=signer.keyid, algorithm=algorithm_of(pub), public_key=pub, pem=pem),),
