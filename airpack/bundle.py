@@ -11,7 +11,6 @@ Layout::
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,10 +72,3 @@ def write_signed(root: Path, payload: bytes, envelope: bytes) -> None:
     """Write the manifest copy first and the envelope last: a bundle without an envelope is unfinished."""
     atomic_write(Path(root) / MANIFEST_NAME, payload)
     atomic_write(Path(root) / ENVELOPE_NAME, envelope)
-
-
-def remove_tree_quiet(path: Path) -> None:
-    import shutil
-
-    if os.path.lexists(path):
-        shutil.rmtree(path, ignore_errors=True)

@@ -52,10 +52,6 @@ def hash_file(path: Path, *, on_bytes: Callable[[int], None] | None = None, disp
         os.close(fd)
 
 
-def hash_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def parallel_map(fn: Callable[[T], R], items: Sequence[T] | Iterable[T], *, workers: int | None = None) -> list[R]:
     """Map ``fn`` over ``items`` on a thread pool, keeping order; the first exception propagates."""
     items = list(items)

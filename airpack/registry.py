@@ -611,9 +611,6 @@ class Registry:
             for r in conn.execute("SELECT path, sha256, size FROM files WHERE model_id = ? ORDER BY path", (model_id,))
         ]
 
-    def bundle_names(self, conn: sqlite3.Connection) -> set[str]:
-        return {r[0] for r in conn.execute("SELECT DISTINCT name FROM bundles WHERE state = 'active'")}
-
 
 def _last_line(fd: int) -> bytes | None:
     """The last newline-terminated line of a file (without its newline), read from the end."""
@@ -1059,5 +1056,3 @@ def error_record(e: BaseException) -> dict[str, Any]:
     return {"type": type(e).__name__, "exit_code": 1, "message": str(e) or repr(e), "path": None}
 
 
-def is_enospc(e: OSError) -> bool:
-    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

@@ -31,7 +31,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 MiB = 1 << 20
 MB = 1_000_000
 
-from bench_verify import make_sources, model_folder, pack_bundle  # noqa: E402
+from bench_verify import add_work_args, make_sources, model_folder, pack_bundle, work_folder  # noqa: E402
 
 from airpack import hashing  # noqa: E402
 from airpack.signing import generate, load_public_file, write_keypair  # noqa: E402
@@ -91,21 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file-mib", type=int, default=256, help="size of each weight file (MiB)")
     ap.add_argument("--files", type=int, default=4, help="weight files in the bundle (default 4: 1 GiB)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per method (best is kept)")
-    ap.add_argument("--workdir", type=Path, help="where to write (default: a temp folder under bench-out/)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated bundle")
-    ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    add_work_args(ap, "bundle")
     a = ap.parse_args(argv)
-    base = a.workdir or REPO / "bench-out"
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="install-", dir=base))
-    started = time.perf_counter()
-    try:
-        return run(a, work, started)
-    finally:
-        if not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work}")
+    with work_folder(a, "install-") as work:
+        return run(a, work, time.perf_counter())
 
 
 def run(a: argparse.Namespace, work: Path, started: float) -> int:

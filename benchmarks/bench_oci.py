@@ -29,7 +29,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ sys.path.insert(0, str(REPO / "tests"))
 MiB = 1 << 20
 MB = 1_000_000
 
-from bench_verify import make_sources, model_folder, pack_bundle, sha256_single_thread  # noqa: E402
+from bench_verify import add_work_args, make_sources, model_folder, pack_bundle, sha256_single_thread, work_folder  # noqa: E402
 
 from airpack.signing import generate, load_public_file, write_keypair  # noqa: E402
 from airpack.trust import new_policy, save_policy  # noqa: E402
@@ -60,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file-mib", type=int, default=256, help="size of each weight file (MiB)")
     ap.add_argument("--files", type=int, default=4, help="weight files in the bundle (default 4: 1 GiB)")
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per method (best is kept)")
-    ap.add_argument("--workdir", type=Path, help="where to write (default: a temp folder under bench-out/)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated files")
-    ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    add_work_args(ap, "files")
     a = ap.parse_args(argv)
 
     try:
@@ -70,11 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"bench_oci: skipped ({e}; run from a checkout with the test extra installed)")
         return 0
-    base = a.workdir or REPO / "bench-out"
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="oci-", dir=base))
-    reg = None
-    try:
+    with work_folder(a, "oci-") as work:
         try:
             reg = start_registry(work / "oci-registry")
         except BaseException as e:  # pytest.skip raises its own exception type (a BaseException)
@@ -82,14 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"bench_oci: skipped ({e})")
             return 0
-        return run(a, work, reg)
-    finally:
-        if reg is not None:
+        try:
+            return run(a, work, reg)
+        finally:
             reg.stop()
-        if not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work}")
 
 
 def run(a: argparse.Namespace, work: Path, reg: object) -> int:

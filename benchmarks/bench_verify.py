@@ -20,6 +20,7 @@ the figures noisy; compare runs on a quiet machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +43,28 @@ from airpack.ops.verify import VerifyOptions, verify_bundle  # noqa: E402
 from airpack.signing import generate, load_public_file, load_signer, write_keypair  # noqa: E402
 from airpack.spec import load_spec  # noqa: E402
 from airpack.trust import new_policy, save_policy  # noqa: E402
+
+
+def add_work_args(ap: argparse.ArgumentParser, keeps: str) -> None:
+    """--workdir, --keep and --json, the same for every benchmark that writes a bundle."""
+    ap.add_argument("--workdir", type=Path, help="where to write (default: a temp folder under bench-out/)")
+    ap.add_argument("--keep", action="store_true", help=f"keep the generated {keeps}")
+    ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+
+
+@contextlib.contextmanager
+def work_folder(a: argparse.Namespace, prefix: str) -> Iterator[Path]:
+    """A fresh folder under --workdir (default bench-out/), removed at the end unless --keep."""
+    base = a.workdir or REPO / "bench-out"
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    try:
+        yield work
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
 
 
 def write_safetensors(path: Path, data_bytes: int, block: bytes, seed: int) -> None:
@@ -148,24 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", type=int, default=4, help="files in the small bundle (default 4: 1 GiB)")
     ap.add_argument("--large", type=int, default=16, help="files in the large bundle (default 16: 4 GiB)")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per method, in turns (best is kept)")
-    ap.add_argument("--workdir", type=Path, help="where to write (default: a temp folder under bench-out/)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated bundles")
-    ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    add_work_args(ap, "bundles")
     a = ap.parse_args(argv)
     if a.large < a.small:
         ap.error("--large must be at least --small")
-
-    base = a.workdir or REPO / "bench-out"
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="verify-", dir=base))
-    started = time.perf_counter()
-    try:
-        return run(a, work, started)
-    finally:
-        if not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work}")
+    with work_folder(a, "verify-") as work:
+        return run(a, work, time.perf_counter())
 
 
 def run(a: argparse.Namespace, work: Path, started: float) -> int:

@@ -52,7 +52,6 @@ class TqdmProgress:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._position = 0
 
     def task(self, label: str, total: int, *, unit: str = "B") -> ProgressTask:
         with self._lock:
@@ -94,10 +93,6 @@ class Output:
     def info(self, text: str) -> None:
         """A log line on stderr (never in --json or -q mode)."""
         if not self.as_json and not self.quiet:
-            click.echo(text, err=True)
-
-    def debug(self, text: str) -> None:
-        if self.verbose and not self.as_json:
             click.echo(text, err=True)
 
     def error(self, e: AirpackError) -> None:

@@ -22,7 +22,7 @@ from ..ops.install import (
 from ..trust import load_policy
 from . import cli
 from ._common import Output, airpack_command, human_bytes
-from .oci_cmds import oci_source
+from .oci_cmds import access_from, access_options, is_oci_ref
 
 PathArg = click.Path(path_type=Path)
 
@@ -79,15 +79,26 @@ def _install_text(r: InstallResult) -> list[str]:
 @click.option("--ignore-fit", is_flag=True, help="Install even if the model does not fit the GPUs.")
 @click.option("--allow-downgrade", is_flag=True, help="Install an older (or same-sequence, other) bundle of the channel; logged.")
 @click.option("--allow-pickle", is_flag=True, help="Install pickled weights that the bundle's signed policy allows.")
-@oci_source  # BUNDLE may be oci://HOST/REPO:TAG: staged from the registry after a trust check, then installed as a folder
-def install_cmd(out: Output, bundle: str | Path, registry: Path, policy: Path, gpu: str | None, context: int | None,
-                runtime: str | None, ignore_fit: bool, allow_downgrade: bool, allow_pickle: bool, adopt_staged: bool = False) -> None:
-    """Verify BUNDLE and install it into the registry, all or nothing."""
+@access_options  # BUNDLE may be oci://HOST/REPO:TAG: these flags say how to reach that registry
+def install_cmd(out: Output, bundle: str, registry: Path, policy: Path, gpu: str | None, context: int | None,
+                runtime: str | None, ignore_fit: bool, allow_downgrade: bool, allow_pickle: bool, plain_http: bool,
+                username: str | None, password_file: Path | None, ca_file: Path | None) -> None:
+    """Verify BUNDLE (a folder, a tar, a parts folder or oci://...) and install it into the registry, all or nothing."""
     p = load_policy(policy)
     p.check_usable()
-    r = install(InstallOptions(bundle=Path(bundle), registry=registry, policy=p, gpu=gpu, context=context, runtime=runtime,
-                               ignore_fit=ignore_fit, allow_downgrade=allow_downgrade, allow_pickle=allow_pickle,
-                               progress=out.progress, adopt_staged=adopt_staged))
+    opts = InstallOptions(bundle=Path(bundle), registry=registry, policy=p, gpu=gpu, context=context, runtime=runtime,
+                          ignore_fit=ignore_fit, allow_downgrade=allow_downgrade, allow_pickle=allow_pickle, progress=out.progress)
+    if is_oci_ref(bundle):
+        from ..fetch.oci import parse_ref
+        from ..ops.oci import OciInstallOptions, install_from_oci
+
+        ref = parse_ref(bundle)
+        res = install_from_oci(OciInstallOptions(source=ref, install=opts,
+                                                 access=access_from(plain_http, username, password_file, ca_file)))
+        out.info(f"fetched {ref} ({res.digest}): signatures checked before download, every blob digest while streaming")
+        r = res.install
+    else:
+        r = install(opts)
     out.result(r.to_json(), lambda: _install_text(r))
 
 

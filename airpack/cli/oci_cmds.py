@@ -1,13 +1,7 @@
-"""push, pull (and install from oci://): the cluster transport's commands.
-
-``oci_source`` is the small hook ``install`` wears so that its BUNDLE may be
-``oci://HOST/REPO:TAG``: the OCI connection flags are added here, and the
-file install runs unchanged on a folder staged from the registry.
-"""
+"""push and pull: the cluster transport's commands, and the registry flags ``install oci://`` shares."""
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from collections.abc import Callable
@@ -54,7 +48,7 @@ def _password(password_file: Path | None) -> str | None:
 
 
 def is_oci_ref(text: object) -> bool:
-    """``oci://...``, or ``oci:/...`` as pathlib leaves it when the argument is a Path."""
+    """``oci://...``, or ``oci:/...`` as pathlib leaves it (fetch.oci has the same test; this one keeps the network code unloaded)."""
     return str(text).startswith("oci:/")
 
 
@@ -154,36 +148,3 @@ def pull_cmd(out: Output, source: str, out_dir: Path, policy: Path | None, plain
          "manifest_sha256": m.digest, "files": len(m.files), "bytes": r.bytes_received},
         lambda: _pull_text(r),
     )
-
-
-# -- install from oci:// ----------------------------------------------------------------------
-
-
-def oci_source(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Let a command's BUNDLE be ``oci://...``: add the access flags, stage from the registry, run the command on it.
-
-    The staged folder sits on the registry's filesystem (``--registry``), is checked against
-    ``--trust`` before any model byte is downloaded, and is removed however the command ends.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(out: Output, *, bundle: Any, plain_http: bool, username: str | None, password_file: Path | None,
-                ca_file: Path | None, **kw: Any) -> Any:
-        if not is_oci_ref(bundle):  # a folder or tar: the OCI flags (maybe set by environment) do not apply
-            return fn(out, bundle=bundle, adopt_staged=False, **kw)
-        from ..fetch.oci import parse_ref
-        from ..ops.oci import staged_bundle
-
-        ref = parse_ref(bundle)
-        access = access_from(plain_http, username, password_file, ca_file)
-        registry, policy = kw.get("registry"), kw.get("policy")
-        if registry is None or policy is None:
-            raise UsageError("installing from oci:// needs --registry and --trust")
-        p = load_policy(Path(policy))
-        options = {k: kw.get(k) for k in ("allow_downgrade", "allow_pickle", "ignore_fit", "gpu", "context", "runtime")}
-        with staged_bundle(source=ref, registry=Path(registry), policy=p, access=access, allow_downgrade=bool(kw.get("allow_downgrade")),
-                           options=options, progress=out.progress) as (folder, checked):
-            out.info(f"fetched {ref} ({checked.artifact.digest}): signatures checked before download, every blob digest while streaming")
-            return fn(out, bundle=folder, adopt_staged=True, **kw)  # the stage is airpack's own: moved, not copied
-
-    return access_options(wrapper)

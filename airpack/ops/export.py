@@ -31,7 +31,7 @@ from ..signing import MAX_ENVELOPE_BYTES, PAYLOAD_TYPE, Signer, parse_envelope
 from ..tarball import TarWriter, archive_size
 from ..trust import TrustedKey, TrustPolicy, verify_envelope
 from .pack import PARTIAL_MARKER
-from .verify import check_content_policy, check_fresh, check_safetensors, check_tree
+from .verify import check_content_policy, check_fresh, check_manifest_copy, check_safetensors, check_tree
 
 R = TypeVar("R")
 
@@ -74,12 +74,7 @@ def _verified_inputs(opts: ExportOptions) -> tuple[BundleDir, bytes, bytes, Mani
     manifest = parse(verified.payload, digest=hashlib.sha256(verified.payload).hexdigest())
     check_fresh(manifest, now=opts.now)
     check_content_policy(manifest)
-    try:
-        copy = read_capped(b.manifest_path, MAX_ENVELOPE_BYTES, display=str(b.manifest_path), what="manifest copy")
-    except FileNotFoundError:
-        raise BundleMismatchError(MismatchReport(missing=(MANIFEST_NAME,)), path=MANIFEST_NAME) from None
-    if copy != verified.payload:
-        raise IntegrityError(f"{MANIFEST_NAME} differs from the signed payload; the readable copy was altered", path=MANIFEST_NAME)
+    check_manifest_copy(b, verified.payload)
     report = check_tree(b, manifest)
     if report:
         raise BundleMismatchError(report)

@@ -200,19 +200,22 @@ def _header_of(fd: int, display: str) -> SafetensorsInfo:
         os.close(fd)
 
 
-def _load_with(opener: Callable[[str], int], files: list[str], name: str, kind: str, location: str) -> ModelSource:
-    """Read config.json, the index and the chosen headers through ``opener(relpath) -> fd``."""
+def _assemble(name: str, kind: str, location: str, files: list[str], read: Callable[[str, int], bytes],
+              header: Callable[[str], SafetensorsInfo]) -> ModelSource:
+    """config.json, the shard index and the chosen headers, through ``read(rel, cap)`` and ``header(rel)``."""
     if "config.json" not in files:
         raise ModelConfigError(f"{location}: no config.json (the estimator needs the model's config)", path=location)
-    cfg = parse_config(_read_fd(opener("config.json"), MAX_CONFIG_BYTES, f"{location}/config.json", "config"), f"{location}/config.json")
-    read_index = None
-    if INDEX_NAME in files:
-        def read_index() -> bytes:
-            return _read_fd(opener(INDEX_NAME), MAX_INDEX_BYTES, f"{location}/{INDEX_NAME}", "index")
-    tensors: list[TensorInfo] = []
-    for rel in select_weight_files(files, read_index):
-        tensors.extend(_header_of(opener(rel), f"{location}/{rel}").tensors)
+    cfg = parse_config(read("config.json", MAX_CONFIG_BYTES), f"{location}/config.json")
+    read_index = (lambda: read(INDEX_NAME, MAX_INDEX_BYTES)) if INDEX_NAME in files else None
+    tensors = [t for rel in select_weight_files(files, read_index) for t in header(rel).tensors]
     return ModelSource(name=name, kind=kind, location=location, config=cfg, tensors=tuple(tensors))
+
+
+def _load_with(opener: Callable[[str], int], files: list[str], name: str, kind: str, location: str) -> ModelSource:
+    """A model whose files ``opener(relpath) -> fd`` opens."""
+    return _assemble(name, kind, location, files,
+                     read=lambda rel, cap: _read_fd(opener(rel), cap, f"{location}/{rel}", "file"),
+                     header=lambda rel: _header_of(opener(rel), f"{location}/{rel}"))
 
 
 def _walk_files(root: Path) -> list[str]:
@@ -382,32 +385,22 @@ def fit_error(report: FitReport) -> FitError:
 
 
 def _verified_source(verified: VerifiedBundle, model: Any, *, read: Callable[[str, int], bytes] | None = None) -> ModelSource:
-    """A verified bundle's model: config and index read through ``read(path, cap)`` (from disk by default)."""
+    """A verified bundle's model: small files through ``read(path, cap)`` (from disk by default), headers as verify read them."""
     pre = model.prefix + "/"
-    files = [f.path[len(pre):] for f in verified.manifest.model_files(model)]
     root = verified.root
-    location = f"{root}/{model.prefix}"
-    if "config.json" not in files:
-        raise ModelConfigError(f"{model.repo_id}: no config.json in the bundle", path=location)
 
-    def from_disk(path: str, cap: int) -> bytes:
-        return _read_fd(open_regular_nofollow(root.joinpath(*path.split("/")), display=path), cap, path, "file")
+    def open_file(path: str) -> int:
+        return open_regular_nofollow(root.joinpath(*path.split("/")), display=path)
 
-    reader = read or from_disk
-    cfg_path = pre + "config.json"
-    cfg = parse_config(reader(cfg_path, MAX_CONFIG_BYTES), cfg_path)
-    read_index = None
-    if INDEX_NAME in files:
-        def read_index() -> bytes:
-            return reader(pre + INDEX_NAME, MAX_INDEX_BYTES)
-    tensors: list[TensorInfo] = []
-    for rel in select_weight_files(files, read_index):
-        full = pre + rel
-        info = verified.safetensors.get(full)
-        if info is None:  # verify reads every header; read it again only if it was not handed over
-            info = _header_of(open_regular_nofollow(root.joinpath(*full.split("/")), display=full), full)
-        tensors.extend(info.tensors)
-    return ModelSource(name=model.repo_id, kind="bundle", location=location, config=cfg, tensors=tuple(tensors))
+    reader = read or (lambda path, cap: _read_fd(open_file(path), cap, path, "file"))
+
+    def header(rel: str) -> SafetensorsInfo:
+        info = verified.safetensors.get(pre + rel)  # verify reads every header; read again only if not handed over
+        return info if info is not None else _header_of(open_file(pre + rel), pre + rel)
+
+    files = [f.path[len(pre):] for f in verified.manifest.model_files(model)]
+    return _assemble(model.repo_id, "bundle", f"{root}/{model.prefix}", files, read=lambda rel, cap: reader(pre + rel, cap),
+                     header=header)
 
 
 class _Keep:

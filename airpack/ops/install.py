@@ -172,12 +172,6 @@ def verify_for_install(bundle_path: Path, policy: TrustPolicy, *, now: dt.dateti
     return VerifiedBundle(root=bundle.root, manifest=manifest, signers=verified.signers, payload=verified.payload, safetensors=headers)
 
 
-def run_fit(vb: VerifiedBundle, opts: InstallOptions) -> list[dict[str, Any]]:
-    """The VRAM fit check: raises FitError unless ``--ignore-fit``; [] when no GPU is given or detected."""
-    reports: list[dict[str, Any]] = check_bundle_fit(vb, gpu=opts.gpu, context=opts.context, runtime=opts.runtime, ignore=opts.ignore_fit)
-    return reports
-
-
 def check_pickles(manifest: Manifest, allow_pickle: bool) -> None:
     """Pickles the signed policy allowed still need the operator's --allow-pickle."""
     pickles = [f"{m.prefix}/{p}" for m in manifest.models for p in m.pickles]
@@ -690,7 +684,8 @@ def _install(w: Writer, attempt: _Attempt, opts: InstallOptions, *, spool: str |
         "signers": [s["keyid"] for s in signers],
         "signer_names": [s["name"] for s in signers],
     })
-    fit = run_fit(vb, opts)
+    # The VRAM fit check: FitError unless --ignore-fit; [] when no GPU is given or detected.
+    fit = check_bundle_fit(vb, gpu=opts.gpu, context=opts.context, runtime=opts.runtime, ignore=opts.ignore_fit)
     audit["fit"] = fit
     check_pickles(m, opts.allow_pickle)
     downgrade = check_sequence(w, m, allow_downgrade=opts.allow_downgrade)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import content
-from .._fs import atomic_write, check_no_collisions, check_relpath, oserror_to_airpack, read_capped
+from .._fs import atomic_write, check_no_collisions, check_relpath, oserror_to_airpack
 from .._json import StrictJSONError, loads_strict
 from ..bundle import BundleDir, write_signed
 from ..errors import (
@@ -33,13 +33,13 @@ from ..errors import (
 )
 from ..gpus import parse_gpu
 from ..hashing import copy_and_hash, parallel_map
-from ..manifest import ENVELOPE_NAME, MANIFEST_NAME, FileEntry, Manifest, build_statement, encode, model_slug, now_utc, parse
+from ..manifest import ENVELOPE_NAME, FileEntry, Manifest, build_statement, encode, model_slug, now_utc, parse
 from ..progress import NULL_PROGRESS, Progress
 from ..safetensors_check import read_header, summarize
-from ..signing import MAX_ENVELOPE_BYTES, PAYLOAD_TYPE, Signer, envelope_bytes
+from ..signing import PAYLOAD_TYPE, Signer, envelope_bytes
 from ..spec import ModelSpec, PackSpec
 from .fit import estimate_target, worst_estimate
-from .verify import check_content_policy, check_files, check_safetensors
+from .verify import check_content_policy, check_files, check_manifest_copy, check_safetensors
 
 PARTIAL_MARKER = ".airpack-partial"
 STAGING_DIR = ".airpack-staging"  # partial downloads of an unfinished pack; removed before signing
@@ -397,12 +397,7 @@ def add_signature(bundle: Path, signer: Signer, *, progress: Progress = NULL_PRO
     if env.payload_type != PAYLOAD_TYPE:
         raise EnvelopeError(f"envelope {b.envelope_path} has payload type {env.payload_type!r}", path=str(b.envelope_path))
     manifest = parse(env.payload, digest=hashlib.sha256(env.payload).hexdigest())
-    try:
-        copy = read_capped(b.manifest_path, MAX_ENVELOPE_BYTES, what="manifest copy")
-    except FileNotFoundError:
-        copy = None
-    if copy != env.payload:
-        raise IntegrityError(f"{MANIFEST_NAME} differs from the payload of the envelope", path=MANIFEST_NAME)
+    check_manifest_copy(b, env.payload)
     check_content_policy(manifest)
     check_files(b, manifest, progress=progress)
     check_safetensors(b, manifest)

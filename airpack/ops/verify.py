@@ -64,17 +64,21 @@ def verify_payload(bundle: BundleDir, policy: TrustPolicy, *, now: dt.datetime |
     digest = hashlib.sha256(verified.payload).hexdigest()
     manifest = parse(verified.payload, digest=digest)
     check_fresh(manifest, now=now)
-    copy_path = bundle.manifest_path
+    check_manifest_copy(bundle, verified.payload)
+    return verified, manifest
+
+
+def check_manifest_copy(bundle: BundleDir, payload: bytes) -> None:
+    """The readable manifest.json must be byte-identical to the payload the envelope carries."""
     try:
-        copy = read_capped(copy_path, MAX_ENVELOPE_BYTES, display=f"{bundle.root}/{MANIFEST_NAME}", what="manifest copy")
+        copy = read_capped(bundle.manifest_path, MAX_ENVELOPE_BYTES, display=f"{bundle.root}/{MANIFEST_NAME}", what="manifest copy")
     except FileNotFoundError:
         raise BundleMismatchError(MismatchReport(missing=(MANIFEST_NAME,)), path=MANIFEST_NAME) from None
-    if copy != verified.payload:
+    if copy != payload:
         raise IntegrityError(
             f"{MANIFEST_NAME} differs from the signed payload in {bundle.envelope_path.name}; the readable copy was altered",
             path=MANIFEST_NAME,
         )
-    return verified, manifest
 
 
 def check_fresh(manifest: Manifest, *, now: dt.datetime | None = None) -> None:
