@@ -14,7 +14,8 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP) registry-bin
+# CI runs only `make test`: the lint (ruff, mypy --strict, import contracts) runs first and stops it on a finding.
+test: $(STAMP) lint registry-bin
 	$(BIN)/python -m pytest -q -n auto tests
 
 # The OCI tests run the CNCF distribution registry (Debian package docker-registry) on 127.0.0.1.
@@ -31,14 +32,16 @@ bench: $(STAMP) registry-bin
 	$(BIN)/python benchmarks/bench_install.py
 	$(BIN)/python benchmarks/bench_oci.py
 	$(BIN)/python benchmarks/bench_transfer.py
+	$(BIN)/python benchmarks/bench_startup.py
 
 bench-fit: $(STAMP)
 	$(BIN)/python benchmarks/bench_fit.py
 
+# Silent on success; each tool prints only its findings (lint-imports has no quiet flag: its report shows on failure).
 lint: $(STAMP)
-	$(BIN)/ruff check airpack tests benchmarks demo
-	$(BIN)/mypy airpack
-	$(BIN)/lint-imports
+	@$(BIN)/ruff check -q airpack tests benchmarks demo
+	@$(BIN)/mypy --no-error-summary airpack
+	@out=$$($(BIN)/lint-imports --no-logo 2>&1) || { printf '%s\n' "$$out"; exit 1; }
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -10,6 +10,9 @@ from __future__ import annotations
 import fnmatch
 import posixpath
 
+from .errors import ContentPolicyError
+from .manifest import Manifest
+
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib", "*.npy", "*.npz")
 CODE_PATTERNS = ("*.py", "*.pyc", "*.pyo", "*.so", "*.dylib", "*.dll", "*.sh", "*.ipynb")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -51,3 +54,31 @@ def matches(path: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bo
     if include and not any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(posixpath.basename(path), p) for p in include):
         return False
     return not any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(posixpath.basename(path), p) for p in exclude)
+
+
+WHEELS_PREFIX = "wheels/"  # wheels are pip's business (hash-pinned), not a model's content
+
+
+def check_signed_policy(manifest: Manifest) -> None:
+    """Pickles and code must be both listed on their model and allowed by the signed policy (exit 3 otherwise)."""
+    flagged_p = {f"{m.prefix}/{p}" for m in manifest.models for p in m.pickles}
+    flagged_c = {f"{m.prefix}/{p}" for m in manifest.models for p in m.code}
+    for f in manifest.files:
+        if f.path.startswith(WHEELS_PREFIX):
+            continue
+        if is_pickle(f.path) and (not manifest.allow_pickle or f.path not in flagged_p):
+            raise ContentPolicyError(f"pickled file {f.path} is not allowed by the bundle's signed policy", path=f.path)
+        if is_code(f.path) and (not manifest.allow_code or f.path not in flagged_c):
+            raise ContentPolicyError(f"code file {f.path} is not allowed by the bundle's signed policy", path=f.path)
+
+
+def check_operator_consent(manifest: Manifest, *, allow_pickle: bool) -> None:
+    """Pickles the signed policy allowed still need the operator's ``--allow-pickle`` to be installed."""
+    pickles = [f"{m.prefix}/{p}" for m in manifest.models for p in m.pickles]
+    pickles += [f.path for f in manifest.files if is_pickle(f.path) and not f.path.startswith(WHEELS_PREFIX)]
+    if pickles and not allow_pickle:
+        first = sorted(set(pickles))[0]
+        raise ContentPolicyError(
+            f"bundle {manifest.name} carries pickled weights ({first}); installing them needs --allow-pickle", path=first,
+            hint="Loading a pickle runs code from the file; pass --allow-pickle only if you trust its signers for that.",
+        )

@@ -1,8 +1,11 @@
-"""The one exception tree of airpack.
+"""The one exception tree of airpack, and the one mapping of any exception to its JSON record.
 
 Every refusal is a named class carrying its exit code (DESIGN.md, "Exit
-codes") and a hint that tells the user what to do next. The CLI maps these to
-exit codes in one place; nothing else calls ``sys.exit``.
+codes") and a hint that tells the user what to do next. ``error_record``
+turns any exception into the object that ``--json`` prints under ``"error"``
+and the audit log keeps: an ``AirpackError`` as itself, anything else (a bug)
+as an ``InternalError`` (exit 1) whose message names the original class. The
+CLI maps these to exit codes in one place; nothing else calls ``sys.exit``.
 
 Trust failures (who signed, the envelope) and integrity failures (the bytes
 once the signature holds) are kept apart, as are transport failures (fetch)
@@ -40,6 +43,19 @@ class AirpackError(Exception):
         if self.hint:
             out["hint"] = self.hint
         return out
+
+
+# -- 1: internal error (a bug) -------------------------------------------------
+
+
+class InternalError(AirpackError):
+    """An exception airpack did not raise on purpose: a bug. Its message names the original class."""
+
+    exit_code = 1
+
+    @classmethod
+    def wrap(cls, e: BaseException) -> InternalError:
+        return cls(f"internal error: {e!r}")
 
 
 # -- 2: usage and configuration ------------------------------------------------
@@ -257,12 +273,6 @@ class SequenceJumpError(TrustError):
     default_hint = "Ask the packer why the sequence jumped; a channel may grow by at most 1,000,000 per install."
 
 
-class ArtifactMismatchError(TrustError):
-    """An OCI artifact whose envelope signs another manifest than the one the artifact carries."""
-
-    default_hint = "The registry's copy was altered or mixed with another bundle; push it again from the entry host and pin nodes to its digest."
-
-
 # -- 5: fit ----------------------------------------------------------------------
 
 
@@ -329,3 +339,39 @@ class DiskSpaceError(ResourceError):
 
 class AccessDeniedError(ResourceError):
     default_hint = "Check the permissions of the folder airpack writes to."
+
+
+# -- 130: interrupted ----------------------------------------------------------------
+
+
+class Interrupted(AirpackError):
+    """Ctrl-C (SIGINT): the user stopped the command; what it was writing is left as a crash would leave it."""
+
+    exit_code = 130
+
+
+# -- the one mapping ----------------------------------------------------------------
+
+
+def as_airpack_error(e: BaseException) -> AirpackError:
+    """``e`` itself when airpack raised it on purpose; an interrupt as ``Interrupted``; anything else as an ``InternalError``."""
+    if isinstance(e, AirpackError):
+        return e
+    if isinstance(e, KeyboardInterrupt):
+        return Interrupted("interrupted")
+    return InternalError.wrap(e)
+
+
+def exit_code_of(e: BaseException) -> int:
+    """The exit code ``e`` ends a command with: its own, 130 for an interrupt, 1 for a bug."""
+    return as_airpack_error(e).exit_code
+
+
+def error_record(e: BaseException) -> dict[str, Any]:
+    """The JSON object of an error, as ``--json`` prints it under ``"error"``.
+
+    ``exit_code``, ``type``, ``message``, ``path``, ``hint`` when there is one, and what the
+    class adds (a mismatch report, the bad audit line, the damaged parts). A bug is an
+    ``InternalError`` whose message names the original exception.
+    """
+    return as_airpack_error(e).to_json()

@@ -20,10 +20,10 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from .errors import GpuSpecError, NoGpuError
+from . import units
+from .errors import GpuSpecError, NoGpuError, UsageError
 from .vram import GpuBudget
 
 MiB = 1 << 20
@@ -84,8 +84,6 @@ _NOISE = {"nvidia", "tesla", "geforce", "quadro", "amd", "instinct", "radeon", "
           "hbm2e", "hbm3", "hbm3e", "gddr6", "gddr6x", "gddr7", "the"}
 _FORMS = {"sxm": "sxm", "sxm2": "sxm", "sxm4": "sxm", "sxm5": "sxm", "sxm6": "sxm", "pcie": "pcie", "pci": "pcie", "nvl": "nvl"}
 _SIZE_TOKEN = re.compile(r"^(\d+)(?:gb|g|gib)$")
-_SIZE_SPEC = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
 def _tokens(name: str) -> tuple[set[str], int | None, set[str]]:
@@ -140,16 +138,12 @@ def lookup(name: str) -> CatalogGpu:
     return cands[0]
 
 
-def parse_size(text: str) -> int | None:
-    """Bytes of ``24GiB``, ``80GB``, ``64MiB`` (None when ``text`` is not a size)."""
-    m = _SIZE_SPEC.match(text)
-    if not m:
-        return None
+def size_or_none(text: str) -> int | None:
+    """Bytes of ``24GiB``, ``80GB``, ``64MiB`` (units.parse_size with a unit required); None when ``text`` is not a size."""
     try:
-        n = int(Decimal(m.group(1)) * _UNITS[m.group(2).lower()])
-    except InvalidOperation:
+        return units.parse_size(text, require_unit=True)
+    except UsageError:
         return None
-    return n
 
 
 def split_count(spec: str) -> tuple[str, int]:
@@ -175,7 +169,7 @@ def parse_gpu(spec: str, *, count: int | None = None) -> GpuBudget:
         n = count
     if not name:
         raise GpuSpecError(f"GPU spec {spec!r} names no GPU")
-    size = parse_size(name)
+    size = size_or_none(name)
     if size is not None:
         if size < MiB:
             raise GpuSpecError(f"GPU size {name!r} is smaller than 1 MiB")
@@ -241,7 +235,7 @@ def _visible(gpus: list[DetectedGpu]) -> list[DetectedGpu]:
 def detect_gpus() -> list[DetectedGpu]:
     """The host's GPUs through NVML; ``NoGpuError`` (one line) when there are none to see."""
     try:
-        import pynvml as nvml
+        import pynvml as nvml  # the NVIDIA driver's library, loaded only when the host's GPUs are asked for
     except Exception as e:  # noqa: BLE001 - any import failure means "no NVML here"
         raise NoGpuError(f"no GPU detected: nvidia-ml-py (pynvml) cannot be imported ({type(e).__name__})") from None
     try:

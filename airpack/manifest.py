@@ -204,6 +204,40 @@ def _str_list(v: object, where: str) -> tuple[str, ...]:
 
 def parse(payload: bytes, *, digest: str = "") -> Manifest:
     """Parse trusted payload bytes. Unknown statement/predicate types are trust failures (exit 4)."""
+    st = _load_statement(payload)
+    subjects = _req(st, "subject", list, "statement")
+    pred = _req(st, "predicate", dict, "statement")
+    if len(subjects) > MAX_FILES:
+        raise MalformedManifestError(f"manifest lists more than {MAX_FILES} files")
+    digests = _parse_subjects(subjects)
+    bundle = _parse_bundle(_req(pred, "bundle", dict, "predicate"))
+    files = _parse_files(_req(pred, "files", list, "predicate"), digests)
+    allow_pickle, allow_code = _parse_policy(pred.get("policy", {}))
+    models = _parse_models(_req(pred, "models", list, "predicate"))
+    wheels = _parse_wheels(pred.get("wheels", []) or [], digests)
+    targets = _parse_targets(pred.get("targets", []) or [])
+    return Manifest(
+        name=bundle.name,
+        channel=bundle.channel,
+        sequence=bundle.sequence,
+        created=bundle.created,
+        expires=bundle.expires,
+        files=tuple(files),
+        models=tuple(models),
+        wheels=tuple(wheels),
+        allow_pickle=allow_pickle,
+        allow_code=allow_code,
+        targets=tuple(targets),
+        statement=st,
+        digest=digest,
+    )
+
+
+# -- the steps of ``parse``, in the order it runs them (the first failure is the one reported) --
+
+
+def _load_statement(payload: bytes) -> dict[str, Any]:
+    """The payload as a JSON object that is an in-toto Statement with airpack's predicate type."""
     try:
         st = loads_strict(payload, allow_floats=False)
     except StrictJSONError as e:
@@ -214,13 +248,12 @@ def parse(payload: bytes, *, digest: str = "") -> Manifest:
         raise EnvelopeError(f"payload is not an in-toto Statement v1 (_type {st.get('_type')!r})")
     if st.get("predicateType") != PREDICATE_TYPE:
         raise EnvelopeError(f"unknown predicate type {st.get('predicateType')!r}; expected {PREDICATE_TYPE}")
-    subjects = _req(st, "subject", list, "statement")
-    pred = _req(st, "predicate", dict, "statement")
-    if len(subjects) > MAX_FILES:
-        raise MalformedManifestError(f"manifest lists more than {MAX_FILES} files")
+    return st
 
+
+def _parse_subjects(subjects: list[Any]) -> dict[str, str]:
+    """Path -> sha256 of every subject, in the statement's order; paths safe, unique, not reserved, not colliding."""
     digests: dict[str, str] = {}
-    order: list[str] = []
     for s in subjects:
         if not isinstance(s, dict) or not isinstance(s.get("digest"), dict):
             raise MalformedManifestError("manifest: a subject entry is malformed")
@@ -233,11 +266,21 @@ def parse(payload: bytes, *, digest: str = "") -> Manifest:
         if name in RESERVED:
             raise UnsafePathError(f"manifest lists the reserved name {name!r}", path=name)
         digests[name] = sha
-        order.append(name)
     # The envelope and manifest copy take part: MANIFEST.JSON would overwrite manifest.json on FAT/exFAT media.
-    check_no_collisions([*sorted(RESERVED), *order])
+    check_no_collisions([*sorted(RESERVED), *digests])
+    return digests
 
-    bundle = _req(pred, "bundle", dict, "predicate")
+
+@dataclass(frozen=True)
+class _BundleFields:
+    name: str
+    channel: str
+    sequence: int
+    created: dt.datetime
+    expires: dt.datetime | None
+
+
+def _parse_bundle(bundle: dict[str, Any]) -> _BundleFields:
     name = _req(bundle, "name", str, "bundle")
     channel = _req(bundle, "channel", str, "bundle")
     if not valid_name(name) or not valid_name(channel):
@@ -247,8 +290,11 @@ def parse(payload: bytes, *, digest: str = "") -> Manifest:
         raise MalformedManifestError("manifest: bundle.sequence out of range")
     created = parse_time(bundle.get("created"), "bundle.created")
     expires = parse_time(bundle["expires"], "bundle.expires") if bundle.get("expires") is not None else None
+    return _BundleFields(name=name, channel=channel, sequence=sequence, created=created, expires=expires)
 
-    files_doc = _req(pred, "files", list, "predicate")
+
+def _parse_files(files_doc: list[Any], digests: dict[str, str]) -> list[FileEntry]:
+    """predicate.files: one size per subject, no more, no fewer."""
     files: list[FileEntry] = []
     seen: set[str] = set()
     for f in files_doc:
@@ -268,51 +314,64 @@ def parse(payload: bytes, *, digest: str = "") -> Manifest:
     if missing:
         p = sorted(missing)[0]
         raise MalformedManifestError(f"manifest: subject {p!r} has no size in predicate.files", path=p)
+    return files
 
-    policy = pred.get("policy", {})
+
+def _parse_policy(policy: object) -> tuple[bool, bool]:
+    """(allow_pickle, allow_code) of predicate.policy; both default to false."""
     if not isinstance(policy, dict):
         raise MalformedManifestError("manifest: predicate.policy must be an object")
     allow_pickle = policy.get("allow_pickle", False)
     allow_code = policy.get("allow_code", False)
     if not isinstance(allow_pickle, bool) or not isinstance(allow_code, bool):
         raise MalformedManifestError("manifest: policy flags must be booleans")
+    return allow_pickle, allow_code
 
+
+def _parse_models(models_doc: list[Any]) -> list[ModelEntry]:
     models: list[ModelEntry] = []
     prefixes: set[str] = set()
-    for m in _req(pred, "models", list, "predicate"):
-        if not isinstance(m, dict):
-            raise MalformedManifestError("manifest: a models entry is malformed")
-        repo_id = _req(m, "repo_id", str, "models[]")
-        if not valid_repo_id(repo_id):
-            raise MalformedManifestError(f"manifest: invalid repo id {repo_id!r}")
-        prefix = _req(m, "path", str, "models[]")
-        if prefix != model_slug(repo_id) or prefix in prefixes:
-            raise MalformedManifestError(f"manifest: model {repo_id!r} has an unexpected path {prefix!r}")
-        prefixes.add(prefix)
-        commit = _req(m, "commit", str, "models[]")
-        if not re.match(r"^[0-9a-f]{40}$", commit):
-            raise MalformedManifestError(f"manifest: model {repo_id!r} has an invalid commit {commit!r}")
-        source = _req(m, "source", str, "models[]")
-        if source not in ("local", "hub"):
-            raise MalformedManifestError(f"manifest: model {repo_id!r} has an unknown source {source!r}")
-        models.append(
-            ModelEntry(
-                repo_id=repo_id,
-                source=source,
-                prefix=prefix,
-                commit=commit,
-                revision=_opt_str(m, "revision", "models[]"),
-                license=_opt_str(m, "license", "models[]"),
-                pickles=_str_list(m.get("pickles"), "models[].pickles"),
-                code=_str_list(m.get("code"), "models[].code"),
-                raw=m,
-            )
-        )
+    for m in models_doc:
+        model = _parse_model(m, prefixes)
+        prefixes.add(model.prefix)
+        models.append(model)
+    return models
 
-    wheels: list[WheelEntry] = []
-    wheels_doc = pred.get("wheels", []) or []
+
+def _parse_model(m: object, prefixes: set[str]) -> ModelEntry:
+    """One predicate.models entry; its path must be its repo id's slug and not one ``prefixes`` already holds."""
+    if not isinstance(m, dict):
+        raise MalformedManifestError("manifest: a models entry is malformed")
+    repo_id = _req(m, "repo_id", str, "models[]")
+    if not valid_repo_id(repo_id):
+        raise MalformedManifestError(f"manifest: invalid repo id {repo_id!r}")
+    prefix = _req(m, "path", str, "models[]")
+    if prefix != model_slug(repo_id) or prefix in prefixes:
+        raise MalformedManifestError(f"manifest: model {repo_id!r} has an unexpected path {prefix!r}")
+    commit = _req(m, "commit", str, "models[]")
+    if not re.match(r"^[0-9a-f]{40}$", commit):
+        raise MalformedManifestError(f"manifest: model {repo_id!r} has an invalid commit {commit!r}")
+    source = _req(m, "source", str, "models[]")
+    if source not in ("local", "hub"):
+        raise MalformedManifestError(f"manifest: model {repo_id!r} has an unknown source {source!r}")
+    return ModelEntry(
+        repo_id=repo_id,
+        source=source,
+        prefix=prefix,
+        commit=commit,
+        revision=_opt_str(m, "revision", "models[]"),
+        license=_opt_str(m, "license", "models[]"),
+        pickles=_str_list(m.get("pickles"), "models[].pickles"),
+        code=_str_list(m.get("code"), "models[].code"),
+        raw=m,
+    )
+
+
+def _parse_wheels(wheels_doc: object, digests: dict[str, str]) -> list[WheelEntry]:
+    """predicate.wheels: each wheel is a subject and records that subject's digest."""
     if not isinstance(wheels_doc, list):
         raise MalformedManifestError("manifest: predicate.wheels must be a list")
+    wheels: list[WheelEntry] = []
     for w in wheels_doc:
         if not isinstance(w, dict):
             raise MalformedManifestError("manifest: a wheels entry is malformed")
@@ -325,23 +384,10 @@ def parse(payload: bytes, *, digest: str = "") -> Manifest:
         wheels.append(
             WheelEntry(name=_req(w, "name", str, "wheels[]"), version=_req(w, "version", str, "wheels[]"), path=wp, sha256=sha, raw=w)
         )
+    return wheels
 
-    targets = pred.get("targets", []) or []
+
+def _parse_targets(targets: object) -> list[dict[str, Any]]:
     if not isinstance(targets, list) or not all(isinstance(t, dict) for t in targets):
         raise MalformedManifestError("manifest: predicate.targets must be a list of objects")
-
-    return Manifest(
-        name=name,
-        channel=channel,
-        sequence=sequence,
-        created=created,
-        expires=expires,
-        files=tuple(files),
-        models=tuple(models),
-        wheels=tuple(wheels),
-        allow_pickle=allow_pickle,
-        allow_code=allow_code,
-        targets=tuple(targets),
-        statement=st,
-        digest=digest,
-    )
+    return targets

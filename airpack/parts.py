@@ -65,33 +65,6 @@ CODEC = "zfec-reed-solomon-gf256"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _PART_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1 << 10,
-    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
-    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
-    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
-}
-# Media whose limit is not a round number: FAT32 refuses a file of exactly 4 GiB.
-NAMED_SIZES = {"fat32": (1 << 32) - 1}
-
-
-def parse_size(text: str) -> int:
-    """``4GiB`` (binary), ``25GB`` (decimal), ``700MB``, ``1MiB``, ``123456`` bytes, or ``fat32`` (4 GiB - 1)."""
-    s = text.strip().lower().replace(" ", "")
-    if s in NAMED_SIZES:
-        return NAMED_SIZES[s]
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", s)
-    if not m or m.group(2) not in _UNITS:
-        raise UsageError(f"invalid size {text!r}: use a number with B, KB, MB, GB, TB (decimal) or KiB, MiB, GiB, TiB (binary), or 'fat32'")
-    whole, _, frac = m.group(1).partition(".")
-    unit = _UNITS[m.group(2)]
-    value = int(whole) * unit + (int(frac) * unit) // (10 ** len(frac)) if frac else int(whole) * unit
-    if value < MIN_PART_BYTES:
-        raise UsageError(f"part size {text!r} is below the {MIN_PART_BYTES}-byte minimum")
-    return value
-
-
 # -- the layout ------------------------------------------------------------------------
 
 
@@ -270,6 +243,26 @@ def _int(d: dict[str, Any], key: str, lo: int = 0) -> int:
 
 def parse_index(payload: bytes) -> PartsIndex:
     """Parse an index payload whose signature already held; every number is checked against the others."""
+    st = _load_index_statement(payload)
+    pred, subjects = st.get("predicate"), st.get("subject")
+    if not isinstance(pred, dict) or not isinstance(subjects, list):
+        raise _bad("predicate or subject missing")
+    tar, bundle, lay, plist = pred.get("tar"), pred.get("bundle"), pred.get("layout"), pred.get("parts")
+    if not (isinstance(tar, dict) and isinstance(bundle, dict) and isinstance(lay, dict) and isinstance(plist, list)):
+        raise _bad("tar, bundle, layout or parts missing")
+    tar_name, tar_sha = _check_tar(tar, bundle)
+    tar_size = _int(tar, "size", 1)
+    layout = _parse_layout(lay, tar_size)
+    if len(plist) != layout.total_parts or len(subjects) != layout.total_parts:
+        raise _bad("the number of parts does not match the layout")
+    digests = _subject_digests(subjects)
+    parts = _parse_parts(plist, digests, layout, tar_name)
+    return PartsIndex(tar_name=tar_name, tar_size=tar_size, tar_sha256=tar_sha, layout=layout, parts=tuple(parts),
+                      bundle=dict(bundle), statement=st)
+
+
+def _load_index_statement(payload: bytes) -> dict[str, Any]:
+    """The payload as an in-toto Statement with the parts predicate type (anything else is a trust failure)."""
     try:
         st = loads_strict(payload, max_depth=8)
     except StrictJSONError as e:
@@ -278,12 +271,11 @@ def parse_index(payload: bytes) -> PartsIndex:
         raise EnvelopeError("parts index payload is not an in-toto Statement v1")
     if st.get("predicateType") != PARTS_PREDICATE:
         raise EnvelopeError(f"parts index has predicate type {st.get('predicateType')!r}, expected {PARTS_PREDICATE}")
-    pred, subjects = st.get("predicate"), st.get("subject")
-    if not isinstance(pred, dict) or not isinstance(subjects, list):
-        raise _bad("predicate or subject missing")
-    tar, bundle, lay, plist = pred.get("tar"), pred.get("bundle"), pred.get("layout"), pred.get("parts")
-    if not (isinstance(tar, dict) and isinstance(bundle, dict) and isinstance(lay, dict) and isinstance(plist, list)):
-        raise _bad("tar, bundle, layout or parts missing")
+    return st
+
+
+def _check_tar(tar: dict[str, Any], bundle: dict[str, Any]) -> tuple[str, str]:
+    """(tar name, tar sha256); the name is a plain file name and both digests are SHA-256s."""
     tar_name = tar.get("name")
     if not isinstance(tar_name, str) or not _PART_NAME.match(tar_name):
         raise _bad("tar.name is not a plain file name")
@@ -292,26 +284,31 @@ def parse_index(payload: bytes) -> PartsIndex:
         raise _bad("tar.sha256 is not a SHA-256")
     if not isinstance(bundle.get("manifest_sha256"), str) or not _HEX64.match(bundle["manifest_sha256"]):
         raise _bad("bundle.manifest_sha256 is not a SHA-256")
-    tar_size = _int(tar, "size", 1)
+    return tar_name, tar_sha
+
+
+def _parse_layout(lay: dict[str, Any], tar_size: int) -> Layout:
+    """The layout, whose part count and sizes must cover exactly ``tar_size`` bytes."""
     kind = lay.get("kind")
     k, n, part_size = _int(lay, "data_parts", 1), _int(lay, "parity_parts"), _int(lay, "part_size", 1)
     if kind == "concat":
         if n or k > MAX_CONCAT_PARTS or not part_size * (k - 1) < tar_size <= part_size * k:
             raise _bad("concat layout does not add up to the tar size")
-        layout = Layout(kind="concat", tar_size=tar_size, data_parts=k, parity_parts=0, part_size=part_size)
-    elif kind == "striped":
+        return Layout(kind="concat", tar_size=tar_size, data_parts=k, parity_parts=0, part_size=part_size)
+    if kind == "striped":
         block, rows = _int(lay, "block_size", 1), _int(lay, "rows", 1)
         if lay.get("codec") != CODEC:
             raise _bad(f"unknown codec {lay.get('codec')!r}")
         if (n < 1 or k + n > MAX_STRIPED_PARTS or block > MAX_BLOCK or part_size != rows * block
                 or not (rows - 1) * k * block < tar_size <= rows * k * block):
             raise _bad("striped layout does not add up to the tar size")
-        layout = Layout(kind="striped", tar_size=tar_size, data_parts=k, parity_parts=n, part_size=part_size,
-                        block_size=block, rows=rows)
-    else:
-        raise _bad(f"unknown layout {kind!r}")
-    if len(plist) != layout.total_parts or len(subjects) != layout.total_parts:
-        raise _bad("the number of parts does not match the layout")
+        return Layout(kind="striped", tar_size=tar_size, data_parts=k, parity_parts=n, part_size=part_size,
+                      block_size=block, rows=rows)
+    raise _bad(f"unknown layout {kind!r}")
+
+
+def _subject_digests(subjects: list[Any]) -> dict[str, str]:
+    """Name -> sha256 of each subject; a name may appear once."""
     digests: dict[str, str] = {}
     for s in subjects:
         if not isinstance(s, dict) or not isinstance(s.get("digest"), dict):
@@ -320,6 +317,11 @@ def parse_index(payload: bytes) -> PartsIndex:
         if not isinstance(name, str) or not isinstance(sha, str) or not _HEX64.match(sha) or name in digests:
             raise _bad("a subject has no valid name and sha256, or repeats")
         digests[name] = sha
+    return digests
+
+
+def _parse_parts(plist: list[Any], digests: dict[str, str], layout: Layout, tar_name: str) -> list[PartInfo]:
+    """The parts in order: safe names, unique even case-folded (and not the index's own name), signed, placed as the layout says."""
     parts: list[PartInfo] = []
     seen: set[str] = {index_name(tar_name).casefold()}
     for i, p in enumerate(plist):
@@ -329,12 +331,11 @@ def parse_index(payload: bytes) -> PartsIndex:
         if not isinstance(name, str) or not _PART_NAME.match(name) or name.casefold() in seen or name not in digests:
             raise _bad(f"part {i + 1} has an unsafe, repeated or unsigned name")
         seen.add(name.casefold())
-        role = "data" if i < k else "parity"
+        role = "data" if i < layout.data_parts else "parity"
         if p.get("role") != role or _int(p, "index") != i or _int(p, "size") != layout.expected_size(i):
             raise _bad(f"part {name} has the wrong role, index or size for the layout")
         parts.append(PartInfo(name=name, index=i, role=role, size=p["size"], sha256=digests[name]))
-    return PartsIndex(tar_name=tar_name, tar_size=tar_size, tar_sha256=tar_sha, layout=layout, parts=tuple(parts),
-                      bundle=dict(bundle), statement=st)
+    return parts
 
 
 def load_index(path: Path, policy: TrustPolicy) -> tuple[PartsIndex, VerifiedPayload]:
@@ -447,7 +448,7 @@ class PartsWriter:
         self.outs: list[_PartOut] = []
         self.written = 0
         if layout.kind == "striped":
-            import zfec
+            import zfec  # a C extension, loaded only when parity is used
 
             k, n, b = layout.data_parts, layout.parity_parts, layout.block_size
             self._encoder = zfec.Encoder(k, k + n)
@@ -710,6 +711,37 @@ def repair(folder: Path, index: PartsIndex, report: PartsReport, *, on_bytes: Ca
     if not lost:
         return []
     lay = index.layout
+    _check_repairable(lay, lost, report)
+    import zfec  # a C extension, loaded only when parity is used
+
+    k, n = lay.data_parts, lay.parity_parts
+    good = [p for p in index.parts if p.name not in lost][:k]  # data parts first: decoding them is a copy
+    rebuild = [p for p in index.parts if p.name in lost]
+    decoder = zfec.Decoder(k, k + n)
+    encoder = zfec.Encoder(k, k + n)
+    fds: list[int] = []
+    outs: list[_PartOut] = []
+    try:
+        for p in good:
+            fds.append(_open_part(folder / p.name, p.name))
+        for p in rebuild:
+            outs.append(_PartOut(folder, p.name))
+        targets = list(zip(rebuild, outs, strict=True))
+        _rebuild_stripes(lay, decoder, encoder, list(zip(good, fds, strict=True)), targets, on_bytes)
+        _land_rebuilt(folder, targets)
+    except OSError as e:
+        raise oserror_to_airpack(e, "cannot repair in", str(folder)) from None
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for o in outs:
+            o.discard()
+    return [p.name for p in rebuild]
+
+
+def _check_repairable(lay: Layout, lost: set[str], report: PartsReport) -> None:
+    """Refuse, naming the lost parts, when there is no parity or fewer parity parts than lost ones."""
     names = ", ".join(sorted(lost))
     if lay.kind != "striped":
         raise PartsError(f"cannot repair {names}: this export has no parity parts", missing=report.missing, bad=report.bad,
@@ -720,48 +752,38 @@ def repair(folder: Path, index: PartsIndex, report: PartsReport, *, on_bytes: Ca
             f"{lay.parity_parts}", missing=report.missing, bad=report.bad,
             hint="Copy some of the named parts again from the source media, then run repair.",
         )
-    import zfec
 
-    k, n, b = lay.data_parts, lay.parity_parts, lay.block_size
-    good = [p for p in index.parts if p.name not in lost][:k]  # data parts first: decoding them is a copy
-    rebuild = [p for p in index.parts if p.name in lost]
-    decoder = zfec.Decoder(k, k + n)
-    encoder = zfec.Encoder(k, k + n)
-    need_parity = tuple(p.index for p in rebuild if p.role == "parity")
-    fds: list[int] = []
-    outs: list[_PartOut] = []
-    try:
-        for p in good:
-            fds.append(_open_part(folder / p.name, p.name))
-        for p in rebuild:
-            outs.append(_PartOut(folder, p.name))
-        nums = tuple(p.index for p in good)
-        for row in range(lay.rows):
-            blocks = []
-            for j, fd in enumerate(fds):
-                blk = os.pread(fd, b, row * b)
-                if len(blk) != b:
-                    raise PartsError(f"part {good[j].name} changed while repair read it", bad=((good[j].name, "truncated"),))
-                blocks.append(blk)
-            primary = decode_stripe(decoder, blocks, nums, k, b)
-            parity = dict(zip(need_parity, encode_stripe(encoder, primary, need_parity, b), strict=True)) if need_parity else {}
-            for p, o in zip(rebuild, outs, strict=True):
-                o.write(primary[p.index] if p.role == "data" else parity[p.index])
-            on_bytes(b * len(good))
-        for p, o in zip(rebuild, outs, strict=True):
-            o.close()
-            if o.hash.hexdigest() != p.sha256 or o.size != p.size:
-                raise PartsError(f"rebuilt {p.name} does not match the parts index; another part changed during repair",
-                                 bad=((p.name, "rebuild mismatch"),))
-        for o in outs:
-            o.commit()
-        fsync_dir(folder)
-    except OSError as e:
-        raise oserror_to_airpack(e, "cannot repair in", str(folder)) from None
-    finally:
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        for o in outs:
-            o.discard()
-    return [p.name for p in rebuild]
+
+def _rebuild_stripes(lay: Layout, decoder: Any, encoder: Any, sources: list[tuple[PartInfo, int]],
+                     targets: list[tuple[PartInfo, _PartOut]], on_bytes: Callable[[int], None]) -> None:
+    """Stripe by stripe: read the block of each intact part, decode the data blocks, re-encode the lost parity blocks."""
+    k, b = lay.data_parts, lay.block_size
+    nums = tuple(p.index for p, _ in sources)
+    need_parity = tuple(p.index for p, _ in targets if p.role == "parity")
+    for row in range(lay.rows):
+        blocks = [_read_block(p, fd, row, b) for p, fd in sources]
+        primary = decode_stripe(decoder, blocks, nums, k, b)
+        parity = dict(zip(need_parity, encode_stripe(encoder, primary, need_parity, b), strict=True)) if need_parity else {}
+        for p, o in targets:
+            o.write(primary[p.index] if p.role == "data" else parity[p.index])
+        on_bytes(b * len(sources))
+
+
+def _read_block(p: PartInfo, fd: int, row: int, b: int) -> bytes:
+    """Block ``row`` of an intact part; a short read means the part changed after it was checked."""
+    blk = os.pread(fd, b, row * b)
+    if len(blk) != b:
+        raise PartsError(f"part {p.name} changed while repair read it", bad=((p.name, "truncated"),))
+    return blk
+
+
+def _land_rebuilt(folder: Path, targets: list[tuple[PartInfo, _PartOut]]) -> None:
+    """Check every rebuilt part against the index, then rename them all into place."""
+    for p, o in targets:
+        o.close()
+        if o.hash.hexdigest() != p.sha256 or o.size != p.size:
+            raise PartsError(f"rebuilt {p.name} does not match the parts index; another part changed during repair",
+                             bad=((p.name, "rebuild mismatch"),))
+    for _, o in targets:
+        o.commit()
+    fsync_dir(folder)

@@ -102,6 +102,20 @@ def parse_header(header: bytes, file_size: int, *, display: str = "<safetensors>
     data_len = file_size - 8 - n
     if data_len < 0:
         raise _bad(display, "header runs past the end of the file")
+    obj = _load_header_object(header, display)
+    metadata: dict[str, str] = {}
+    tensors: list[TensorInfo] = []
+    for name, spec in obj.items():
+        if name == "__metadata__":
+            metadata = _parse_metadata(spec, display)
+        else:
+            tensors.append(_parse_tensor(name, spec, data_len, display))
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    _check_contiguous(tensors, data_len, display)
+    return SafetensorsInfo(tensors=tuple(tensors), metadata=metadata, header_size=n, file_size=file_size)
+
+
+def _load_header_object(header: bytes, display: str) -> dict[str, Any]:
     if not header.startswith(b"{"):
         raise _bad(display, "header does not start with '{'")
     try:
@@ -110,41 +124,47 @@ def parse_header(header: bytes, file_size: int, *, display: str = "<safetensors>
         raise _bad(display, f"header is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise _bad(display, "header is not a JSON object")
-    metadata: dict[str, str] = {}
-    tensors: list[TensorInfo] = []
-    for name, spec in obj.items():
-        if name == "__metadata__":
-            if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
-                raise _bad(display, "__metadata__ must map strings to strings")
-            metadata = dict(spec)
-            continue
-        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
-            raise _bad(display, f"tensor {name!r} must have exactly dtype, shape and data_offsets")
-        dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-            raise _bad(display, f"tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise _bad(display, f"tensor {name!r} has an invalid shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        ):
-            raise _bad(display, f"tensor {name!r} has invalid data_offsets {offsets!r}")
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_len:
-            raise _bad(display, f"tensor {name!r} offsets [{begin}, {end}] are out of bounds (data is {data_len} bytes)")
-        numel = 1
-        for d in shape:
-            numel *= d
-        bits = numel * DTYPE_BITS[dtype]
-        if bits % 8 != 0 or bits // 8 != end - begin:
-            raise _bad(
-                display,
-                f"tensor {name!r}: shape {shape} x {dtype} is {bits / 8:g} bytes but data_offsets span {end - begin}",
-            )
-        tensors.append(TensorInfo(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end))
-    tensors.sort(key=lambda t: (t.begin, t.end))
+    return obj
+
+
+def _parse_metadata(spec: object, display: str) -> dict[str, str]:
+    if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+        raise _bad(display, "__metadata__ must map strings to strings")
+    return dict(spec)
+
+
+def _parse_tensor(name: str, spec: object, data_len: int, display: str) -> TensorInfo:
+    """One tensor entry: a known dtype, a shape of non-negative ints, offsets inside the data whose span is exactly its bytes."""
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+        raise _bad(display, f"tensor {name!r} must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise _bad(display, f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise _bad(display, f"tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise _bad(display, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise _bad(display, f"tensor {name!r} offsets [{begin}, {end}] are out of bounds (data is {data_len} bytes)")
+    numel = 1
+    for d in shape:
+        numel *= d
+    bits = numel * DTYPE_BITS[dtype]
+    if bits % 8 != 0 or bits // 8 != end - begin:
+        raise _bad(
+            display,
+            f"tensor {name!r}: shape {shape} x {dtype} is {bits / 8:g} bytes but data_offsets span {end - begin}",
+        )
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
+def _check_contiguous(tensors: list[TensorInfo], data_len: int, display: str) -> None:
+    """Tensors sorted by offset must tile the data exactly: no overlap, no gap, nothing after the last."""
     pos = 0
     for t in tensors:
         if t.begin < pos:
@@ -154,7 +174,6 @@ def parse_header(header: bytes, file_size: int, *, display: str = "<safetensors>
         pos = t.end
     if pos != data_len:
         raise _bad(display, f"{data_len - pos} trailing bytes after the last tensor")
-    return SafetensorsInfo(tensors=tuple(tensors), metadata=metadata, header_size=n, file_size=file_size)
 
 
 def read_header_fd(fd: int, *, display: str) -> SafetensorsInfo:

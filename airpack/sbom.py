@@ -53,6 +53,7 @@ def serial_number(*, name: str, channel: str, sequence: int, created: dt.datetim
 def build_sbom(*, name: str, channel: str, sequence: int, created: dt.datetime, files: Sequence[FileEntry],
                models: Sequence[dict[str, Any]], wheels: Sequence[dict[str, Any]]) -> bytes:
     """The CycloneDX 1.6 JSON document (canonical JSON bytes) for a bundle's files, model and wheel records."""
+    # cyclonedx-python-lib is slow to import (about as long as the whole CLI): loaded only when an SBOM is built
     try:
         from cyclonedx.contrib.license.factories import LicenseFactory
     except ImportError:  # cyclonedx-python-lib before 11

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +45,6 @@ def spki_der(public_key: PublicKey) -> bytes:
 
 
 def key_id(public_key: PublicKey) -> str:
-    import hashlib
-
     return hashlib.sha256(spki_der(public_key)).hexdigest()
 
 
@@ -188,8 +188,6 @@ class Envelope:
 
 
 def envelope_bytes(payload_type: str, payload: bytes, signatures: list[dict[str, str]]) -> bytes:
-    import json
-
     doc = {
         "payload": base64.b64encode(payload).decode("ascii"),
         "payloadType": payload_type,

@@ -127,8 +127,30 @@ def load_spec(path: Path) -> PackSpec:
 
 
 def spec_from_dict(doc: dict[str, Any], *, base: Path, src: str = "<spec>") -> PackSpec:
+    """Validate a parsed spec; the tables are checked in file order, and the first problem found is the one reported."""
     _check_keys(doc, {"bundle", "models", "policy", "wheels", "targets"}, "the top level", src)
-    bundle = doc.get("bundle")
+    name, channel, sequence, expires = _bundle_table(doc.get("bundle"), src)
+    models = _models(doc.get("models"), base, src)
+    allow_pickle, allow_code = _policy_table(doc.get("policy", {}), src)
+    w = doc.get("wheels")
+    wheels = _wheels_table(w, base, src) if w is not None else None
+    targets = _targets(doc.get("targets", []), src)
+    return PackSpec(
+        name=name,
+        channel=channel,
+        sequence=sequence,
+        expires=expires,
+        models=models,
+        allow_pickle=allow_pickle,
+        allow_code=allow_code,
+        wheels=wheels,
+        targets=targets,
+        source=base,
+    )
+
+
+def _bundle_table(bundle: object, src: str) -> tuple[str, str, int, dt.datetime | None]:
+    """[bundle]: (name, channel, sequence, expires); the channel defaults to the name."""
     if not isinstance(bundle, dict):
         raise SpecError(f"spec {src}: a [bundle] table is required", path=src)
     _check_keys(bundle, {"name", "channel", "sequence", "expires"}, "[bundle]", src)
@@ -141,111 +163,107 @@ def spec_from_dict(doc: dict[str, Any], *, base: Path, src: str = "<spec>") -> P
     sequence = _typed(bundle, "sequence", int, "bundle", src)
     if sequence is None or sequence < 0 or sequence >= 2**63:
         raise SpecError(f"spec {src}: bundle.sequence is required (a non-negative integer)", path=src)
-    expires = _to_utc(bundle.get("expires"), src)
+    return name, channel, sequence, _to_utc(bundle.get("expires"), src)
 
-    models_doc = doc.get("models")
+
+def _models(models_doc: object, base: Path, src: str) -> tuple[ModelSpec, ...]:
+    """[[models]]: at least one, each repo id once."""
     if not isinstance(models_doc, list) or not models_doc:
         raise SpecError(f"spec {src}: at least one [[models]] entry is required", path=src)
-    models: list[ModelSpec] = []
-    for i, m in enumerate(models_doc):
-        where = f"models[{i}]"
-        if not isinstance(m, dict):
-            raise SpecError(f"spec {src}: {where} must be a table", path=src)
-        _check_keys(m, {"repo_id", "revision", "path", "include", "exclude", "license", "repo_type"}, where, src)
-        repo_id = _typed(m, "repo_id", str, where, src)
-        if not valid_repo_id(repo_id):
-            raise SpecError(f"spec {src}: {where}.repo_id must look like ORG/NAME", path=src)
-        local = _typed(m, "path", str, where, src)
-        revision = _typed(m, "revision", str, where, src)
-        repo_type = _typed(m, "repo_type", str, where, src, default="model")
-        if repo_type != "model":
-            raise SpecError(f"spec {src}: {where}.repo_type: only 'model' is supported", path=src)
-        if local is not None and revision is not None:
-            raise SpecError(f"spec {src}: {where} has both path and revision; a local source has no revision", path=src)
-        models.append(
-            ModelSpec(
-                repo_id=repo_id,
-                revision=(revision or "main") if local is None else None,
-                path=(base / local) if local is not None else None,
-                include=_str_tuple(m.get("include"), f"{where}.include", src),
-                exclude=_str_tuple(m.get("exclude"), f"{where}.exclude", src),
-                license=_typed(m, "license", str, where, src),
-                repo_type=repo_type,
-            )
-        )
+    models = tuple(_model(m, f"models[{i}]", base, src) for i, m in enumerate(models_doc))
     if len({m.repo_id for m in models}) != len(models):
         raise SpecError(f"spec {src}: a repo_id appears twice in [[models]]", path=src)
+    return models
 
-    policy = doc.get("policy", {})
+
+def _model(m: object, where: str, base: Path, src: str) -> ModelSpec:
+    """One [[models]] entry: a Hub repo at a revision (default main), or a local ``path`` (which has none)."""
+    if not isinstance(m, dict):
+        raise SpecError(f"spec {src}: {where} must be a table", path=src)
+    _check_keys(m, {"repo_id", "revision", "path", "include", "exclude", "license", "repo_type"}, where, src)
+    repo_id = _typed(m, "repo_id", str, where, src)
+    if not valid_repo_id(repo_id):
+        raise SpecError(f"spec {src}: {where}.repo_id must look like ORG/NAME", path=src)
+    local = _typed(m, "path", str, where, src)
+    revision = _typed(m, "revision", str, where, src)
+    repo_type = _typed(m, "repo_type", str, where, src, default="model")
+    if repo_type != "model":
+        raise SpecError(f"spec {src}: {where}.repo_type: only 'model' is supported", path=src)
+    if local is not None and revision is not None:
+        raise SpecError(f"spec {src}: {where} has both path and revision; a local source has no revision", path=src)
+    return ModelSpec(
+        repo_id=repo_id,
+        revision=(revision or "main") if local is None else None,
+        path=(base / local) if local is not None else None,
+        include=_str_tuple(m.get("include"), f"{where}.include", src),
+        exclude=_str_tuple(m.get("exclude"), f"{where}.exclude", src),
+        license=_typed(m, "license", str, where, src),
+        repo_type=repo_type,
+    )
+
+
+def _policy_table(policy: object, src: str) -> tuple[bool, bool]:
+    """[policy]: (allow_pickle, allow_code), both false unless set."""
     if not isinstance(policy, dict):
         raise SpecError(f"spec {src}: [policy] must be a table", path=src)
     _check_keys(policy, {"allow_pickle", "allow_code"}, "[policy]", src)
     allow_pickle = _typed(policy, "allow_pickle", bool, "policy", src, default=False)
     allow_code = _typed(policy, "allow_code", bool, "policy", src, default=False)
+    return allow_pickle, allow_code
 
-    wheels = None
-    w = doc.get("wheels")
-    if w is not None:
-        if not isinstance(w, dict):
-            raise SpecError(f"spec {src}: [wheels] must be a table", path=src)
-        _check_keys(
-            w,
-            {"requirements", "requirements_file", "python_version", "platforms", "implementation", "abi",
-             "index_url", "extra_index_urls", "find_links", "no_index"},
-            "[wheels]",
-            src,
-        )
-        reqs = _str_tuple(w.get("requirements"), "wheels.requirements", src)
-        rfile = _typed(w, "requirements_file", str, "wheels", src)
-        if not reqs and rfile is None:
-            raise SpecError(f"spec {src}: [wheels] needs requirements or requirements_file", path=src)
-        find_links = tuple(
-            fl if "://" in fl else str(base / fl) for fl in _str_tuple(w.get("find_links"), "wheels.find_links", src)
-        )
-        wheels = WheelSpec(
-            requirements=reqs,
-            requirements_file=(base / rfile) if rfile else None,
-            python_version=_typed(w, "python_version", str, "wheels", src, default="3.11"),
-            platforms=_str_tuple(w.get("platforms"), "wheels.platforms", src) or ("manylinux_2_28_x86_64",),
-            implementation=_typed(w, "implementation", str, "wheels", src, default="cp"),
-            abi=_str_tuple(w.get("abi"), "wheels.abi", src),
-            index_url=_typed(w, "index_url", str, "wheels", src),
-            extra_index_urls=_str_tuple(w.get("extra_index_urls"), "wheels.extra_index_urls", src),
-            find_links=find_links,
-            no_index=_typed(w, "no_index", bool, "wheels", src, default=False),
-        )
 
-    targets: list[TargetSpec] = []
-    tdoc = doc.get("targets", [])
+def _wheels_table(w: object, base: Path, src: str) -> WheelSpec:
+    """[wheels]: requirements (inline or a file beside the spec) and the target platform."""
+    if not isinstance(w, dict):
+        raise SpecError(f"spec {src}: [wheels] must be a table", path=src)
+    _check_keys(
+        w,
+        {"requirements", "requirements_file", "python_version", "platforms", "implementation", "abi",
+         "index_url", "extra_index_urls", "find_links", "no_index"},
+        "[wheels]",
+        src,
+    )
+    reqs = _str_tuple(w.get("requirements"), "wheels.requirements", src)
+    rfile = _typed(w, "requirements_file", str, "wheels", src)
+    if not reqs and rfile is None:
+        raise SpecError(f"spec {src}: [wheels] needs requirements or requirements_file", path=src)
+    find_links = tuple(
+        fl if "://" in fl else str(base / fl) for fl in _str_tuple(w.get("find_links"), "wheels.find_links", src)
+    )
+    return WheelSpec(
+        requirements=reqs,
+        requirements_file=(base / rfile) if rfile else None,
+        python_version=_typed(w, "python_version", str, "wheels", src, default="3.11"),
+        platforms=_str_tuple(w.get("platforms"), "wheels.platforms", src) or ("manylinux_2_28_x86_64",),
+        implementation=_typed(w, "implementation", str, "wheels", src, default="cp"),
+        abi=_str_tuple(w.get("abi"), "wheels.abi", src),
+        index_url=_typed(w, "index_url", str, "wheels", src),
+        extra_index_urls=_str_tuple(w.get("extra_index_urls"), "wheels.extra_index_urls", src),
+        find_links=find_links,
+        no_index=_typed(w, "no_index", bool, "wheels", src, default=False),
+    )
+
+
+def _targets(tdoc: object, src: str) -> tuple[TargetSpec, ...]:
     if not isinstance(tdoc, list):
         raise SpecError(f"spec {src}: [[targets]] must be an array of tables", path=src)
-    for i, t in enumerate(tdoc):
-        where = f"targets[{i}]"
-        if not isinstance(t, dict):
-            raise SpecError(f"spec {src}: {where} must be a table", path=src)
-        _check_keys(t, {"gpu", "count", "context", "runtime", "batch"}, where, src)
-        gpu = _typed(t, "gpu", str, where, src)
-        if not gpu:
-            raise SpecError(f"spec {src}: {where}.gpu is required", path=src)
-        count = _typed(t, "count", int, where, src, default=1)
-        batch = _typed(t, "batch", int, where, src, default=1)
-        context = _typed(t, "context", int, where, src)
-        runtime = _typed(t, "runtime", str, where, src, default="vllm")
-        if count < 1 or batch < 1 or (context is not None and context < 1):
-            raise SpecError(f"spec {src}: {where}: count, batch and context must be positive", path=src)
-        if runtime not in ("vllm", "transformers", "llamacpp"):
-            raise SpecError(f"spec {src}: {where}.runtime must be vllm, transformers or llamacpp", path=src)
-        targets.append(TargetSpec(gpu=gpu, count=count, context=context, runtime=runtime, batch=batch))
+    return tuple(_target(t, f"targets[{i}]", src) for i, t in enumerate(tdoc))
 
-    return PackSpec(
-        name=name,
-        channel=channel,
-        sequence=sequence,
-        expires=expires,
-        models=tuple(models),
-        allow_pickle=allow_pickle,
-        allow_code=allow_code,
-        wheels=wheels,
-        targets=tuple(targets),
-        source=base,
-    )
+
+def _target(t: object, where: str, src: str) -> TargetSpec:
+    """One [[targets]] entry: a GPU name, how many, and the run to check the fit for."""
+    if not isinstance(t, dict):
+        raise SpecError(f"spec {src}: {where} must be a table", path=src)
+    _check_keys(t, {"gpu", "count", "context", "runtime", "batch"}, where, src)
+    gpu = _typed(t, "gpu", str, where, src)
+    if not gpu:
+        raise SpecError(f"spec {src}: {where}.gpu is required", path=src)
+    count = _typed(t, "count", int, where, src, default=1)
+    batch = _typed(t, "batch", int, where, src, default=1)
+    context = _typed(t, "context", int, where, src)
+    runtime = _typed(t, "runtime", str, where, src, default="vllm")
+    if count < 1 or batch < 1 or (context is not None and context < 1):
+        raise SpecError(f"spec {src}: {where}: count, batch and context must be positive", path=src)
+    if runtime not in ("vllm", "transformers", "llamacpp"):
+        raise SpecError(f"spec {src}: {where}.runtime must be vllm, transformers or llamacpp", path=src)
+    return TargetSpec(gpu=gpu, count=count, context=context, runtime=runtime, batch=batch)

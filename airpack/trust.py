@@ -15,7 +15,8 @@ from typing import Any
 
 from ._fs import atomic_write, read_capped
 from ._json import StrictJSONError, dumps_canonical, loads_strict
-from .errors import PolicyError, SignatureError
+from .errors import EnvelopeError, PolicyError
+from .rules import check_policy_usable, check_threshold
 from .signing import (
     Envelope,
     PublicKey,
@@ -62,12 +63,7 @@ class TrustPolicy:
 
     def check_usable(self) -> None:
         """Refuse a policy that can never be satisfied (fewer keys than the threshold)."""
-        if len(self.keys) < self.threshold:
-            raise PolicyError(
-                f"trust policy {self.source} needs {self.threshold} signer(s) but lists {len(self.keys)} key(s)",
-                path=self.source,
-                hint="Add keys with `airpack trust add`, or lower the threshold.",
-            )
+        check_policy_usable(threshold=self.threshold, keys=len(self.keys), source=self.source)
 
     def by_id(self, kid: str) -> TrustedKey | None:
         for k in self.keys:
@@ -142,8 +138,6 @@ def verify_envelope(envelope: Envelope, policy: TrustPolicy, *, expected_type: s
     """Count distinct trusted keys with a valid signature over the exact payload."""
     policy.check_usable()
     if envelope.payload_type != expected_type:
-        from .errors import EnvelopeError
-
         raise EnvelopeError(
             f"envelope {where} has payload type {envelope.payload_type!r}, expected {expected_type!r}", path=where
         )
@@ -157,15 +151,6 @@ def verify_envelope(envelope: Envelope, policy: TrustPolicy, *, expected_type: s
             if verify_sig(k.public_key, envelope.payload_type, envelope.payload, raw.sig):
                 good[k.keyid] = k
                 break
-    if len(good) < policy.threshold:
-        if not good:
-            msg = f"envelope {where}: no valid signature by a key in the trust policy {policy.source}"
-        else:
-            names = ", ".join(k.name for k in good.values())
-            msg = (
-                f"envelope {where}: {len(good)} distinct trusted signer(s) ({names}), "
-                f"the policy requires {policy.threshold}"
-            )
-        raise SignatureError(msg, path=where)
     signers = tuple(k for k in policy.keys if k.keyid in good)
+    check_threshold([k.name for k in signers], threshold=policy.threshold, where=where, source=policy.source)
     return VerifiedPayload(payload_type=envelope.payload_type, payload=envelope.payload, signers=signers)

@@ -252,61 +252,73 @@ _FULL_TYPES = {"full_attention", "attention", "full", "global", "global_attentio
 
 def _layer_layout(cfg: Mapping[str, Any], n: int, model_type: str) -> tuple[tuple[str, ...], tuple[int, ...], list[str]]:
     """Per layer: does it cache every token, a window of tokens, or none (mamba/linear)?"""
-    notes: list[str] = []
     window = _opt_int(cfg, "sliding_window", minimum=0) if not isinstance(cfg.get("sliding_window"), list) else None
     window = window or None
     chunk = _opt_int(cfg, "attention_chunk_size", minimum=0) or None
+    layers = _listed_layers(cfg, n, window, chunk)
+    if layers is None:
+        layers = _windowed_layers(cfg, n, model_type, window)
     kinds: list[str] = []
     wins: list[int] = []
-
-    def add(kind: str, w: int | None = None) -> None:
+    for kind, w in layers:
         if kind == "sliding" and not w:
             kind = "full"
         kinds.append(kind)
         wins.append((w or 0) if kind == "sliding" else 0)
-
-    types = cfg.get("layer_types") or cfg.get("layers_block_type")
-    pattern = cfg.get("hybrid_override_pattern")
-    if isinstance(types, list) and len(types) == n and all(isinstance(t, str) for t in types):
-        for t in types:
-            t = t.lower()
-            if "chunk" in t:
-                add("sliding", chunk or window)
-            elif "sliding" in t or t in ("local", "local_attention"):
-                add("sliding", window)
-            elif t in _FULL_TYPES:
-                add("full")
-            else:
-                add("none")
-    elif isinstance(pattern, str) and len(pattern) == n:
-        for c in pattern:
-            add("full" if c == "*" else "none")
-    elif _opt_int(cfg, "attn_layer_period") and cfg.get("attn_layer_offset") is not None:
-        period = _int(cfg, "attn_layer_period")
-        offset = _int(cfg, "attn_layer_offset", minimum=0)
-        for i in range(n):
-            add("full" if i % period == offset else "none")
-    elif isinstance(cfg.get("sliding_window"), list) and len(cfg["sliding_window"]) == n:
-        for w in cfg["sliding_window"]:
-            wn = _num(w)
-            add("sliding", wn) if wn and wn > 0 else add("full")
-    elif isinstance(cfg.get("no_rope_layers"), list) and chunk and len(cfg["no_rope_layers"]) == n:
-        for flag in cfg["no_rope_layers"]:
-            add("sliding" if flag else "full", chunk)
-    elif cfg.get("use_sliding_window") is False or window is None:
-        for _ in range(n):
-            add("full")
-    elif cfg.get("use_sliding_window") is True and cfg.get("max_window_layers") is not None:
-        first = _int(cfg, "max_window_layers", minimum=0)
-        for i in range(n):
-            add("sliding" if i >= first else "full", window)
-    else:
-        every = _opt_int(cfg, "sliding_window_pattern") or _SLIDING_PATTERN_DEFAULTS.get(model_type)
-        for i in range(n):
-            add("sliding" if not every or (i + 1) % every else "full", window)
+    notes: list[str] = []
     if any(k == "none" for k in kinds):
         notes.append("layers without attention (mamba / linear attention) hold a fixed-size state per sequence that is not counted")
     return tuple(kinds), tuple(wins), notes
+
+
+# A layer as the config describes it: "full", "sliding" (with its window; none means full) or "none".
+_Layer = tuple[str, int | None]
+
+
+def _listed_layers(cfg: Mapping[str, Any], n: int, window: int | None, chunk: int | None) -> list[_Layer] | None:
+    """The layers when the config lists them one by one (types, a pattern string, a period, per-layer windows); else None."""
+    types = cfg.get("layer_types") or cfg.get("layers_block_type")
+    pattern = cfg.get("hybrid_override_pattern")
+    if isinstance(types, list) and len(types) == n and all(isinstance(t, str) for t in types):
+        return [_typed_layer(t.lower(), window, chunk) for t in types]
+    if isinstance(pattern, str) and len(pattern) == n:
+        return [("full" if c == "*" else "none", None) for c in pattern]
+    if _opt_int(cfg, "attn_layer_period") and cfg.get("attn_layer_offset") is not None:
+        period = _int(cfg, "attn_layer_period")
+        offset = _int(cfg, "attn_layer_offset", minimum=0)
+        return [("full" if i % period == offset else "none", None) for i in range(n)]
+    if isinstance(cfg.get("sliding_window"), list) and len(cfg["sliding_window"]) == n:
+        return [_window_layer(_num(w)) for w in cfg["sliding_window"]]
+    if isinstance(cfg.get("no_rope_layers"), list) and chunk and len(cfg["no_rope_layers"]) == n:
+        return [("sliding" if flag else "full", chunk) for flag in cfg["no_rope_layers"]]
+    return None
+
+
+def _typed_layer(t: str, window: int | None, chunk: int | None) -> _Layer:
+    """One entry of ``layer_types``: chunked and sliding attention keep a window, full attention all, the rest nothing."""
+    if "chunk" in t:
+        return "sliding", chunk or window
+    if "sliding" in t or t in ("local", "local_attention"):
+        return "sliding", window
+    if t in _FULL_TYPES:
+        return "full", None
+    return "none", None
+
+
+def _window_layer(w: int | None) -> _Layer:
+    """One entry of a per-layer ``sliding_window`` list: a positive window, or full attention."""
+    return ("sliding", w) if w and w > 0 else ("full", None)
+
+
+def _windowed_layers(cfg: Mapping[str, Any], n: int, model_type: str, window: int | None) -> list[_Layer]:
+    """Every layer from one ``sliding_window``: none, the layers from ``max_window_layers`` on, or all but every k-th."""
+    if cfg.get("use_sliding_window") is False or window is None:
+        return [("full", None)] * n
+    if cfg.get("use_sliding_window") is True and cfg.get("max_window_layers") is not None:
+        first = _int(cfg, "max_window_layers", minimum=0)
+        return [("sliding" if i >= first else "full", window) for i in range(n)]
+    every = _opt_int(cfg, "sliding_window_pattern") or _SLIDING_PATTERN_DEFAULTS.get(model_type)
+    return [("sliding" if not every or (i + 1) % every else "full", window) for i in range(n)]
 
 
 def _moe(cfg: Mapping[str, Any], model_type: str, intermediate: int) -> MoE | None:

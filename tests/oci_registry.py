@@ -107,17 +107,17 @@ class OciRegistry:
         """Push an airpack-shaped artifact from arbitrary parts, bypassing verify; returns its manifest digest."""
         import hashlib
 
-        from airpack.fetch.oci import (
+        from airpack.fetch.oci import OciClient
+        from airpack.oci_artifact import (
             EMPTY_BYTES,
             EMPTY_CONFIG,
             ENVELOPE_MEDIA_TYPE,
             MANIFEST_COPY_MEDIA_TYPE,
-            OciClient,
             blob_descriptor,
             build_manifest,
             file_descriptor,
-            parse_ref,
         )
+        from airpack.oci_ref import parse_ref
 
         env = blob_descriptor(ENVELOPE_MEDIA_TYPE, envelope, "envelope.dsse.json")
         copy = blob_descriptor(MANIFEST_COPY_MEDIA_TYPE, manifest_copy, "manifest.json")
@@ -134,7 +134,8 @@ class OciRegistry:
     def get_manifest(self, ref: str) -> dict[str, Any]:
         import json
 
-        from airpack.fetch.oci import OciClient, parse_ref
+        from airpack.fetch.oci import OciClient
+        from airpack.oci_ref import parse_ref
 
         with OciClient(parse_ref(ref), self._access()) as client:
             data, _ = client.get_manifest()

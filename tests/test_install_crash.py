@@ -22,7 +22,7 @@ from conftest import AIRPACK
 from registry_fixtures import audit_lines, db_state, do_install, recover, registry_state, variant_model
 
 from airpack.manifest import parse
-from airpack.ops.install import list_installed
+from airpack.ops.manage import list_installed
 from airpack.registry import CRASH_ENV, Registry
 
 BEFORE_COMMIT = ["verified", "copy", "staged", "journal", "blobs", "snapshots"]

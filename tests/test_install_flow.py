@@ -12,7 +12,7 @@ import pytest
 from conftest import KeyPair, run_cli
 from registry_fixtures import audit_lines, do_install, registry_state, variant_model
 
-from airpack.ops.install import RemoveOptions, RollbackOptions, list_installed, remove, rollback, show
+from airpack.ops.manage import RemoveOptions, RollbackOptions, list_installed, remove, rollback, show
 from airpack.registry import repo_folder
 
 

@@ -22,6 +22,7 @@ from conftest import AIRPACK, KeyPair, run_cli
 from registry_fixtures import add_file_entry, audit_lines, db_state, do_install, registry_state, resign, variant_model
 
 import airpack.ops.install as install_mod
+import airpack.ops.verify as verify_mod
 from airpack.errors import BundleMismatchError, DiskSpaceError, LockHeldError, RollbackError
 from airpack.progress import ProgressTask
 from airpack.registry import Registry
@@ -143,18 +144,18 @@ def test_sequence_jump_over_a_million_is_refused(installed: Path, make_bundle: C
     assert do_install(ok, installed, policy).result == "installed"
 
 
-# -- the medium changes between verify and copy ---------------------------------------------------------
+# -- the medium changes once install has trusted the manifest (install reads each byte once) ---------------------------------------------------------
 
 
 class _MutateOnCopy:
-    """A progress sink whose copy task changes a bundle file just as copying starts (after every check)."""
+    """A progress sink that changes a bundle file when the file pass starts: after the envelope and manifest were trusted."""
 
     def __init__(self, fn: Callable[[], None]) -> None:
         self.fn = fn
         self.started = False
 
     def task(self, label: str, total: int, *, unit: str = "B") -> ProgressTask:
-        if label.startswith("install") and not self.started:
+        if label.startswith(("install", "verify")) and not self.started:
             self.started = True
             self.fn()
         from airpack.progress import NULL_PROGRESS
@@ -203,7 +204,7 @@ def test_disk_full_mid_copy_is_a_clean_error(installed: Path, next_bundle: Path,
             os.write(dst, b"partial")
             full()
 
-        monkeypatch.setattr(install_mod, "copy_then_hash", partial)
+        monkeypatch.setattr(verify_mod, "copy_then_hash", partial)
     else:
         monkeypatch.setattr(install_mod.os, "copy_file_range", full)  # the real copy loop meets the full disk
     before = registry_state(installed)

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 from conftest import KeyPair, run_cli
 from registry_fixtures import audit_lines, registry_state
 
-from airpack.fetch.oci import OciAccess, parse_ref
+from airpack.fetch.oci import OciAccess
 from airpack.manifest import parse
+from airpack.oci_ref import parse_ref
 from airpack.ops.install import InstallOptions
-from airpack.ops.oci import STAGE_PREFIX, OciInstallOptions, install_from_oci
+from airpack.ops.oci import OciInstallOptions, install_from_oci
 from airpack.trust import load_policy
 
 if TYPE_CHECKING:
@@ -31,7 +32,10 @@ def _listed(registry: Path) -> list[dict]:  # type: ignore[type-arg]
 
 
 def _no_stage_left(registry: Path) -> None:
-    assert not [p.name for p in registry.iterdir() if p.name.startswith(STAGE_PREFIX)]
+    """Blobs stream straight into the install's own staging, which the txn removes whatever the outcome."""
+    staging = registry / ".staging"
+    assert not staging.exists() or not list(staging.iterdir())
+    assert sorted(p.name for p in registry.iterdir() if p.name.startswith(".")) in ([".lock"], [".lock", ".staging"])
 
 
 def test_push_once_then_install_on_two_nodes_each_with_its_own_policy(
@@ -60,7 +64,7 @@ def test_push_once_then_install_on_two_nodes_each_with_its_own_policy(
             assert (snap / f.path.split("/", 2)[2]).read_bytes() == (bundle / f.path).read_bytes()
         last = audit_lines(reg)[-1]
         assert last["result"] == "installed"
-        assert "@sha256:" in last["source"]  # the staged folder is named after the pinned artifact
+        assert last["transport"] == "oci" and last["oci_digest"] == pinned.rsplit("@", 1)[1]  # the artifact, pinned
         _no_stage_left(reg)
         assert run_cli("log", "verify", "--registry", reg).returncode == 0
 
@@ -106,21 +110,3 @@ def test_python_api_installs_and_reports_the_artifact_digest(oci_registry: OciRe
     _no_stage_left(reg)
 
 
-def test_a_stage_left_by_a_killed_install_is_swept_but_one_in_use_is_not(tmp_path: Path) -> None:
-    import fcntl
-    import os
-
-    from airpack.ops.oci import _sweep_stale_stages
-
-    dead, busy = tmp_path / f"{STAGE_PREFIX}dead", tmp_path / f"{STAGE_PREFIX}busy"
-    for d in (dead, busy):
-        (d / "bundle").mkdir(parents=True)
-        (d / ".lock").touch()
-    fd = os.open(busy / ".lock", os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # another install holds it (a lock held by another open file description blocks)
-        _sweep_stale_stages(tmp_path)
-    finally:
-        os.close(fd)
-    assert not dead.exists()
-    assert busy.exists()

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 from conftest import KeyPair, run_cli
 from factories import write_blob
 
-from airpack.fetch.oci import ARTIFACT_TYPE, ENVELOPE_MEDIA_TYPE, FILE_MEDIA_TYPE, MANIFEST_COPY_MEDIA_TYPE, OciAccess, parse_ref
+from airpack.fetch.oci import OciAccess
 from airpack.manifest import parse
+from airpack.oci_artifact import ARTIFACT_TYPE, ENVELOPE_MEDIA_TYPE, FILE_MEDIA_TYPE, MANIFEST_COPY_MEDIA_TYPE
+from airpack.oci_ref import parse_ref
 from airpack.ops.oci import PullOptions, pull
 from airpack.trust import load_policy
 

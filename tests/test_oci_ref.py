@@ -10,20 +10,19 @@ from hypothesis import strategies as st
 
 from airpack._json import dumps_canonical
 from airpack.errors import IntegrityError, UnsafePathError, UsageError
-from airpack.fetch.oci import (
+from airpack.fetch.oci import OciAccess
+from airpack.oci_artifact import (
     ARTIFACT_TYPE,
     EMPTY_DIGEST,
     ENVELOPE_MEDIA_TYPE,
     FILE_MEDIA_TYPE,
     MANIFEST_COPY_MEDIA_TYPE,
-    OciAccess,
-    OciRef,
     blob_descriptor,
     build_manifest,
     file_descriptor,
     parse_artifact,
-    parse_ref,
 )
+from airpack.oci_ref import OciRef, parse_ref
 
 HEX = "ab" * 32
 

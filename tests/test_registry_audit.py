@@ -12,7 +12,7 @@ from conftest import KeyPair, run_cli
 from registry_fixtures import audit_lines, do_install
 
 from airpack.errors import AuditLogError, RollbackError, SignatureError
-from airpack.ops.install import RemoveOptions, remove
+from airpack.ops.manage import RemoveOptions, remove
 from airpack.registry import GENESIS, Registry
 
 

@@ -201,7 +201,7 @@ def test_bad_header_checksum_is_refused(tmp_path: Path, bundle: Path, policy: Pa
 
 def test_streamed_safetensors_header_is_capped_and_checked() -> None:
     """The header of a safetensors member is taken from the stream, capped, whatever the chunking."""
-    from airpack.ops.transfer import _HeaderGrab
+    from airpack.ops.verify import _HeaderGrab
 
     g = _HeaderGrab()
     g.feed(memoryview((10**12).to_bytes(8, "little") + b"{}"))

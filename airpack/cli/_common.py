@@ -1,40 +1,39 @@
-"""What every command shares: --json/-q/-v, error-to-exit-code mapping, progress bars.
+"""What every command shares: --json/-q/-v, the one exit surface, progress bars.
 
-This package is the only place that imports click and tqdm. Errors are
-mapped to exit codes here and nowhere else.
+This package is the only place that imports click and tqdm (tqdm only when a
+progress bar is drawn). Every way a command ends goes through here: a result
+through ``Output.result``, any exception through ``fail``, which asks
+``describe`` for its exit code, its ``--json`` record and its text, and
+prints one or the other.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-from tqdm import tqdm
 
-from ..errors import AirpackError, BundleMismatchError
+from ..errors import AirpackError, BundleMismatchError, InternalError, Interrupted, UsageError, as_airpack_error
 from ..progress import NULL_PROGRESS, Progress, ProgressTask
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-
-def human_bytes(n: int) -> str:
-    step = 1024.0
-    v = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(v) < step or unit == "TiB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.2f} {unit}"
-        v /= step
-    return f"{n} B"
+# -- progress --------------------------------------------------------------------------
 
 
 class _TqdmTask:
-    def __init__(self, bar: tqdm, lock: threading.Lock) -> None:  # type: ignore[type-arg]
+    def __init__(self, bar: tqdm[Any], lock: threading.Lock) -> None:
         self._bar = bar
         self._lock = lock
 
@@ -48,12 +47,14 @@ class _TqdmTask:
 
 
 class TqdmProgress:
-    """Progress bars on stderr, safe to advance from worker threads."""
+    """Progress bars on stderr, safe to advance from worker threads (tqdm is imported on the first bar)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
 
     def task(self, label: str, total: int, *, unit: str = "B") -> ProgressTask:
+        from tqdm import tqdm
+
         with self._lock:
             bar = tqdm(
                 total=total, desc=label, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
@@ -62,8 +63,79 @@ class TqdmProgress:
         return _TqdmTask(bar, self._lock)
 
     def message(self, text: str) -> None:
+        from tqdm import tqdm
+
         with self._lock:
             tqdm.write(text, file=sys.stderr)
+
+
+# -- the exit surface ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How a command ends on an exception: its exit code, its ``--json`` error object, its text for stderr."""
+
+    exit_code: int
+    record: dict[str, Any] | None  # printed as {"error": record} with --json; None: nothing on stdout
+    text: str  # printed on stderr without --json ("" for nothing)
+
+
+def _error_lines(e: AirpackError, *, verbose: int) -> list[str]:
+    if isinstance(e, InternalError):
+        lines = [f"internal error (a bug in airpack, please report it): {e.message.removeprefix('internal error: ')}"]
+        if verbose and e.__cause__ is not None:
+            lines += "".join(traceback.format_exception(e.__cause__)).rstrip("\n").splitlines()
+        return lines
+    lines = [f"error: {e.message}"]
+    if isinstance(e, BundleMismatchError):
+        lines += [f"  {line}" for line in e.report.lines()[: None if verbose else 50]]
+        if not verbose and e.count > 50:
+            lines.append(f"  ... and {e.count - 50} more (use -v for all)")
+    if e.hint:
+        lines.append(f"hint: {e.hint}")
+    return lines
+
+
+def describe(e: BaseException, *, verbose: int = 0) -> Failure:
+    """The one mapping of any exception to how the command ends.
+
+    An ``AirpackError`` leaves with its own exit code and record; a click usage error is a
+    ``UsageError`` (exit 2); Ctrl-C is exit 130 (text only, as an interrupted command has no
+    result); anything else is a bug, an ``InternalError`` (exit 1).
+    """
+    if isinstance(e, click.exceptions.Exit):  # --help, --version: not an error
+        return Failure(e.exit_code, None, "")
+    if isinstance(e, click.exceptions.Abort):  # Ctrl-C or end of input while click parsed or prompted
+        return Failure(Interrupted.exit_code, None, "aborted")
+    if isinstance(e, KeyboardInterrupt):
+        return Failure(Interrupted.exit_code, None, "interrupted")
+    if isinstance(e, click.ClickException):
+        buf = io.StringIO()
+        e.show(file=buf)
+        return Failure(UsageError.exit_code, UsageError(e.format_message()).to_json(), buf.getvalue().rstrip("\n"))
+    err = as_airpack_error(e)
+    if err is not e:
+        err.__cause__ = e
+    return Failure(err.exit_code, err.to_json(), "\n".join(_error_lines(err, verbose=verbose)))
+
+
+def _dumps(doc: Any) -> str:
+    """One JSON document: the result must be JSON by construction (a Path or a datetime here is a bug)."""
+    return json.dumps(doc, indent=2, sort_keys=True)
+
+
+def fail(e: BaseException, *, as_json: bool, verbose: int = 0, partial: dict[str, Any] | None = None) -> NoReturn:
+    """End the command for ``e``: print its ``--json`` error (merged into ``partial``, the result so far) or its text."""
+    f = describe(e, verbose=verbose)
+    if as_json and f.record is not None:
+        click.echo(_dumps({**(partial or {}), "error": f.record}))
+    elif f.text:
+        click.echo(f.text, err=True)
+    sys.exit(f.exit_code)
+
+
+# -- output ----------------------------------------------------------------------------
 
 
 class Output:
@@ -73,6 +145,7 @@ class Output:
         self.as_json = as_json
         self.quiet = quiet
         self.verbose = verbose
+        self.partial: dict[str, Any] | None = None
 
     @property
     def progress(self) -> Progress:
@@ -80,37 +153,35 @@ class Output:
             return NULL_PROGRESS
         return TqdmProgress()
 
-    def result(self, data: Any, text: Callable[[], list[str]] | list[str] | None = None) -> None:
-        if self.as_json:
-            click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-            return
+    def _text(self, text: Callable[[], list[str]] | list[str] | None) -> None:
         if self.quiet or text is None:
             return
-        lines = text() if callable(text) else text
-        for line in lines:
+        for line in text() if callable(text) else text:
             click.echo(line)
+
+    def result(self, data: Any, text: Callable[[], list[str]] | list[str] | None = None) -> None:
+        if self.as_json:
+            click.echo(_dumps(data))
+            return
+        self._text(text)
+
+    def result_then_fail(self, data: dict[str, Any], text: Callable[[], list[str]] | list[str] | None, error: AirpackError) -> NoReturn:
+        """A result that is also a failure (``fit`` that does not fit): the text, or the JSON with ``error`` added, then the exit."""
+        if self.as_json:
+            _dumps(data)  # the result alone must be JSON too
+            self.partial = data
+        else:
+            self._text(text)
+        raise error
 
     def info(self, text: str) -> None:
         """A log line on stderr (never in --json or -q mode)."""
         if not self.as_json and not self.quiet:
             click.echo(text, err=True)
 
-    def error(self, e: AirpackError) -> None:
-        if self.as_json:
-            click.echo(json.dumps({"error": e.to_json()}, indent=2, sort_keys=True, default=str))
-            return
-        click.echo(f"error: {e.message}", err=True)
-        if isinstance(e, BundleMismatchError):
-            for line in e.report.lines()[: None if self.verbose else 50]:
-                click.echo(f"  {line}", err=True)
-            if not self.verbose and e.count > 50:
-                click.echo(f"  ... and {e.count - 50} more (use -v for all)", err=True)
-        if e.hint:
-            click.echo(f"hint: {e.hint}", err=True)
-
 
 def airpack_command(group: click.Group, name: str, **kwargs: Any) -> Callable[[F], click.Command]:
-    """Register ``fn(out, **options)`` as a command with --json, -q and -v and the error mapping."""
+    """Register ``fn(out, **options)`` as a command with --json, -q and -v; every exception leaves through ``fail``."""
 
     def deco(fn: F) -> click.Command:
         @functools.wraps(fn)
@@ -118,22 +189,10 @@ def airpack_command(group: click.Group, name: str, **kwargs: Any) -> Callable[[F
             out = Output(as_json=as_json, quiet=quiet, verbose=verbose)
             try:
                 fn(out, **kw)
-            except AirpackError as e:
-                out.error(e)
-                sys.exit(e.exit_code)
             except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-                raise
-            except KeyboardInterrupt:
-                click.echo("interrupted", err=True)
-                sys.exit(130)
-            except Exception as e:  # noqa: BLE001 - the one place a bug becomes exit 1
-                if as_json:
-                    click.echo(json.dumps({"error": {"exit_code": 1, "type": "InternalError", "message": f"internal error: {e!r}", "path": None}}))
-                else:
-                    click.echo(f"internal error (a bug in airpack, please report it): {e!r}", err=True)
-                    if verbose:
-                        traceback.print_exc()
-                sys.exit(1)
+                raise  # main() maps these, with the same function
+            except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one place a bug becomes exit 1
+                fail(e, as_json=as_json, verbose=verbose, partial=out.partial)
 
         wrapper = click.option("-v", "--verbose", count=True, help="More detail on stderr.")(wrapper)
         wrapper = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(wrapper)

@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .._fs import oserror_to_airpack, read_capped
 from ..errors import KeyFileError, PolicyError, UsageError
-from ..manifest import Manifest, parse
-from ..ops.pack import PackOptions, PackResult, add_signature, pack
-from ..ops.verify import VerifiedBundle, VerifyOptions, verify_bundle
-from ..signing import ALGORITHMS, MAX_KEY_FILE_BYTES, generate, load_public_pem, load_signer, passphrase_from, write_keypair
-from ..spec import load_spec
-from ..trust import TrustPolicy, load_policy, new_policy, save_policy
+from ..signing import ALGORITHMS
+from ..units import format_bytes
 from . import cli
-from ._common import Output, airpack_command, human_bytes
+from ._common import Output, airpack_command
+
+if TYPE_CHECKING:
+    from ..manifest import Manifest
+    from ..ops.pack import PackResult
+    from ..trust import TrustPolicy
+
+# Each command imports the operations it runs inside its body, so that `airpack verify`
+# loads the verify code and not the packer's (the Hub client, pip, the fit estimator).
 
 PathArg = click.Path(path_type=Path)
 
 
 def _signer(key: Path, passphrase_file: Path | None) -> Any:
+    from ..signing import load_signer, passphrase_from
+
     return load_signer(key, passphrase=passphrase_from(passphrase_file))
 
 
@@ -39,6 +44,8 @@ def _signer(key: Path, passphrase_file: Path | None) -> Any:
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
 def keygen_cmd(out: Output, name: str, directory: Path, algorithm: str, passphrase_file: Path | None, force: bool) -> None:
     """Create a signing key pair: NAME.key (private, 0600) and NAME.pub."""
+    from ..signing import generate, passphrase_from, write_keypair
+
     if not name or "/" in name or name.startswith("."):
         raise UsageError(f"invalid key name {name!r}")
     try:
@@ -81,6 +88,8 @@ def _policy_json(policy: TrustPolicy) -> dict[str, Any]:
 @click.option("--force", is_flag=True, help="Replace an existing policy.")
 def trust_init(out: Output, policy: Path, threshold: int, force: bool) -> None:
     """Create an empty trust policy file."""
+    from ..trust import new_policy, save_policy
+
     if policy.exists() and not force:
         raise PolicyError(f"trust policy {policy} already exists; pass --force to replace it", path=str(policy))
     p = new_policy(threshold, source=str(policy))
@@ -94,6 +103,9 @@ def trust_init(out: Output, policy: Path, threshold: int, force: bool) -> None:
 @click.option("--name", required=True, help="A human name for the key (shown in verify reports).")
 def trust_add(out: Output, policy: Path, pubkey: Path, name: str) -> None:
     """Trust the public key PUBKEY (SPKI PEM) under NAME."""
+    from ..signing import MAX_KEY_FILE_BYTES, load_public_pem
+    from ..trust import load_policy, save_policy
+
     p = load_policy(policy)
     try:
         pem = read_capped(pubkey, MAX_KEY_FILE_BYTES, what="public key")
@@ -112,6 +124,8 @@ def trust_add(out: Output, policy: Path, pubkey: Path, name: str) -> None:
 @click.argument("policy", type=PathArg)
 def trust_list(out: Output, policy: Path) -> None:
     """Show the keys of a trust policy and its threshold."""
+    from ..trust import load_policy
+
     p = load_policy(policy)
 
     def text() -> list[str]:
@@ -127,7 +141,7 @@ def trust_list(out: Output, policy: Path) -> None:
 
 def _pack_text(r: PackResult) -> list[str]:
     if r.dry_run:
-        lines = [f"dry run: would write {len(r.planned)} file(s), {human_bytes(r.total_bytes)} to {r.out}"]
+        lines = [f"dry run: would write {len(r.planned)} file(s), {format_bytes(r.total_bytes)} to {r.out}"]
         for m in r.details.get("models", []):
             extra = f" @ {m['commit']}" if m.get("commit") else ""
             asked = f" (asked: {m['revision']})" if m.get("revision") and m.get("revision") != m.get("commit") else ""
@@ -135,7 +149,7 @@ def _pack_text(r: PackResult) -> list[str]:
             lines.append(f"  model {m['repo_id']}{extra}{asked} (licence: {m.get('license') or 'unknown'}{gated})")
         for w in r.details.get("wheels", []):
             lines.append(f"  wheel {w['name']} {w['version']} ({w['filename']})")
-        lines += [f"  {p.bundle_path}  {human_bytes(p.size)}" for p in r.planned]
+        lines += [f"  {p.bundle_path}  {format_bytes(p.size)}" for p in r.planned]
         return lines
     m = r.manifest
     assert m is not None
@@ -143,15 +157,15 @@ def _pack_text(r: PackResult) -> list[str]:
     for model in m.models:
         files = m.model_files(model)
         lines.append(
-            f"  model {model.repo_id} @ {model.commit}: {len(files)} file(s), {human_bytes(sum(f.size for f in files))}, "
+            f"  model {model.repo_id} @ {model.commit}: {len(files)} file(s), {format_bytes(sum(f.size for f in files))}, "
             f"licence {model.license or 'unknown'}" + (f" (from {model.source}, asked {model.revision})" if model.revision else "")
         )
     if m.wheels:
         lines.append(
-            f"  wheels: {len(m.wheels)}, {human_bytes(sum(f.size for f in m.files if f.path.startswith('wheels/')))}: "
+            f"  wheels: {len(m.wheels)}, {format_bytes(sum(f.size for f in m.files if f.path.startswith('wheels/')))}: "
             + ", ".join(f"{w.name} {w.version}" for w in m.wheels[:8]) + (" ..." if len(m.wheels) > 8 else "")
         )
-    lines.append(f"  total: {len(m.files)} file(s), {human_bytes(m.total_bytes)}; manifest sha256 {m.digest}")
+    lines.append(f"  total: {len(m.files)} file(s), {format_bytes(m.total_bytes)}; manifest sha256 {m.digest}")
     lines.append(f"  signed by key {r.keyid}")
     return lines
 
@@ -184,6 +198,9 @@ def pack_cmd(
     endpoint: str | None, token_file: Path | None, dry_run: bool, allow_expired: bool,
 ) -> None:
     """Pack the models (and wheels) a SPEC names into a signed bundle."""
+    from ..ops.pack import PackOptions, pack
+    from ..spec import load_spec
+
     s = load_spec(spec)
     if not dry_run and key is None:
         raise UsageError("pack needs --key KEY to sign the bundle (or --dry-run)")
@@ -208,7 +225,7 @@ def pack_cmd(
         r0, ex = pack_as_tar(run, out_dir, signer, progress=out.progress)
         r = dataclasses.replace(r0, out=out_dir)
         out.result({**_pack_json(r), "tar_size": ex.tar_size, "tar_sha256": ex.tar_sha256},
-                   lambda: [*_pack_text(r), f"  tar: {human_bytes(ex.tar_size)}, sha256 {ex.tar_sha256}"])
+                   lambda: [*_pack_text(r), f"  tar: {format_bytes(ex.tar_size)}, sha256 {ex.tar_sha256}"])
         return
     r = run(out_dir)
     out.result(_pack_json(r), lambda: _pack_text(r))
@@ -220,6 +237,8 @@ def pack_cmd(
 @click.option("--passphrase-file", type=PathArg, help="Passphrase of an encrypted key (or AIRPACK_PASSPHRASE).")
 def sign_cmd(out: Output, bundle: Path, key: Path, passphrase_file: Path | None) -> None:
     """Add a signature to BUNDLE (co-signing) after checking every file against its manifest."""
+    from ..ops.pack import add_signature
+
     signer = _signer(key, passphrase_file)
     added, m = add_signature(bundle, signer, progress=out.progress)
     msg = f"added signature by {signer.keyid} to {m.name}" if added else f"{signer.keyid} had already signed {m.name}; nothing changed"
@@ -273,7 +292,7 @@ def _manifest_lines(m: Manifest, *, verbose: int) -> list[str]:
         ptxt = f", {params:,} parameters" if isinstance(params, int) and params else ""
         lines.append(
             f"  model:    {x.repo_id} ({x.source}) @ {x.commit[:12]}: {len(files)} file(s), "
-            f"{human_bytes(sum(f.size for f in files))}{ptxt}, licence {x.license or 'unknown'}"
+            f"{format_bytes(sum(f.size for f in files))}{ptxt}, licence {x.license or 'unknown'}"
         )
         if x.pickles:
             lines.append(f"            pickled files (allowed by policy): {', '.join(x.pickles)}")
@@ -286,11 +305,11 @@ def _manifest_lines(m: Manifest, *, verbose: int) -> list[str]:
         verdict = f": {est.get('verdict')}" if est.get("verdict") else ""
         lines.append(f"  target:   {t.get('count', 1)} x {t.get('gpu')} ({t.get('runtime')}){verdict}")
         if isinstance(est, dict) and all(isinstance(est.get(k), int) for k in ("per_gpu_bytes", "limit_bytes", "max_context", "context")):
-            lines.append(f"            {human_bytes(est['per_gpu_bytes'])} per GPU of {human_bytes(est['limit_bytes'])} at context "
+            lines.append(f"            {format_bytes(est['per_gpu_bytes'])} per GPU of {format_bytes(est['limit_bytes'])} at context "
                          f"{est['context']}; longest context that fits: {est['max_context']}")
         elif isinstance(est, dict) and isinstance(est.get("reason"), str):
             lines.append(f"            not estimated: {est['reason'][:200]}")
-    lines.append(f"  files:    {len(m.files)}, {human_bytes(m.total_bytes)}")
+    lines.append(f"  files:    {len(m.files)}, {format_bytes(m.total_bytes)}")
     if verbose:
         lines += [f"    {f.sha256}  {f.size:>14}  {f.path}" for f in m.files]
     return lines
@@ -302,6 +321,9 @@ def _manifest_lines(m: Manifest, *, verbose: int) -> list[str]:
 @click.option("--parts", "parts_only", is_flag=True, help="Only check each part of a split export against its signed index.")
 def verify_cmd(out: Output, bundle: Path, policy: Path, parts_only: bool = False) -> None:
     """Check BUNDLE (a folder, a tar, or a folder of parts) against the trust policy, every path, size and byte."""
+    from ..ops.verify import VerifyOptions, verify_bundle
+    from ..trust import load_policy
+
     p = load_policy(policy)
     p.check_usable()
     if parts_only:
@@ -309,7 +331,7 @@ def verify_cmd(out: Output, bundle: Path, policy: Path, parts_only: bool = False
 
         verify_parts(out, bundle, p)
         return
-    vb: VerifiedBundle = verify_bundle(VerifyOptions(bundle=bundle, policy=p, progress=out.progress))
+    vb = verify_bundle(VerifyOptions(bundle=bundle, policy=p, progress=out.progress))
     m = vb.manifest
 
     def text() -> list[str]:
@@ -327,10 +349,11 @@ def verify_cmd(out: Output, bundle: Path, policy: Path, parts_only: bool = False
 @click.argument("bundle", type=PathArg)
 def inspect_cmd(out: Output, bundle: Path) -> None:
     """Show BUNDLE's manifest WITHOUT verifying it (nothing here is trusted)."""
-    from ..ops.transfer import read_envelope_any
+    from ..ops.verify import read_unverified
+    from ..sources import open_source
 
-    env, _ = read_envelope_any(bundle)  # a folder, a tar or a parts folder
-    m = parse(env.payload, digest=hashlib.sha256(env.payload).hexdigest())
+    claimed = read_unverified(open_source(bundle))  # a folder, a tar or a parts folder
+    env, m = claimed.envelope, claimed.manifest
     sigs = [s.keyid for s in env.signatures]
     out.result(
         {"verified": False, "warning": "UNVERIFIED: run `airpack verify` before trusting any of this",

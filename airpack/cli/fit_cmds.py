@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import FitError
-from ..ops.fit import FitOptions, FitReport, fit_error, fit_model, report_json
-from ..trust import load_policy
-from ..vram import KV_DTYPES, RUNTIMES, parse_utilization
+from ..units import format_bytes
+from ..vram import KV_DTYPES, RUNTIMES
 from . import cli
-from ._common import Output, airpack_command, human_bytes
+from ._common import Output, airpack_command
+
+if TYPE_CHECKING:
+    from ..ops.fit import FitReport
 
 VERDICT_TEXT = {"fits": "fits", "tight": "tight (within 5% of the limit)", "does_not_fit": "DOES NOT FIT"}
 
@@ -31,11 +31,11 @@ def report_lines(rep: FitReport, *, utilization: str) -> list[str]:
     est = r.estimate
     b = est.breakdown
     gpu = r.gpu
-    free = f", {human_bytes(gpu.free_bytes)} free now" if gpu.free_bytes is not None else ""
+    free = f", {format_bytes(gpu.free_bytes)} free now" if gpu.free_bytes is not None else ""
     if est.runtime == "vllm":
-        usable = f"vllm, gpu_memory_utilization {utilization}: {human_bytes(r.limit_bytes)} usable per GPU"
+        usable = f"vllm, gpu_memory_utilization {utilization}: {format_bytes(r.limit_bytes)} usable per GPU"
     else:
-        usable = f"transformers generate: {human_bytes(r.limit_bytes)} usable per GPU"
+        usable = f"transformers generate: {format_bytes(r.limit_bytes)} usable per GPU"
     quant = f", {rep.weights.quantization}" if rep.weights.quantization else ""
     run = f"context {est.context} tokens x batch {est.batch}"
     if est.runtime == "transformers":
@@ -43,17 +43,18 @@ def report_lines(rep: FitReport, *, utilization: str) -> list[str]:
     lines = [
         f"model     {rep.model}  ({rep.location})",
         f"          {rep.shape.describe()}",
-        f"gpu       {gpu.count} x {gpu.name}, {human_bytes(gpu.memory_bytes)} each ({gpu.source}{free})",
+        f"gpu       {gpu.count} x {gpu.name}, {format_bytes(gpu.memory_bytes)} each ({gpu.source}{free})",
         f"runtime   {usable}",
         f"run       {run}; KV cache {est.kv_dtype}, {est.kv_bytes_per_token:,} bytes per token per GPU",
         "",
         f"  {'':<18}{'per GPU':>12}",
-        _row("weights", human_bytes(b.weights), f"{rep.weights.parameters:,} parameters{quant}"),
-        _row("KV cache", human_bytes(b.kv_cache)),
-        _row("activations", human_bytes(b.activations)),
-        _row("overhead", human_bytes(b.overhead), "CUDA context, libraries, workspace, allocator" + (", NCCL" if est.overhead.communication else "")),
-        _row("total", human_bytes(r.per_gpu_bytes), f"of {human_bytes(r.limit_bytes)} usable"),
-        _row("free memory", human_bytes(r.headroom_bytes) if r.headroom_bytes >= 0 else "-" + human_bytes(-r.headroom_bytes),
+        _row("weights", format_bytes(b.weights), f"{rep.weights.parameters:,} parameters{quant}"),
+        _row("KV cache", format_bytes(b.kv_cache)),
+        _row("activations", format_bytes(b.activations)),
+        _row("overhead", format_bytes(b.overhead),
+             "CUDA context, libraries, workspace, allocator" + (", NCCL" if est.overhead.communication else "")),
+        _row("total", format_bytes(r.per_gpu_bytes), f"of {format_bytes(r.limit_bytes)} usable"),
+        _row("free memory", format_bytes(r.headroom_bytes) if r.headroom_bytes >= 0 else "-" + format_bytes(-r.headroom_bytes),
              "left after this run" if r.headroom_bytes >= 0 else "short"),
         _line("verdict", VERDICT_TEXT.get(r.verdict, r.verdict)),
     ]
@@ -63,7 +64,7 @@ def report_lines(rep: FitReport, *, utilization: str) -> list[str]:
         longest = f"{r.max_context:,} tokens" + (" (the model's maximum)" if r.max_context >= r.model_max_context else "")
     lines.append(_line("longest context", longest))
     if est.runtime == "vllm":
-        lines.append(_row("KV pool", human_bytes(r.kv_pool_bytes),
+        lines.append(_row("KV pool", format_bytes(r.kv_pool_bytes),
                           f"{r.kv_token_capacity:,} tokens; {r.max_concurrency} sequence(s) of {est.context} at once"))
     for n in r.notes:
         lines.append(f"  note: {n}")
@@ -87,28 +88,25 @@ def report_lines(rep: FitReport, *, utilization: str) -> list[str]:
 def fit_cmd(out: Output, model: str, gpu: str | None, context: int | None, batch: int, new_tokens: int, runtime: str,
             kv_dtype: str, utilization: str, registry: Path | None, policy: Path | None) -> None:
     """Estimate whether MODEL (a model folder, a bundle folder, tar or parts folder, or an installed repo id) fits. Exit 5 if not."""
+    from ..ops.fit import FitOptions, fit_error, fit_model, report_json
+    from ..trust import load_policy
+    from ..vram import parse_utilization
+
     util = str(parse_utilization(utilization))
     reports = fit_model(FitOptions(model=model, gpu=gpu, context=context, batch=batch, new_tokens=new_tokens, runtime=runtime,
                                    kv_dtype=kv_dtype, gpu_memory_utilization=util, registry=registry,
                                    policy=load_policy(policy) if policy is not None else None))
     failing = [r for r in reports if r.result.verdict == "does_not_fit"]
-    err: FitError | None = fit_error(failing[0]) if failing else None
     doc: dict[str, Any] = report_json(reports)
-    if out.as_json:
-        if err is not None:
-            doc["error"] = err.to_json()
-        out.result(doc)
-    else:
-        def text() -> list[str]:
-            lines: list[str] = []
-            for i, rep in enumerate(reports):
-                if i:
-                    lines.append("")
-                lines += report_lines(rep, utilization=util)
-            return lines
 
-        out.result(doc, text)
-        if err is not None:
-            out.error(err)
-    if err is not None:
-        sys.exit(err.exit_code)
+    def text() -> list[str]:
+        lines: list[str] = []
+        for i, rep in enumerate(reports):
+            if i:
+                lines.append("")
+            lines += report_lines(rep, utilization=util)
+        return lines
+
+    if failing:  # exit 5: the report, then the error, through the one exit surface
+        out.result_then_fail(doc, text, fit_error(failing[0]))
+    out.result(doc, text)

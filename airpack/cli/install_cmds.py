@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..ops.install import (
-    InstallOptions,
-    InstallResult,
-    RemoveOptions,
-    RollbackOptions,
-    install,
-    list_installed,
-    remove,
-    rollback,
-    show,
-    verify_log,
-)
-from ..trust import load_policy
+from ..oci_ref import is_oci_ref, parse_ref
+from ..units import format_bytes
 from . import cli
-from ._common import Output, airpack_command, human_bytes
-from .oci_cmds import access_from, access_options, is_oci_ref
+from ._common import Output, airpack_command
+from .oci_cmds import access_from, access_options
+
+if TYPE_CHECKING:
+    from ..ops.install import InstallResult
 
 PathArg = click.Path(path_type=Path)
 
@@ -51,7 +43,7 @@ def _install_text(r: InstallResult) -> list[str]:
     for x in r.models:
         lines.append(f"  model {x['repo_id']} @ {x['commit'][:12]} (revision {x['ref']}): {x['files']} file(s)")
     if r.result == "installed":
-        lines.append(f"  copied {human_bytes(r.bytes_copied)}; {human_bytes(r.bytes_shared)} already in the registry (shared)")
+        lines.append(f"  copied {format_bytes(r.bytes_copied)}; {format_bytes(r.bytes_shared)} already in the registry (shared)")
     if r.wheels:
         lines.append(f"  wheels: {len(r.wheels)}; requirements {r.requirements}")
     if r.fit is None:
@@ -84,12 +76,14 @@ def install_cmd(out: Output, bundle: str, registry: Path, policy: Path, gpu: str
                 runtime: str | None, ignore_fit: bool, allow_downgrade: bool, allow_pickle: bool, plain_http: bool,
                 username: str | None, password_file: Path | None, ca_file: Path | None) -> None:
     """Verify BUNDLE (a folder, a tar, a parts folder or oci://...) and install it into the registry, all or nothing."""
+    from ..ops.install import InstallOptions, install
+    from ..trust import load_policy
+
     p = load_policy(policy)
     p.check_usable()
     opts = InstallOptions(bundle=Path(bundle), registry=registry, policy=p, gpu=gpu, context=context, runtime=runtime,
                           ignore_fit=ignore_fit, allow_downgrade=allow_downgrade, allow_pickle=allow_pickle, progress=out.progress)
     if is_oci_ref(bundle):
-        from ..fetch.oci import parse_ref
         from ..ops.oci import OciInstallOptions, install_from_oci
 
         ref = parse_ref(bundle)
@@ -106,6 +100,8 @@ def install_cmd(out: Output, bundle: str, registry: Path, policy: Path, gpu: str
 @registry_option
 def list_cmd(out: Output, registry: Path) -> None:
     """List the installed models: revision, commit, bundle, channel, sequence, signers."""
+    from ..ops.manage import list_installed
+
     rows = list_installed(registry)
 
     def text() -> list[str]:
@@ -129,6 +125,8 @@ def list_cmd(out: Output, registry: Path) -> None:
 @click.option("--revision", help="A commit (or its first 7+ characters) or revision name; default: the current one.")
 def show_cmd(out: Output, name: str, registry: Path, revision: str | None) -> None:
     """Show an installed model and the exact lines that load it offline."""
+    from ..ops.manage import show
+
     d = show(registry, name, revision=revision)
 
     def text() -> list[str]:
@@ -138,7 +136,7 @@ def show_cmd(out: Output, name: str, registry: Path, revision: str | None) -> No
             f"  bundle:    {d['bundle']} (channel {d['channel']}, sequence {d['sequence']}), installed {d['installed_at']}",
             f"  signed by: {_signers_text(d['signers'])}",
             f"  snapshot:  {d['snapshot']}",
-            f"  files:     {d['files']}, {human_bytes(d['bytes'])}",
+            f"  files:     {d['files']}, {format_bytes(d['bytes'])}",
         ]
         if out.verbose:
             lines += [f"    {f['sha256']}  {f['size']:>14}  {f['path']}" for f in d["files_list"]]
@@ -162,13 +160,15 @@ def show_cmd(out: Output, name: str, registry: Path, revision: str | None) -> No
 @click.option("--revision", help="Remove only this revision (commit, its first 7+ characters, or revision name).")
 def remove_cmd(out: Output, name: str, registry: Path, revision: str | None) -> None:
     """Remove an installed model (repo id) or bundle (bundle name); files still used elsewhere stay."""
+    from ..ops.manage import RemoveOptions, remove
+
     r = remove(RemoveOptions(registry=registry, name=name, revision=revision))
 
     def text() -> list[str]:
         lines = [f"removed {x['repo_id']} @ {x['commit'][:12]} ({x['revision']}, bundle {x['bundle']})" for x in r["removed"]]
         if not r["removed"]:
             lines.append(f"removed bundle {name}")
-        lines.append(f"  freed {r['blobs_removed']} blob(s), {human_bytes(r['bytes_freed'])}; "
+        lines.append(f"  freed {r['blobs_removed']} blob(s), {format_bytes(r['bytes_freed'])}; "
                      f"kept {r['blobs_kept_shared']} shared with other revisions")
         return lines
 
@@ -180,6 +180,8 @@ def remove_cmd(out: Output, name: str, registry: Path, revision: str | None) -> 
 @registry_option
 def rollback_cmd(out: Output, name: str, registry: Path) -> None:
     """Point NAME back at the revision installed before the current one."""
+    from ..ops.manage import RollbackOptions, rollback
+
     r = rollback(RollbackOptions(registry=registry, name=name))
     out.result(r, [f"{c['repo_id']} ({c['revision']}): {c['from'][:12]} -> {c['to'][:12]} (bundle {c['bundle']}, sequence {c['sequence']})"
                    for c in r["changes"]])
@@ -194,5 +196,7 @@ def log_group() -> None:
 @registry_option
 def log_verify_cmd(out: Output, registry: Path) -> None:
     """Check the audit log's hash chain; name the first broken line."""
+    from ..ops.manage import verify_log
+
     rep = verify_log(registry)
     out.result(rep.to_json(), [f"OK: {registry}/audit.log: {rep.lines} line(s), chain intact", f"  head sha256 {rep.head}"])

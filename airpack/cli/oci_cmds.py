@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,9 +11,10 @@ import click
 
 from .._fs import read_capped
 from ..errors import UsageError
-from ..trust import load_policy
+from ..oci_ref import parse_ref
+from ..units import format_bytes, parse_size
 from . import cli
-from ._common import Output, airpack_command, human_bytes
+from ._common import Output, airpack_command
 
 if TYPE_CHECKING:
     from ..fetch.oci import OciAccess
@@ -24,16 +24,6 @@ if TYPE_CHECKING:
 # loading the CLI for an offline command (verify, install from a folder) never loads it.
 
 PathArg = click.Path(path_type=Path)
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``64MiB``, ``64M`` or a byte count; powers of 1024."""
-    m = _SIZE.match(text)
-    if not m:
-        raise UsageError(f"invalid size {text!r}; write e.g. 64MiB")
-    power: int = "_KMGT".index((m.group(2) or "_").upper())
-    return int(m.group(1)) << (10 * power)
 
 
 def _password(password_file: Path | None) -> str | None:
@@ -45,11 +35,6 @@ def _password(password_file: Path | None) -> str | None:
         lines = data.decode("utf-8", "replace").splitlines()
         return lines[0] if lines else ""
     return os.environ.get("AIRPACK_OCI_PASSWORD")
-
-
-def is_oci_ref(text: object) -> bool:
-    """``oci://...``, or ``oci:/...`` as pathlib leaves it (fetch.oci has the same test; this one keeps the network code unloaded)."""
-    return str(text).startswith("oci:/")
 
 
 def access_from(plain_http: bool, username: str | None, password_file: Path | None, ca_file: Path | None) -> OciAccess:
@@ -85,13 +70,14 @@ def _signers(signers: Any) -> list[dict[str, str]]:
 @click.argument("target")
 @click.option("--trust", "policy", type=PathArg, envvar="AIRPACK_TRUST", required=True, help="Trust policy to verify with first (or AIRPACK_TRUST).")
 @access_options
-@click.option("--chunk-size", help="Upload in PATCH chunks of this size (e.g. 64MiB) instead of one streamed PUT per file.")
+@click.option("--chunk-size", help="Upload in PATCH chunks of this size (64MiB, or 64MB = 64,000,000 bytes; at least 1MiB) "
+                                   "instead of one streamed PUT per file.")
 @click.option("--workers", type=click.IntRange(min=1, max=64), help="Parallel blob uploads (default 4).")
 def push_cmd(out: Output, bundle: Path, target: str, policy: Path, plain_http: bool, username: str | None,
              password_file: Path | None, ca_file: Path | None, chunk_size: str | None, workers: int | None) -> None:
     """Verify BUNDLE, then push it to TARGET (oci://HOST[:PORT]/REPOSITORY:TAG) as one OCI artifact."""
-    from ..fetch.oci import parse_ref
     from ..ops.oci import PushOptions, PushResult, push
+    from ..trust import load_policy
 
     ref = parse_ref(target)
     access = access_from(plain_http, username, password_file, ca_file)
@@ -105,7 +91,7 @@ def push_cmd(out: Output, bundle: Path, target: str, policy: Path, plain_http: b
          "skipped": list(r.skipped), "bytes_uploaded": r.bytes_uploaded, "total_bytes": m.total_bytes},
         [f"pushed {m.name} (channel {m.channel}, sequence {m.sequence}) to {ref}",
          f"  verified: signed by {', '.join(k.name for k in r.signers)}",
-         f"  sent {len(r.uploaded)} blob(s), {human_bytes(r.bytes_uploaded)}; {len(r.skipped)} already in the registry",
+         f"  sent {len(r.uploaded)} blob(s), {format_bytes(r.bytes_uploaded)}; {len(r.skipped)} already in the registry",
          f"  digest: {r.digest}",
          f"  nodes: airpack install {r.pinned} --registry DIR --trust POLICY"],
     )
@@ -117,7 +103,7 @@ def push_cmd(out: Output, bundle: Path, target: str, policy: Path, plain_http: b
 def _pull_text(r: PullResult) -> list[str]:
     m = r.manifest
     lines = [f"pulled {r.source} into {r.out}: {m.name} (channel {m.channel}, sequence {m.sequence}), "
-             f"{len(m.files)} file(s), {human_bytes(r.bytes_received)}", f"  digest: {r.digest}"]
+             f"{len(m.files)} file(s), {format_bytes(r.bytes_received)}", f"  digest: {r.digest}"]
     if r.verified:
         lines.append(f"  verified: signed by {', '.join(k.name for k in r.signers)}; every blob matched its signed digest")
     else:
@@ -134,8 +120,8 @@ def _pull_text(r: PullResult) -> list[str]:
 def pull_cmd(out: Output, source: str, out_dir: Path, policy: Path | None, plain_http: bool, username: str | None,
              password_file: Path | None, ca_file: Path | None, workers: int | None) -> None:
     """Recreate a bundle folder from SOURCE (oci://HOST[:PORT]/REPOSITORY:TAG or @sha256:...)."""
-    from ..fetch.oci import parse_ref
     from ..ops.oci import PullOptions, pull
+    from ..trust import load_policy
 
     ref = parse_ref(source)
     access = access_from(plain_http, username, password_file, ca_file)

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .._fs import atomic_write
 from ..errors import UsageError
-from ..ops.audit import DiffOptions, SbomOptions, diff, sbom
-from ..ops.export import ExportOptions, ExportResult, export
-from ..ops.transfer import check_parts_folder, repair_parts
-from ..parts import parse_size
-from ..signing import load_signer, passphrase_from
-from ..trust import TrustPolicy, load_policy
+from ..units import format_bytes, parse_size
 from . import cli
-from ._common import Output, airpack_command, human_bytes
+from ._common import Output, airpack_command
+
+if TYPE_CHECKING:
+    from ..ops.export import ExportResult
+    from ..trust import TrustPolicy
 
 PathArg = click.Path(path_type=Path)
 
 
 def _policy(path: Path) -> TrustPolicy:
+    from ..trust import load_policy
+
     p = load_policy(path)
     p.check_usable()
     return p
@@ -45,10 +45,10 @@ def _export_text(r: ExportResult) -> list[str]:
     m = r.manifest
     lines = [f"verified {m.name} (sequence {m.sequence}; signed by {', '.join(k.name for k in r.signers)})"]
     if r.layout is None:
-        lines += [f"wrote {r.tar}: {human_bytes(r.tar_size)}", f"  sha256 {r.tar_sha256}"]
+        lines += [f"wrote {r.tar}: {format_bytes(r.tar_size)}", f"  sha256 {r.tar_sha256}"]
         return lines
     lay = r.layout
-    lines.append(f"wrote {lay.total_parts} part(s) of {r.tar.name} ({human_bytes(r.tar_size)}, sha256 {r.tar_sha256}) to {r.tar.parent}")
+    lines.append(f"wrote {lay.total_parts} part(s) of {r.tar.name} ({format_bytes(r.tar_size)}, sha256 {r.tar_sha256}) to {r.tar.parent}")
     width = max(len(p.name) for p in r.parts)
     for p in r.parts:
         lines.append(f"  {p.name:<{width}}  {p.size:>14}  {p.sha256}  {p.role}")
@@ -73,7 +73,13 @@ def _export_text(r: ExportResult) -> list[str]:
 def export_cmd(out: Output, bundle: Path, tar: Path, split: str | None, parity: int, policy: Path, key: Path | None,
                passphrase_file: Path | None) -> None:
     """Write a verified BUNDLE folder as one deterministic tar, or as parts for media with a signed index."""
+    from ..ops.export import ExportOptions, export
+    from ..parts import MIN_PART_BYTES
+    from ..signing import load_signer, passphrase_from
+
     size = parse_size(split) if split is not None else None
+    if size is not None and size < MIN_PART_BYTES:
+        raise UsageError(f"part size {split!r} is below the {MIN_PART_BYTES}-byte minimum")
     if size is None and parity:
         raise UsageError("--parity needs --split SIZE")
     if size is not None and key is None:
@@ -86,6 +92,8 @@ def export_cmd(out: Output, bundle: Path, tar: Path, split: str | None, parity: 
 
 def verify_parts(out: Output, path: Path, policy: TrustPolicy) -> None:
     """``airpack verify --parts DIR``: the index's signature, then every part's size and SHA-256."""
+    from ..ops.transfer import check_parts_folder
+
     c = check_parts_folder(path, policy, progress=out.progress)
     lay = c.index.layout
     out.result(
@@ -104,6 +112,8 @@ def verify_parts(out: Output, path: Path, policy: TrustPolicy) -> None:
               help="Trust policy whose keys may sign the parts index (or AIRPACK_TRUST).")
 def repair_cmd(out: Output, parts_dir: Path, policy: Path) -> None:
     """Rebuild missing or damaged parts of a split export from its parity parts."""
+    from ..ops.transfer import repair_parts
+
     c = repair_parts(parts_dir, _policy(policy), progress=out.progress)
     lost = c.report.lost
     text = ([f"nothing to repair: all {c.index.layout.total_parts} part(s) of {c.index.tar_name} are intact"] if not lost else
@@ -137,11 +147,12 @@ def _diff_text(d: dict[str, Any]) -> list[str]:
                 lines.append(f"~ model {m['repo_id']}: {k} {v['old']} -> {v['new']}")
     f = d["files"]
     for x in f["added"]:
-        lines.append(f"+ {x['path']}  {human_bytes(x['size'])}  {x['sha256']}")
+        lines.append(f"+ {x['path']}  {format_bytes(x['size'])}  {x['sha256']}")
     for x in f["removed"]:
-        lines.append(f"- {x['path']}  {human_bytes(x['size'])}  {x['sha256']}")
+        lines.append(f"- {x['path']}  {format_bytes(x['size'])}  {x['sha256']}")
     for x in f["changed"]:
-        lines.append(f"~ {x['path']}  {human_bytes(x['old_size'])} -> {human_bytes(x['new_size'])}  {x['old_sha256'][:12]} -> {x['new_sha256'][:12]}")
+        lines.append(f"~ {x['path']}  {format_bytes(x['old_size'])} -> {format_bytes(x['new_size'])}  "
+                     f"{x['old_sha256'][:12]} -> {x['new_sha256'][:12]}")
     w = d["wheels"]
     lines += [f"+ wheel {x['name']} {x['version']}" for x in w["added"]]
     lines += [f"- wheel {x['name']} {x['version']}" for x in w["removed"]]
@@ -153,7 +164,7 @@ def _diff_text(d: dict[str, Any]) -> list[str]:
         ov, nv = (x["old_estimate"] or {}).get("verdict"), (x["new_estimate"] or {}).get("verdict")
         lines.append(f"~ target {x['target']}: fit estimate changed ({ov} -> {nv})")
     lines.append(f"files: {len(f['added'])} added, {len(f['removed'])} removed, {len(f['changed'])} changed, {f['unchanged']} unchanged; "
-                 f"{human_bytes(f['old_bytes'])} -> {human_bytes(f['new_bytes'])}")
+                 f"{format_bytes(f['old_bytes'])} -> {format_bytes(f['new_bytes'])}")
     return lines
 
 
@@ -165,6 +176,8 @@ def _diff_text(d: dict[str, Any]) -> list[str]:
               help="Compare OLD against what this registry has installed: what installing it would change.")
 def diff_cmd(out: Output, old: Path, new: Path | None, policy: Path | None, registry: Path | None) -> None:
     """Show what changed between bundles OLD and NEW: models, files, wheels, signers, licences, policy, fit."""
+    from ..ops.audit import DiffOptions, diff
+
     pol = _policy(policy) if policy is not None else None
     if new is None:
         if registry is None:
@@ -201,6 +214,9 @@ def _registry_text(d: dict[str, Any]) -> list[str]:
 @click.option("--trust", "policy", type=PathArg, help="Verify the bundle first (otherwise the manifest is read UNVERIFIED).")
 def sbom_cmd(out: Output, bundle: Path, fmt: str, out_file: Path | None, policy: Path | None) -> None:
     """Write BUNDLE's CycloneDX 1.6 SBOM (JSON): the model, each file and wheel with its SHA-256."""
+    from .._fs import atomic_write
+    from ..ops.audit import SbomOptions, sbom
+
     data, side = sbom(SbomOptions(bundle=bundle, policy=_policy(policy) if policy is not None else None, progress=out.progress))
     if not side.verified:
         out.info("UNVERIFIED: made from the manifest as the bundle claims it; pass --trust POLICY to verify first")

@@ -31,6 +31,7 @@ from huggingface_hub.file_download import http_get
 
 from .. import __version__
 from .._fs import check_relpath, oserror_to_airpack
+from .._urls import redact_url
 from ..errors import (
     FetchError,
     GatedRepoError,
@@ -98,11 +99,6 @@ def normalize_endpoint(endpoint: str | None) -> str:
     if "@" in parts.netloc:
         raise UsageError(f"Hub endpoint {redact_url(ep)!r} carries credentials; give the token in HF_TOKEN or --token-file")
     return ep
-
-
-def redact_url(url: str) -> str:
-    """Drop a user:password@ part from a URL before showing it."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
 
 
 class _Scrubber:

@@ -8,15 +8,9 @@ it against its OWN trust policy. The registry is a transport, never a root of
 trust: nothing this module reads is believed until ``airpack.ops.oci`` has
 checked it against signatures and digests.
 
-The artifact::
-
-    manifest  artifactType application/vnd.airpack.bundle.v1
-      config  the OCI empty descriptor ({})
-      layers  envelope.dsse.json  (application/vnd.dsse.envelope.v1+json)
-              manifest.json       (application/vnd.in-toto+json, the signed payload)
-              every bundle file   (application/vnd.airpack.file.v1), digest = the
-                                  sha256 already in the signed manifest
-      each layer annotated org.opencontainers.image.title = its bundle path
+The artifact's format (media types, descriptors, the image manifest) is
+``airpack.oci_artifact`` and references are ``airpack.oci_ref``, both pure; this
+module is the client that moves them.
 
 oras-py answers the registry's authentication: Basic credentials, or the
 Bearer-token dance (anonymous or with credentials) that Harbor and token-
@@ -33,13 +27,12 @@ pulls in jsonschema's format checkers, seconds of start-up on every command.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -51,251 +44,42 @@ import oras.utils
 import requests
 import urllib3.exceptions
 
-from .._fs import check_relpath, open_regular_nofollow
-from .._json import StrictJSONError, dumps_canonical, loads_strict
+from .._fs import open_regular_nofollow
+from .._json import StrictJSONError, loads_strict
 from ..errors import FetchError, IntegrityError, UsageError
 
-ARTIFACT_TYPE = "application/vnd.airpack.bundle.v1"
-ENVELOPE_MEDIA_TYPE = "application/vnd.dsse.envelope.v1+json"
-MANIFEST_COPY_MEDIA_TYPE = "application/vnd.in-toto+json"
-FILE_MEDIA_TYPE = "application/vnd.airpack.file.v1"
-OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
-EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
-EMPTY_BYTES = b"{}"
-EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
-TITLE = "org.opencontainers.image.title"
+# The artifact format and references live in pure modules (airpack.oci_artifact, airpack.oci_ref);
+# they are re-exported here (see __all__) for callers that still import them from the transport.
+from ..oci_artifact import (
+    ARTIFACT_TYPE,
+    EMPTY_BYTES,
+    EMPTY_CONFIG,
+    EMPTY_DIGEST,
+    EMPTY_MEDIA_TYPE,
+    ENVELOPE_MEDIA_TYPE,
+    FILE_MEDIA_TYPE,
+    MANIFEST_COPY_MEDIA_TYPE,
+    MAX_LAYERS,
+    MAX_OCI_MANIFEST_BYTES,
+    OCI_MANIFEST_MEDIA_TYPE,
+    TITLE,
+    Artifact,
+    Descriptor,
+    blob_descriptor,
+    build_manifest,
+    file_descriptor,
+    parse_artifact,
+)
+from ..oci_ref import OciRef, is_oci_ref, parse_ref
 
-MAX_OCI_MANIFEST_BYTES = 16 * 1024 * 1024
-MAX_LAYERS = 1_000_002
+__all__ = [  # the client, and the re-exported format names
+    "ARTIFACT_TYPE", "EMPTY_BYTES", "EMPTY_CONFIG", "EMPTY_DIGEST", "EMPTY_MEDIA_TYPE", "ENVELOPE_MEDIA_TYPE",
+    "FILE_MEDIA_TYPE", "MANIFEST_COPY_MEDIA_TYPE", "MAX_LAYERS", "MAX_OCI_MANIFEST_BYTES", "OCI_MANIFEST_MEDIA_TYPE",
+    "TITLE", "Artifact", "Descriptor", "OciAccess", "OciClient", "OciRef", "blob_descriptor", "build_manifest",
+    "file_descriptor", "is_oci_ref", "parse_artifact", "parse_ref",
+]
 MAX_ERROR_BODY = 4096
 CHUNK = 4 * 1024 * 1024  # one read of a blob stream: large enough for hashlib to drop the GIL
-
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
-_REPO_PART = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-
-
-# -- references --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OciRef:
-    """``oci://HOST[:PORT]/REPOSITORY[:TAG][@sha256:DIGEST]``, checked against the distribution grammar."""
-
-    host: str  # HOST or HOST:PORT, IPv6 in brackets
-    repository: str
-    tag: str | None = None
-    digest: str | None = None
-
-    @property
-    def reference(self) -> str:
-        """What the manifest URL names: the digest when pinned (it cannot move), else the tag."""
-        ref = self.digest or self.tag
-        assert ref is not None
-        return ref
-
-    def __str__(self) -> str:
-        out = f"oci://{self.host}/{self.repository}"
-        if self.tag:
-            out += f":{self.tag}"
-        if self.digest:
-            out += f"@{self.digest}"
-        return out
-
-
-def is_oci_ref(text: object) -> bool:
-    """True for ``oci://...`` (and ``oci:/...``, what pathlib makes of it when a CLI argument is a Path)."""
-    return str(text).startswith("oci:/")
-
-
-def parse_ref(text: object) -> OciRef:
-    """Parse an OCI reference; a bad one is a usage error (exit 2)."""
-    s = str(text)
-    if s.startswith("oci://"):
-        rest = s[len("oci://"):]
-    elif s.startswith("oci:/"):  # pathlib collapsed the double slash
-        rest = s[len("oci:/"):]
-    else:
-        raise UsageError(f"{s!r} is not an OCI reference; write oci://HOST[:PORT]/REPOSITORY:TAG")
-
-    def bad(why: str) -> UsageError:
-        return UsageError(f"invalid OCI reference {s!r}: {why}", hint="Write oci://HOST[:PORT]/REPOSITORY:TAG or oci://HOST[:PORT]/REPOSITORY@sha256:DIGEST.")
-
-    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in rest) or "?" in rest or "#" in rest or "\\" in rest:
-        raise bad("spaces, control characters, '?', '#' and '\\' are not allowed")
-    host, sep, path = rest.partition("/")
-    if not sep or not path:
-        raise bad("no repository after the host")
-    _check_host(host, bad)
-    digest = None
-    if "@" in path:
-        path, _, digest = path.partition("@")
-        if not _DIGEST.match(digest):
-            raise bad("the digest must be sha256: and 64 lowercase hex digits")
-    tag = None
-    last = path.rsplit("/", 1)[-1]
-    if ":" in last:
-        path, _, tag = path.rpartition(":")
-        if not _TAG.match(tag):
-            raise bad(f"invalid tag {tag!r} (letters, digits, '_', '.', '-'; at most 128)")
-    if len(path) > 255 or not all(_REPO_PART.match(p) for p in path.split("/")):
-        raise bad(f"invalid repository {path!r} (lowercase letters, digits and '._-' separators, '/' between parts)")
-    if tag is None and digest is None:
-        raise bad("name a tag (REPOSITORY:TAG) or a digest (REPOSITORY@sha256:...)")
-    return OciRef(host=host, repository=path, tag=tag, digest=digest)
-
-
-def _check_host(host: str, bad: Callable[[str], UsageError]) -> None:
-    name, port = host, None
-    if host.startswith("["):
-        end = host.find("]")
-        if end < 0:
-            raise bad("unclosed '[' in an IPv6 host")
-        try:
-            ipaddress.IPv6Address(host[1:end])
-        except ValueError:
-            raise bad(f"invalid IPv6 address {host[1:end]!r}") from None
-        name, rest = host[: end + 1], host[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise bad(f"unexpected {rest!r} after the IPv6 host")
-            port = rest[1:]
-    else:
-        if host.count(":") > 1:
-            raise bad("write an IPv6 host in brackets, like [::1]:5000")
-        name, _, port_s = host.partition(":")
-        port = port_s if ":" in host else None
-        if not _HOST.match(name):
-            raise bad(f"invalid host {name!r}")
-    if port is not None and (not port.isdigit() or not 0 < int(port) < 65536):
-        raise bad(f"invalid port {port!r}")
-
-
-# -- descriptors and the artifact manifest ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    """One OCI content descriptor: what a blob is, how big, and (for layers) which bundle path it holds."""
-
-    media_type: str
-    digest: str
-    size: int
-    title: str | None = None
-
-    @property
-    def sha256(self) -> str:
-        return self.digest.split(":", 1)[1]
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-        if self.title is not None:
-            out["annotations"] = {TITLE: self.title}
-        return out
-
-
-EMPTY_CONFIG = Descriptor(media_type=EMPTY_MEDIA_TYPE, digest=EMPTY_DIGEST, size=len(EMPTY_BYTES))
-
-
-def blob_descriptor(media_type: str, data: bytes, title: str) -> Descriptor:
-    return Descriptor(media_type=media_type, digest="sha256:" + hashlib.sha256(data).hexdigest(), size=len(data), title=title)
-
-
-def file_descriptor(path: str, sha256: str, size: int) -> Descriptor:
-    """A bundle file's layer: the digest is the one the signed manifest already holds (no re-hashing)."""
-    return Descriptor(media_type=FILE_MEDIA_TYPE, digest=f"sha256:{sha256}", size=size, title=path)
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A parsed airpack OCI manifest. Structurally valid; nothing in it is trusted yet."""
-
-    envelope: Descriptor
-    manifest_copy: Descriptor
-    files: tuple[Descriptor, ...]
-    annotations: Mapping[str, str]
-    raw: bytes = field(repr=False)
-    digest: str = ""
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(d.size for d in self.files)
-
-
-def build_manifest(*, envelope: Descriptor, manifest_copy: Descriptor, files: Sequence[Descriptor],
-                   annotations: Mapping[str, str]) -> bytes:
-    """Deterministic bytes: the same bundle always gives the same OCI manifest digest."""
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST_MEDIA_TYPE,
-        "artifactType": ARTIFACT_TYPE,
-        "config": EMPTY_CONFIG.to_json(),
-        "layers": [envelope.to_json(), manifest_copy.to_json(), *(f.to_json() for f in files)],
-        "annotations": dict(annotations),
-    }
-    return dumps_canonical(doc)
-
-
-def _descriptor(obj: object, where: str, i: int) -> Descriptor:
-    def bad(why: str) -> IntegrityError:
-        return IntegrityError(f"OCI manifest {where}: layer {i} {why}", path=where)
-
-    if not isinstance(obj, dict):
-        raise bad("is not an object")
-    mt, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
-    if not isinstance(mt, str) or len(mt) > 255:
-        raise bad("has no valid mediaType")
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
-        raise bad(f"has digest {str(digest)[:80]!r}; only sha256 digests are accepted")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size > 2**53:
-        raise bad("has no valid size")
-    ann = obj.get("annotations", {})
-    if not isinstance(ann, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ann.items()):
-        raise bad("has malformed annotations")
-    title = ann.get(TITLE)
-    if title is None:
-        raise bad(f"has no {TITLE} annotation naming its bundle path")
-    return Descriptor(media_type=mt, digest=digest, size=size, title=title)
-
-
-def parse_artifact(data: bytes, *, where: str, digest: str) -> Artifact:
-    """Check an OCI manifest is an airpack bundle with exactly one envelope, one manifest copy and safe paths."""
-    try:
-        doc = loads_strict(data, max_depth=8)
-    except StrictJSONError as e:
-        raise IntegrityError(f"OCI manifest {where} is malformed: {e}", path=where) from None
-    if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
-        raise IntegrityError(f"OCI manifest {where} is not an OCI image manifest (schemaVersion 2)", path=where)
-    if doc.get("artifactType") != ARTIFACT_TYPE:
-        raise IntegrityError(
-            f"{where} is not an airpack bundle (artifactType {str(doc.get('artifactType'))[:80]!r}, expected {ARTIFACT_TYPE})",
-            path=where, hint="Push bundles with `airpack push`; pull other artifacts with their own tools.",
-        )
-    if doc.get("mediaType", OCI_MANIFEST_MEDIA_TYPE) != OCI_MANIFEST_MEDIA_TYPE:
-        raise IntegrityError(f"OCI manifest {where} has media type {str(doc.get('mediaType'))[:80]!r}", path=where)
-    layers = doc.get("layers")
-    if not isinstance(layers, list) or not layers:
-        raise IntegrityError(f"OCI manifest {where} has no layers", path=where)
-    if len(layers) > MAX_LAYERS:
-        raise IntegrityError(f"OCI manifest {where} has more than {MAX_LAYERS} layers", path=where)
-    ann = doc.get("annotations", {})
-    if not isinstance(ann, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ann.items()):
-        raise IntegrityError(f"OCI manifest {where} has malformed annotations", path=where)
-    descs = [_descriptor(obj, where, i) for i, obj in enumerate(layers)]
-    envelopes = [d for d in descs if d.media_type == ENVELOPE_MEDIA_TYPE]
-    copies = [d for d in descs if d.media_type == MANIFEST_COPY_MEDIA_TYPE]
-    files = [d for d in descs if d.media_type == FILE_MEDIA_TYPE]
-    if len(envelopes) != 1:
-        raise IntegrityError(f"OCI manifest {where} has {len(envelopes)} envelope layers; exactly one is required", path=where)
-    if len(copies) != 1:
-        raise IntegrityError(f"OCI manifest {where} has {len(copies)} manifest layers; exactly one is required", path=where)
-    other = [d for d in descs if d.media_type not in (ENVELOPE_MEDIA_TYPE, MANIFEST_COPY_MEDIA_TYPE, FILE_MEDIA_TYPE)]
-    if other:
-        raise IntegrityError(f"OCI manifest {where} has a layer of unknown media type {other[0].media_type!r}", path=where)
-    for d in files:
-        check_relpath(d.title)
-    return Artifact(envelope=envelopes[0], manifest_copy=copies[0], files=tuple(files), annotations=ann, raw=data, digest=digest)
 
 
 # -- the client ----------------------------------------------------------------------------
@@ -710,39 +494,33 @@ class OciClient:
             raise IntegrityError(f"{shown} from the registry does not match its digest {desc.digest}", path=shown)
         return data
 
-    def download_blob(self, desc: Descriptor, fd: int, *, on_bytes: Callable[[int], None] | None = None) -> None:
-        """Stream a blob into ``fd``, hashing as it comes; never accept a byte past the expected size."""
-        shown = desc.title or desc.digest
-        h = hashlib.sha256()
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        got = 0
+    @contextmanager
+    def open_blob(self, desc: Descriptor) -> Iterator[BlobReader]:
+        """A blob's body as a stream (``readinto``); the caller hashes it. Never a byte past the expected size."""
         with self._blob(desc) as resp:
-            try:
-                while True:
-                    n = resp.raw.readinto(view)
-                    if not n:
-                        break
-                    got += n
-                    if got > desc.size:
-                        raise IntegrityError(f"blob for {shown} is longer than the {desc.size} bytes the manifest says", path=shown)
-                    chunk = view[:n]
-                    h.update(chunk)
-                    written = 0
-                    while written < n:
-                        written += os.write(fd, chunk[written:])
-                    if on_bytes is not None:
-                        on_bytes(n)
-            except (urllib3.exceptions.HTTPError, requests.RequestException, ConnectionError, TimeoutError) as e:
-                raise FetchError(f"connection to registry {self.ref.host} broke while fetching {shown}: {_short(e)}", path=shown,
-                                 hint="Nothing was installed; run the command again once the registry is back.") from None
-        if got != desc.size:
-            raise IntegrityError(f"blob for {shown} is {got} bytes, the manifest says {desc.size}", path=shown)
-        if h.hexdigest() != desc.sha256:
-            raise IntegrityError(
-                f"blob for {shown} from registry {self.ref.host} does not match its digest: expected sha256 {desc.sha256}, got {h.hexdigest()}",
-                path=shown, hint="The registry's copy is damaged or was tampered with; push the bundle again from the entry host.",
-            )
+            yield BlobReader(resp, desc, self.ref.host)
+
+
+class BlobReader:
+    """The body of one blob response: transport failures become ``FetchError``, a longer body ``IntegrityError``."""
+
+    def __init__(self, resp: requests.Response, desc: Descriptor, host: str) -> None:
+        self._resp = resp
+        self._desc = desc
+        self._host = host
+        self._got = 0
+
+    def readinto(self, view: memoryview) -> int:
+        shown = self._desc.title or self._desc.digest
+        try:
+            n: int = self._resp.raw.readinto(view)
+        except (urllib3.exceptions.HTTPError, requests.RequestException, ConnectionError, TimeoutError) as e:
+            raise FetchError(f"connection to registry {self._host} broke while fetching {shown}: {_short(e)}", path=shown,
+                             hint="Nothing was installed; run the command again once the registry is back.") from None
+        self._got += n
+        if self._got > self._desc.size:
+            raise IntegrityError(f"blob for {shown} is longer than the {self._desc.size} bytes the manifest says", path=shown)
+        return n
 
 
 @contextmanager

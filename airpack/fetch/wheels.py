@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from .._urls import redact_url
 from ..errors import ContentPolicyError, FetchError, IntegrityError, SpecError
 from ..hashing import hash_file
 from ..spec import WheelSpec
@@ -66,11 +67,6 @@ class Wheel:
             "abi_tags": list(self.abi_tags),
             "platform_tags": list(self.platform_tags),
         }
-
-
-def redact_url(text: str) -> str:
-    """Drop user:password@ from any URL in ``text`` (an index URL may carry credentials)."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
 
 
 def canonical_name(name: str) -> str:

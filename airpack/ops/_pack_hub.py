@@ -19,7 +19,8 @@ from ..fetch.hub import HubClient, HubFile, HubSnapshot, whole_file_matches
 from ..hashing import parallel_map
 from ..manifest import FileEntry, model_slug
 from ..spec import ModelSpec
-from .pack import STAGING_DIR, PackOptions, PlannedFile, apply_content_policy, finish_model_record
+from ..units import format_bytes
+from ._pack_common import STAGING_DIR, PackOptions, PlannedFile, apply_content_policy, finish_model_record
 
 # Kept free beyond the files themselves: the manifest, temp files, the filesystem's own needs.
 DISK_RESERVE = 64 * 1024 * 1024
@@ -38,12 +39,8 @@ def select_files(model: ModelSpec, snap: HubSnapshot) -> list[HubFile]:
 
 
 def human(n: int) -> str:
-    v = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if v < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return f"{n} B"
+    """Bytes for a message: the one formatter (units.format_bytes)."""
+    return format_bytes(n)
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -17,7 +17,7 @@ from ..errors import IntegrityError
 from ..fetch.wheels import Wheel, compatible_platforms, download_wheels, index_args, requirements_text, resolve_wheels, target_args
 from ..manifest import FileEntry
 from ..spec import WheelSpec
-from .pack import STAGING_DIR, PackOptions, PlannedFile, copy_into
+from ._pack_common import STAGING_DIR, PackOptions, PlannedFile, copy_into
 
 WHEELS_DIR = "wheels"
 REQUIREMENTS = f"{WHEELS_DIR}/requirements.txt"

@@ -14,10 +14,11 @@ from typing import Any
 
 from ..manifest import Manifest, format_time
 from ..progress import NULL_PROGRESS, Progress
+from ..rules import MAX_SEQUENCE_JUMP, ChannelHigh, Sequence, classify_sequence
 from ..sbom import SBOM_NAME, build_sbom
+from ..sources import open_source
 from ..trust import TrustPolicy
-from .transfer import read_manifest_unverified
-from .verify import VerifyOptions, verify_bundle
+from .verify import VerifyOptions, read_unverified, verify_bundle
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,13 @@ class Side:
 
 def load_side(path: Path, policy: TrustPolicy | None, *, now: dt.datetime | None = None,
               progress: Progress = NULL_PROGRESS) -> Side:
+    """A bundle in any form: fully verified with a policy, else its manifest as it claims itself (labelled unverified)."""
     if policy is not None:
         vb = verify_bundle(VerifyOptions(bundle=path, policy=policy, now=now, progress=progress))
         return Side(path=str(path), manifest=vb.manifest, verified=True, signers=tuple(vb.signer_names))
-    manifest, env = read_manifest_unverified(path)
-    return Side(path=str(path), manifest=manifest, verified=False, signers=tuple(f"keyid:{s.keyid}" for s in env.signatures))
+    claimed = read_unverified(open_source(path))
+    return Side(path=str(path), manifest=claimed.manifest, verified=False,
+                signers=tuple(f"keyid:{s.keyid}" for s in claimed.envelope.signatures))
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -109,8 +112,17 @@ def diff_manifests(old: Side, new: Side) -> dict[str, Any]:
     flags = []
     if not (old.verified and new.verified):
         flags.append("unverified: manifests read as the bundles claim them; pass --trust to verify")
-    if a.channel == b.channel and b.sequence <= a.sequence:
-        flags.append(f"new sequence {b.sequence} is not above old {a.sequence}: installing it would be refused as a rollback")
+    if a.channel == b.channel:
+        # As if OLD were the channel's highest installed bundle: the rule install applies, not an approximation.
+        high = ChannelHigh(sequence=a.sequence, manifest_sha256=a.digest, bundle=a.name)
+        verdict = classify_sequence(high, sequence=b.sequence, manifest_sha256=b.digest)
+        if verdict in (Sequence.OLDER, Sequence.CONFLICT):
+            other = " with other content" if verdict is Sequence.CONFLICT else ""
+            flags.append(f"new sequence {b.sequence} is not above old {a.sequence}{other}: a host that installed the old bundle "
+                         "would refuse the new one as a rollback")
+        elif verdict is Sequence.JUMP:
+            flags.append(f"new sequence {b.sequence} jumps more than {MAX_SEQUENCE_JUMP:,} beyond old {a.sequence}: a host that "
+                         "installed the old bundle would refuse the new one")
     if policy:
         flags.append("content policy changed: " + ", ".join(f"{k} {v['old']} -> {v['new']}" for k, v in policy.items()))
     if licences:
@@ -169,7 +181,7 @@ def sbom(opts: SbomOptions) -> tuple[bytes, Side]:
 def diff_registry(bundle: Path, registry: Path, *, policy: TrustPolicy | None = None, now: dt.datetime | None = None,
                   progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
     """What installing ``bundle`` into ``registry`` would change; reads the registry, never writes it."""
-    from ..registry import MAX_SEQUENCE_JUMP, Registry, ref_name
+    from ..registry import Registry, ref_name
 
     side = load_side(bundle, policy, now=now, progress=progress)
     m = side.manifest
@@ -179,20 +191,20 @@ def diff_registry(bundle: Path, registry: Path, *, policy: TrustPolicy | None = 
         flags.append("unverified: the manifest is read as the bundle claims it; pass --trust to verify")
     models: list[dict[str, Any]] = []
     with reg.reader() as conn:
-        same = conn.execute("SELECT name FROM bundles WHERE manifest_sha256 = ? AND state = 'active' LIMIT 1", (m.digest,)).fetchone()
+        same = conn.active_bundle_with_digest(m.digest)
         if same is not None:
             flags.append("this exact bundle is already installed: install would change nothing (or re-point refs after a rollback)")
-        ch = conn.execute("SELECT sequence, manifest_sha256, bundle FROM channels WHERE channel = ?", (m.channel,)).fetchone()
+        ch = conn.channel_high(m.channel)
         if ch is not None:
-            high = int(ch[0])
-            if m.sequence < high or (m.sequence == high and m.digest != ch[1]):
-                flags.append(f"sequence {m.sequence} is not above {high} ({ch[2]}) on channel {m.channel}: install would be refused "
+            high = ch.sequence
+            if m.sequence < high or (m.sequence == high and m.digest != ch.manifest_sha256):
+                flags.append(f"sequence {m.sequence} is not above {high} ({ch.bundle}) on channel {m.channel}: install would be refused "
                              "as a rollback (unless --allow-downgrade)")
             elif m.sequence > high + MAX_SEQUENCE_JUMP:
                 flags.append(f"sequence {m.sequence} jumps more than {MAX_SEQUENCE_JUMP:,} beyond {high}: install would be refused")
         for x in m.models:
             ref = ref_name(x.revision)
-            rows = reg.models(conn, repo_id=x.repo_id)
+            rows = conn.models(repo_id=x.repo_id)
             cur = next((r for r in rows if r.ref == ref and r.current), None)
             have_commit = [r for r in rows if r.commit == x.commit]
             new_files = {f.path[len(x.prefix) + 1:]: f for f in m.model_files(x)}
@@ -202,10 +214,10 @@ def diff_registry(bundle: Path, registry: Path, *, policy: TrustPolicy | None = 
                 action = "unchanged"
             else:
                 action = "reactivate" if have_commit else "update"
-            old_files = {f["path"]: f for f in reg.model_files(conn, cur.model_id)} if cur is not None else {}
+            old_files = {f.path: f.to_json() for f in conn.model_files(cur.model_id)} if cur is not None else {}
             to_copy = sum(
                 f.size for f in new_files.values()
-                if conn.execute("SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (f.sha256,)).fetchone() is None
+                if not conn.has_file(f.sha256)
             )
             models.append({
                 "repo_id": x.repo_id, "ref": ref, "action": action, "commit": x.commit,
@@ -223,8 +235,7 @@ def diff_registry(bundle: Path, registry: Path, *, policy: TrustPolicy | None = 
             })
             if cur is not None and cur.license != x.license:
                 flags.append(f"licence of {x.repo_id} changes: {cur.license} -> {x.license}")
-        have_wheels = {str(r[0]): str(r[1]) for r in conn.execute(
-            "SELECT w.filename, w.sha256 FROM wheels w JOIN bundles b ON b.id = w.bundle_id WHERE b.state = 'active'")}
+        have_wheels = conn.active_wheels()
     wheels = []
     for w in m.wheels:
         fn = w.path.rsplit("/", 1)[-1]

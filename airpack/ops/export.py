@@ -1,9 +1,9 @@
 """``airpack export``: a verified bundle folder to one deterministic tar, or to signed parts with parity.
 
-Export never launders a tampered bundle: the envelope is checked against the
-host's policy, the tree against the manifest, and every file is hashed in the
-same read that streams it into the tar; a mismatch aborts the export and
-removes what it wrote. Nothing lands under its final name until the whole
+Export never launders a tampered bundle: it runs the one verification
+pipeline with the tar as its sink, so every file is hashed in the same read
+that streams it into the tar; a mismatch aborts the export and removes what it
+wrote. Nothing lands under its final name until the whole
 tar is written: parts first, the parts index last.
 """
 
@@ -20,18 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .._fs import atomic_write, fsync_dir, open_regular_nofollow, oserror_to_airpack, read_capped
-from ..bundle import BundleDir
-from ..errors import BundleMismatchError, FileMismatch, IntegrityError, MismatchReport, UsageError
-from ..hashing import CHUNK
-from ..manifest import ENVELOPE_NAME, MANIFEST_NAME, Manifest, parse
+from .._fs import atomic_write, fsync_dir, oserror_to_airpack
+from ..errors import IntegrityError, UsageError
+from ..hashing import write_all
+from ..manifest import ENVELOPE_NAME, MANIFEST_NAME, FileEntry, Manifest
 from ..parts import BackgroundSink, Layout, PartInfo, PartsWriter, build_statement, index_name, part_names, plan_layout, sign_index
 from ..progress import NULL_PROGRESS, Progress
-from ..signing import MAX_ENVELOPE_BYTES, PAYLOAD_TYPE, Signer, parse_envelope
+from ..signing import Signer
+from ..sources import open_source
 from ..tarball import TarWriter, archive_size
-from ..trust import TrustedKey, TrustPolicy, verify_envelope
+from ..trust import TrustedKey, TrustPolicy
 from .pack import PARTIAL_MARKER
-from .verify import check_content_policy, check_fresh, check_manifest_copy, check_safetensors, check_tree
+from .verify import FileSink, Sink, Trusted, VerifiedBundle, verify_source
 
 R = TypeVar("R")
 
@@ -60,86 +60,69 @@ class ExportResult:
     index: Path | None = None
 
 
-def _verified_inputs(opts: ExportOptions) -> tuple[BundleDir, bytes, bytes, Manifest, tuple[TrustedKey, ...]]:
-    """The envelope bytes exactly as on disk, verified; the payload; the parsed manifest; its signers."""
-    b = BundleDir.open(opts.bundle)
-    where = str(b.envelope_path)
-    try:
-        raw = read_capped(b.envelope_path, MAX_ENVELOPE_BYTES, display=where, what="envelope")
-    except FileNotFoundError:
-        from ..errors import EnvelopeError
+class _TarFile(FileSink):
+    """One bundle file as a tar member: its bytes go into the archive as they are hashed."""
 
-        raise EnvelopeError(f"no signature envelope at {where}", path=where) from None
-    verified = verify_envelope(parse_envelope(raw, where=where), opts.policy, expected_type=PAYLOAD_TYPE, where=where)
-    manifest = parse(verified.payload, digest=hashlib.sha256(verified.payload).hexdigest())
-    check_fresh(manifest, now=opts.now)
-    check_content_policy(manifest)
-    check_manifest_copy(b, verified.payload)
-    report = check_tree(b, manifest)
-    if report:
-        raise BundleMismatchError(report)
-    check_safetensors(b, manifest)
-    return b, raw, verified.payload, manifest, verified.signers
+    def __init__(self, writer: TarWriter) -> None:
+        self.writer = writer
+
+    def write(self, data: memoryview) -> None:
+        self.writer.write(bytes(data))  # a fresh copy: the writer thread holds it after the buffer is reused
+
+    def close(self) -> None:
+        self.writer.end()
 
 
-def _stream_file(b: BundleDir, path: str, size: int, sha256: str, writer: TarWriter, advance: Callable[[int], None]) -> None:
-    """Copy one file into the tar and hash exactly the bytes copied; a mismatch aborts the export."""
-    fd = open_regular_nofollow(b.path_of(path), display=path)
-    h = hashlib.sha256()
-    got = 0
-    try:
-        writer.begin(path, size)
-        while True:
-            data = os.read(fd, CHUNK)
-            if not data:
-                break
-            got += len(data)
-            if got > size:
-                break
-            h.update(data)
-            writer.write(data)
-            advance(len(data))
-    except OSError as e:
-        raise oserror_to_airpack(e, "cannot read", path) from None
-    finally:
-        os.close(fd)
-    if got != size:
-        raise BundleMismatchError(MismatchReport(changed=(FileMismatch(path=path, reason="size changed while exporting",
-                                                                      expected_size=size, actual_size=got),)))
-    actual = h.hexdigest()
-    if actual != sha256:
-        raise BundleMismatchError(MismatchReport(changed=(FileMismatch(path=path, reason="digest differs", expected_size=size,
-                                                                      actual_size=got, expected_sha256=sha256, actual_sha256=actual),)))
-    writer.end()
+class _TarSink(Sink):
+    """Writes the verified bundle as one deterministic tar into ``consume`` (a file, or the parts writer).
 
+    The envelope goes in exactly as stored, then the manifest copy, then each
+    file in path order as the pipeline verifies it; a mismatch stops the
+    pipeline, and the caller removes what was written.
+    """
 
-def _write_tar(b: BundleDir, raw_env: bytes, payload: bytes, manifest: Manifest, consume: Callable[[bytes], None],
-               progress: Progress, *, tar_hash: Any = None) -> None:
-    """Stream the tar into ``consume`` on a worker thread; ``tar_hash`` (if given) is fed here, balancing the two threads."""
-    sink = BackgroundSink(consume)
+    ordered = True
 
-    def emit(data: bytes) -> None:
-        if tar_hash is not None:
-            tar_hash.update(data)
-        sink(data)
+    def __init__(self, consume: Callable[[int, Manifest], Callable[[bytes], None]], tar_hash: Any) -> None:
+        self._consume = consume
+        self._tar_hash = tar_hash
+        self._bg: BackgroundSink | None = None
+        self.writer: TarWriter | None = None
+        self.total = 0
 
-    writer = TarWriter(emit, mtime=int(manifest.created.timestamp()))
-    task = progress.task(f"export {manifest.name}", manifest.total_bytes)
-    done = False
-    try:
-        writer.add_bytes(ENVELOPE_NAME, raw_env)
-        writer.add_bytes(MANIFEST_NAME, payload)
-        for f in sorted(manifest.files, key=lambda f: f.path):
-            _stream_file(b, f.path, f.size, f.sha256, writer, task.advance)
-        writer.close()
-        done = True
-    finally:
-        task.close()
-        if done:
-            sink.close()  # a write error on the worker surfaces here
+    def begin(self, trusted: Trusted) -> None:
+        m = trusted.manifest
+        members = [(ENVELOPE_NAME, len(trusted.envelope)), (MANIFEST_NAME, len(trusted.payload))] + [(f.path, f.size) for f in m.files]
+        self.total = archive_size(members)
+        consume = self._consume(self.total, m)
+        self._bg = BackgroundSink(consume)
+
+        def emit(data: bytes) -> None:
+            if self._tar_hash is not None:
+                self._tar_hash.update(data)
+            assert self._bg is not None
+            self._bg(data)
+
+        self.writer = TarWriter(emit, mtime=int(m.created.timestamp()))
+        self.writer.add_bytes(ENVELOPE_NAME, trusted.envelope)
+        self.writer.add_bytes(MANIFEST_NAME, trusted.payload)
+
+    def open(self, entry: FileEntry) -> FileSink:
+        assert self.writer is not None
+        self.writer.begin(entry.path, entry.size)
+        return _TarFile(self.writer)
+
+    def finish(self, *, ok: bool) -> None:
+        """End the archive and wait for the writer thread (whose write error surfaces here)."""
+        if self._bg is None:
+            return
+        if ok:
+            assert self.writer is not None
+            self.writer.close()
+            self._bg.close()
         else:
             with contextlib.suppress(Exception):  # the error already on its way names the cause
-                sink.close()
+                self._bg.close()
 
 
 def _refuse_existing(paths: list[Path]) -> None:
@@ -148,8 +131,84 @@ def _refuse_existing(paths: list[Path]) -> None:
             raise UsageError(f"{p} already exists; remove it or choose another --tar name", path=str(p))
 
 
+def _run(opts: ExportOptions, sink: _TarSink) -> VerifiedBundle:
+    source = open_source(opts.bundle, policy=opts.policy)
+    ok = False
+    try:
+        vb = verify_source(source, opts.policy, now=opts.now, sink=sink, progress=opts.progress)
+        ok = True
+    finally:
+        sink.finish(ok=ok)
+    return vb
+
+
+def _export_tar(opts: ExportOptions, tar: Path, folder: Path) -> ExportResult:
+    _refuse_existing([tar])
+    tmp_fd, tmp_name = tempfile.mkstemp(prefix=f".{tar.name}.", suffix=".tmp", dir=folder)
+    tmp = Path(tmp_name)
+    tar_hash = hashlib.sha256()
+
+    def to_file(_total: int, _m: Manifest) -> Callable[[bytes], None]:
+        return lambda data: write_all(tmp_fd, data)
+
+    sink = _TarSink(to_file, tar_hash)
+    try:
+        try:
+            vb = _run(opts, sink)
+            os.fsync(tmp_fd)
+        finally:
+            os.close(tmp_fd)
+        size = tmp.stat().st_size
+        if size != sink.total:
+            raise IntegrityError(f"the tar is {size} bytes, {sink.total} were planned", path=str(tar))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, tar)
+        fsync_dir(folder)
+    except OSError as e:
+        raise oserror_to_airpack(e, "cannot write", str(tar)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return ExportResult(tar=tar, tar_size=sink.total, tar_sha256=tar_hash.hexdigest(), manifest=vb.manifest, signers=vb.signers)
+
+
+def _export_parts(opts: ExportOptions, tar: Path, folder: Path, split: int) -> ExportResult:
+    tar_hash = hashlib.sha256()
+    made: dict[str, Any] = {}
+
+    def to_parts(total: int, m: Manifest) -> Callable[[bytes], None]:
+        layout = plan_layout(total, split, opts.parity)
+        names = part_names(tar.name, layout)
+        idx = folder / index_name(tar.name)
+        _refuse_existing([folder / n for n in names] + [idx])
+        made.update(layout=layout, idx=idx, writer=PartsWriter(folder, names, layout))
+        return made["writer"].write  # type: ignore[no-any-return]
+
+    # The writer thread codes parity and hashes each part; the pipeline's threads hash the files, this one the tar.
+    sink = _TarSink(to_parts, tar_hash)
+    try:
+        vb = _run(opts, sink)
+        pw: PartsWriter = made["writer"]
+        parts = pw.finish()
+        m = vb.manifest
+        statement = build_statement(
+            tar_name=tar.name, tar_size=sink.total, tar_sha256=tar_hash.hexdigest(), layout=made["layout"], parts=parts,
+            bundle={"name": m.name, "channel": m.channel, "sequence": m.sequence, "manifest_sha256": m.digest},
+        )
+        assert opts.signer is not None
+        envelope = sign_index(statement, opts.signer)
+        pw.commit()
+    except BaseException:
+        if "writer" in made:
+            made["writer"].discard()
+        raise
+    atomic_write(made["idx"], envelope)
+    return ExportResult(tar=tar, tar_size=sink.total, tar_sha256=tar_hash.hexdigest(), manifest=m, signers=vb.signers,
+                        layout=made["layout"], parts=tuple(parts), index=made["idx"])
+
+
 def export(opts: ExportOptions) -> ExportResult:
-    """Verify the bundle, then write the tar (or its parts and the signed index) in one pass over the files."""
+    """Verify the bundle and write the tar (or its parts and the signed index) in the same pass over the files."""
     tar = Path(opts.tar)
     if opts.split is None and opts.parity:
         raise UsageError("--parity needs --split SIZE")
@@ -158,65 +217,10 @@ def export(opts: ExportOptions) -> ExportResult:
     folder = tar.parent if str(tar.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"folder {folder} for --tar does not exist", path=str(folder))
-    b, raw_env, payload, manifest, signers = _verified_inputs(opts)
-    members = [(ENVELOPE_NAME, len(raw_env)), (MANIFEST_NAME, len(payload))] + [(f.path, f.size) for f in manifest.files]
-    total = archive_size(members)
-    tar_hash = hashlib.sha256()
-
+    opts.policy.check_usable()
     if opts.split is None:
-        _refuse_existing([tar])
-        tmp_fd, tmp_name = tempfile.mkstemp(prefix=f".{tar.name}.", suffix=".tmp", dir=folder)
-        tmp = Path(tmp_name)
-
-        def to_file(data: bytes) -> None:
-            tar_hash.update(data)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(tmp_fd, view):]
-
-        try:
-            try:
-                _write_tar(b, raw_env, payload, manifest, to_file, opts.progress)
-                os.fsync(tmp_fd)
-            finally:
-                os.close(tmp_fd)
-            size = tmp.stat().st_size
-            if size != total:
-                raise IntegrityError(f"the tar is {size} bytes, {total} were planned", path=str(tar))
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, tar)
-            fsync_dir(folder)
-        except OSError as e:
-            raise oserror_to_airpack(e, "cannot write", str(tar)) from None
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        return ExportResult(tar=tar, tar_size=total, tar_sha256=tar_hash.hexdigest(), manifest=manifest, signers=signers)
-
-    layout = plan_layout(total, opts.split, opts.parity)
-    names = part_names(tar.name, layout)
-    idx = folder / index_name(tar.name)
-    _refuse_existing([folder / n for n in names] + [idx])
-    pw = PartsWriter(folder, names, layout)
-
-    try:
-        # The worker codes parity and hashes each part; this thread hashes files and the tar.
-        _write_tar(b, raw_env, payload, manifest, pw.write, opts.progress, tar_hash=tar_hash)
-        parts = pw.finish()
-        statement = build_statement(
-            tar_name=tar.name, tar_size=total, tar_sha256=tar_hash.hexdigest(), layout=layout, parts=parts,
-            bundle={"name": manifest.name, "channel": manifest.channel, "sequence": manifest.sequence,
-                    "manifest_sha256": manifest.digest},
-        )
-        assert opts.signer is not None
-        envelope = sign_index(statement, opts.signer)
-        pw.commit()
-    except BaseException:
-        pw.discard()
-        raise
-    atomic_write(idx, envelope)
-    return ExportResult(tar=tar, tar_size=total, tar_sha256=tar_hash.hexdigest(), manifest=manifest, signers=signers,
-                        layout=layout, parts=tuple(parts), index=idx)
+        return _export_tar(opts, tar, folder)
+    return _export_parts(opts, tar, folder, opts.split)
 
 
 def pack_as_tar(pack_fn: Callable[[Path], R], tar: Path, signer: Signer, *, split: int | None = None, parity: int = 0,

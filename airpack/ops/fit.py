@@ -12,10 +12,9 @@ verified bundle on the given (or detected) GPUs and raises ``FitError``
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ from .._fs import check_relpath, open_regular_nofollow
 from .._json import StrictJSONError, loads_strict
 from ..errors import FitError, IntegrityError, ModelConfigError, UsageError
 from ..gpus import parse_gpu, resolve_gpus, try_detect
-from ..manifest import ENVELOPE_NAME, FileEntry, parse
+from ..manifest import ENVELOPE_NAME, Manifest, ModelEntry
 from ..safetensors_check import SafetensorsInfo, TensorInfo, read_header_fd
+from ..sources import DirSource, open_source
 from ..trust import TrustPolicy
 from ..vram import (
     FitResult,
@@ -38,7 +38,7 @@ from ..vram import (
     fit,
     model_shape,
 )
-from .verify import VerifiedBundle, VerifyOptions
+from .verify import VerifiedBundle, read_unverified, verify_source
 
 MAX_CONFIG_BYTES = 16 << 20
 MAX_INDEX_BYTES = 64 << 20
@@ -240,11 +240,8 @@ def load_folder(path: Path, *, name: str | None = None) -> ModelSource:
 
 def load_bundle(path: Path) -> list[ModelSource]:
     """Every model of a bundle folder, read as it is on disk (not verified: `airpack verify` proves it)."""
-    from ..bundle import BundleDir
-
-    b = BundleDir.open(path)
-    env = b.envelope()
-    m = parse(env.payload, digest=hashlib.sha256(env.payload).hexdigest())
+    b = DirSource(Path(path))
+    m = read_unverified(b).manifest
     out = []
     for model in m.models:
         pre = model.prefix + "/"
@@ -257,7 +254,7 @@ def load_bundle(path: Path) -> list[ModelSource]:
             except FileNotFoundError:
                 raise IntegrityError(f"bundle file {full} is missing", path=full) from None
 
-        out.append(_load_with(opener, files, model.repo_id, "bundle", f"{b.root}/{model.prefix}"))
+        out.append(_load_with(opener, files, model.repo_id, "bundle", f"{b.folder}/{model.prefix}"))
     return out
 
 
@@ -360,11 +357,10 @@ def fit_model(opts: FitOptions) -> list[FitReport]:
 
 
 def _gib(n: int) -> str:
-    """Bytes for a message: GiB, MiB or KiB with two decimals."""
-    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
+    """Bytes for a message: the one formatter (units.format_bytes)."""
+    from ..units import format_bytes
+
+    return format_bytes(n)
 
 
 def fit_error(report: FitReport) -> FitError:
@@ -384,66 +380,51 @@ def fit_error(report: FitReport) -> FitError:
 # -- install's gate and pack's record ----------------------------------------------------------------
 
 
-def _verified_source(verified: VerifiedBundle, model: Any, *, read: Callable[[str, int], bytes] | None = None) -> ModelSource:
-    """A verified bundle's model: small files through ``read(path, cap)`` (from disk by default), headers as verify read them."""
+def keep_for_fit(path: str) -> bool:
+    """The small files the estimator reads besides the headers: a bundle streamed past keeps them in memory."""
+    return path.rsplit("/", 1)[-1] in ("config.json", INDEX_NAME)
+
+
+def bundle_reader(root: Path | None, kept: Mapping[str, bytes]) -> Callable[[str, int], bytes]:
+    """``read(path, cap)`` over a bundle's verified small files: kept in memory, else read from its folder."""
+
+    def read(path: str, cap: int) -> bytes:
+        if path in kept:
+            data = kept[path]
+            if len(data) > cap:
+                raise ModelConfigError(f"{path} is larger than {cap} bytes", path=path)
+            return data
+        if root is None:
+            raise ModelConfigError(f"{path} was not kept while the bundle streamed past", path=path)
+        return _read_fd(open_regular_nofollow(root.joinpath(*path.split("/")), display=path), cap, path, "file")
+
+    return read
+
+
+def _bundle_model(manifest: Manifest, model: ModelEntry, *, headers: Mapping[str, SafetensorsInfo],
+                  read: Callable[[str, int], bytes], location: str) -> ModelSource:
+    """A verified bundle's model: small files through ``read(path, cap)``, headers as the pipeline parsed them."""
     pre = model.prefix + "/"
-    root = verified.root
-
-    def open_file(path: str) -> int:
-        return open_regular_nofollow(root.joinpath(*path.split("/")), display=path)
-
-    reader = read or (lambda path, cap: _read_fd(open_file(path), cap, path, "file"))
 
     def header(rel: str) -> SafetensorsInfo:
-        info = verified.safetensors.get(pre + rel)  # verify reads every header; read again only if not handed over
-        return info if info is not None else _header_of(open_file(pre + rel), pre + rel)
+        info = headers.get(pre + rel)
+        if info is None:
+            raise ModelConfigError(f"no verified safetensors header for {pre + rel}", path=pre + rel)
+        return info
 
-    files = [f.path[len(pre):] for f in verified.manifest.model_files(model)]
-    return _assemble(model.repo_id, "bundle", f"{root}/{model.prefix}", files, read=lambda rel, cap: reader(pre + rel, cap),
+    files = [f.path[len(pre):] for f in manifest.model_files(model)]
+    return _assemble(model.repo_id, "bundle", f"{location}/{model.prefix}", files, read=lambda rel, cap: read(pre + rel, cap),
                      header=header)
-
-
-class _Keep:
-    """Keeps a small file's bytes while a tar streams past (config.json, the shard index); drops anything else."""
-
-    def __init__(self, keep: bool) -> None:
-        self.keep = keep
-        self.data = bytearray()
-
-    def write(self, chunk: memoryview) -> None:
-        if self.keep and len(self.data) <= MAX_INDEX_BYTES:
-            self.data += chunk
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        self.data.clear()
 
 
 def load_stream(path: Path, policy: TrustPolicy | None) -> list[ModelSource]:
     """Every model of a bundle tar or parts folder, verified in one streaming pass (nothing is extracted to disk)."""
-    from ..parts import locate
-    from .transfer import verify_source
-
     if policy is None:
         raise UsageError(f"{path} is a tar or parts folder: it is verified as it streams, so fit needs --trust POLICY",
                          path=str(path), hint="Pass --trust POLICY (or set AIRPACK_TRUST), or fit the bundle folder instead.")
-    kept: dict[str, _Keep] = {}
-
-    def sink(entry: FileEntry) -> _Keep:
-        k = kept[entry.path] = _Keep(entry.path.rsplit("/", 1)[-1] in ("config.json", INDEX_NAME))
-        return k
-
-    verified = verify_source(VerifyOptions(bundle=path, policy=policy), locate(path), sink=sink)
-
-    def read(p: str, cap: int) -> bytes:
-        data = bytes(kept[p].data) if p in kept else b""
-        if len(data) > cap:
-            raise ModelConfigError(f"{p} is larger than {cap} bytes", path=p)
-        return data
-
-    return [_verified_source(verified, m, read=read) for m in verified.manifest.models]
+    vb = verify_source(open_source(path, policy=policy), policy, keep=keep_for_fit)
+    read = bundle_reader(None, vb.kept)
+    return [_bundle_model(vb.manifest, m, headers=vb.safetensors, read=read, location=str(path)) for m in vb.manifest.models]
 
 
 def _unknown(model: str, why: str) -> dict[str, Any]:
@@ -452,7 +433,14 @@ def _unknown(model: str, why: str) -> dict[str, Any]:
 
 def check_bundle_fit(verified: VerifiedBundle, *, gpu: str | None, context: int | None, runtime: str | None,
                      ignore: bool) -> list[dict[str, Any]]:
-    """Estimate every model of a verified bundle on ``gpu`` (or the GPUs NVML finds).
+    """Install's gate on a verified bundle: ``estimate_bundle`` over the headers and small files the pipeline verified."""
+    return estimate_bundle(verified.manifest, headers=verified.safetensors, read=bundle_reader(verified.source.root, verified.kept),
+                           location=verified.source.label, gpu=gpu, context=context, runtime=runtime, ignore=ignore)
+
+
+def estimate_bundle(manifest: Manifest, *, headers: Mapping[str, SafetensorsInfo], read: Callable[[str, int], bytes],
+                    location: str, gpu: str | None, context: int | None, runtime: str | None, ignore: bool) -> list[dict[str, Any]]:
+    """Estimate every model of a bundle on ``gpu`` (or the GPUs NVML finds).
 
     Returns one JSON-able report per model (integers and strings only), or []
     when no GPU is given and none is detected. Raises ``FitError`` (exit 5)
@@ -466,9 +454,9 @@ def check_bundle_fit(verified: VerifiedBundle, *, gpu: str | None, context: int 
     run = run_config(runtime=runtime, context=context, count=budget.count)
     reports: list[dict[str, Any]] = []
     refusal: FitError | None = None
-    for model in verified.manifest.models:
+    for model in manifest.models:
         try:
-            rep = estimate_source(_verified_source(verified, model), run, budget)
+            rep = estimate_source(_bundle_model(manifest, model, headers=headers, read=read, location=location), run, budget)
         except (ModelConfigError, IntegrityError) as e:
             reports.append(_unknown(model.repo_id, e.message))
             continue

@@ -5,68 +5,52 @@ operation that imports ``airpack.fetch`` and ``airpack.ops.install`` together.
 ``ops/verify``, ``ops/install``, ``ops/fit`` and ``registry`` still never reach
 the network; a node that installs from a folder or a disk never loads this.
 
-Trust does not travel with the registry. Push verifies before it sends a
-byte. Pull and install fetch the OCI manifest and the envelope first, check
-the signatures against the node's OWN policy, freshness, that the artifact
-carries exactly the manifest those signatures cover, and that its layers are
-exactly the signed files, all BEFORE any model byte is downloaded. Each blob
-is then checked for size and digest while it streams, into a temp folder
-that is renamed into place (pull) or handed to the file install (install),
-which verifies again and installs atomically. Nothing is left on failure.
+An artifact is the fourth form a bundle takes: ``OciSource`` presents it to
+the one verification pipeline like a folder (entries listed up front, each
+file opened on its own), so trust does not travel with the registry and
+nothing is decided here. The node fetches the OCI manifest and the envelope,
+checks the signatures against its OWN policy, freshness, the channel's
+sequence, the manifest copy and that the layers are exactly the signed files,
+all BEFORE a model byte is downloaded; each blob is then hashed as it streams
+into a fresh folder (pull) or straight into the install's staging (install).
+Nothing is left on failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
-import hashlib
 import os
-import re
 import shutil
-import sqlite3
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
 
-from .._fs import check_no_collisions, fsync_dir, oserror_to_airpack, read_capped
-from ..bundle import BundleDir
-from ..errors import (
-    AirpackError,
-    ArtifactMismatchError,
-    BundleMismatchError,
-    EnvelopeError,
-    FileMismatch,
-    IntegrityError,
-    MismatchReport,
-    UsageError,
-)
-from ..fetch.oci import (
+from .._fs import fsync_dir, oserror_to_airpack
+from ..errors import EnvelopeError, IntegrityError, UsageError
+from ..fetch.oci import BlobReader, OciAccess, OciClient
+from ..hashing import parallel_map, write_all
+from ..manifest import ENVELOPE_NAME, MANIFEST_NAME, FileEntry, Manifest, format_time
+from ..oci_artifact import (
     EMPTY_BYTES,
     EMPTY_CONFIG,
     ENVELOPE_MEDIA_TYPE,
     MANIFEST_COPY_MEDIA_TYPE,
     Artifact,
     Descriptor,
-    OciAccess,
-    OciClient,
-    OciRef,
     blob_descriptor,
     build_manifest,
     file_descriptor,
     parse_artifact,
 )
-from ..hashing import parallel_map
-from ..manifest import ENVELOPE_NAME, MANIFEST_NAME, Manifest, format_time, parse
+from ..oci_ref import OciRef
 from ..progress import NULL_PROGRESS, Progress
-from ..registry import DB_NAME, Registry, Writer, audit_base, error_record
-from ..signing import MAX_ENVELOPE_BYTES, PAYLOAD_TYPE, parse_envelope
-from ..trust import TrustedKey, TrustPolicy, verify_envelope
-from .install import InstallOptions, InstallResult, check_sequence, install
-from .verify import VerifyOptions, check_content_policy, check_fresh, check_safetensors, verify_bundle
+from ..signing import MAX_ENVELOPE_BYTES
+from ..sources import BundleSource, Member
+from ..trust import TrustedKey, TrustPolicy
+from .install import InstallOptions, InstallResult, install
+from .verify import FileSink, Sink, Trusted, VerifyOptions, verify_bundle, verify_source
 
 DEFAULT_WORKERS = 4  # parallel blob transfers; a registry on loopback or a LAN is bound by its own disk
 
@@ -110,12 +94,7 @@ def push(opts: PushOptions) -> PushResult:
     opts.policy.check_usable()
     vb = verify_bundle(VerifyOptions(bundle=opts.bundle, policy=opts.policy, now=opts.now, workers=opts.workers, progress=opts.progress))
     m = vb.manifest
-    # The envelope we send is the one we verify now, byte for byte; its payload must be the one verify saw.
-    env_path = BundleDir(root=vb.root).envelope_path
-    env_bytes = read_capped(env_path, MAX_ENVELOPE_BYTES, display=str(env_path), what="envelope")
-    vp = verify_envelope(parse_envelope(env_bytes, where=str(env_path)), opts.policy, expected_type=PAYLOAD_TYPE, where=str(env_path))
-    if vp.payload != vb.payload:
-        raise IntegrityError(f"{env_path} changed while it was being pushed; verify and push again", path=ENVELOPE_NAME)
+    env_bytes = vb.envelope  # the envelope sent is the one just verified, byte for byte
 
     env_desc = blob_descriptor(ENVELOPE_MEDIA_TYPE, env_bytes, ENVELOPE_NAME)
     copy_desc = blob_descriptor(MANIFEST_COPY_MEDIA_TYPE, vb.payload, MANIFEST_NAME)
@@ -149,7 +128,7 @@ def push(opts: PushOptions) -> PushResult:
             elif d.size == 0:
                 client.upload_bytes(b"", d)
             else:
-                client.upload_file(BundleDir(root=vb.root).path_of(d.title or ""), d, chunk_size=opts.chunk_size, on_bytes=task.advance)
+                client.upload_file(vb.root.joinpath(*(d.title or "").split("/")), d, chunk_size=opts.chunk_size, on_bytes=task.advance)
 
         try:
             parallel_map(send, to_send, workers=workers)
@@ -167,115 +146,133 @@ def push(opts: PushOptions) -> PushResult:
     )
 
 
-# -- fetch and check before downloading -----------------------------------------------------------
+# -- the artifact as a bundle source ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CheckedArtifact:
-    """An artifact whose envelope, signed manifest and layer list agree; its file blobs are not fetched yet."""
+class OciSource(BundleSource):
+    """An airpack artifact in an OCI registry, read through one client for the length of a verification."""
 
-    source: OciRef
-    artifact: Artifact
-    envelope: bytes
-    payload: bytes
-    manifest: Manifest
-    signers: tuple[TrustedKey, ...]  # empty when no policy was given (pull without --trust)
+    kind = "oci"
+    random_access = True
+
+    def __init__(self, ref: OciRef, access: OciAccess | None = None) -> None:
+        super().__init__(str(ref))
+        self.ref = ref
+        self.access = access or OciAccess()
+        self._client: OciClient | None = None
+        self._artifact: Artifact | None = None
 
     @property
-    def verified(self) -> bool:
-        return bool(self.signers)
+    def envelope_where(self) -> str:
+        return f"{self.ref} ({ENVELOPE_NAME})"
 
+    @property
+    def artifact(self) -> Artifact:
+        if self._artifact is None:
+            raise RuntimeError("an OCI source is read inside its session()")
+        return self._artifact
 
-def check_artifact(client: OciClient, policy: TrustPolicy | None, *, now: dt.datetime | None = None) -> CheckedArtifact:
-    """Fetch the OCI manifest and the envelope, and refuse anything untrusted before a model byte moves.
+    @property
+    def client(self) -> OciClient:
+        if self._client is None:
+            raise RuntimeError("an OCI source is read inside its session()")
+        return self._client
 
-    Exit 4 when the envelope does not vouch for this artifact (untrusted or too few signers, expired, or
-    an envelope that signs another manifest than the one the artifact carries); exit 3 when the signed
-    manifest holds but the artifact's layers are not exactly its files.
-    """
-    raw, digest = client.get_manifest()
-    where = str(client.ref)
-    art = parse_artifact(raw, where=where, digest=digest)
-    env_bytes = client.get_blob_bytes(art.envelope, MAX_ENVELOPE_BYTES)
-    env_where = f"{where} ({ENVELOPE_NAME})"
-    env = parse_envelope(env_bytes, where=env_where)
-    signers: tuple[TrustedKey, ...] = ()
-    if policy is not None:
-        vp = verify_envelope(env, policy, expected_type=PAYLOAD_TYPE, where=env_where)
-        payload, signers = vp.payload, vp.signers
-    else:
-        if env.payload_type != PAYLOAD_TYPE:
-            raise EnvelopeError(f"envelope {env_where} has payload type {env.payload_type!r}, expected {PAYLOAD_TYPE!r}", path=env_where)
-        payload = env.payload
-    pdigest = hashlib.sha256(payload).hexdigest()
-    if art.manifest_copy.sha256 != pdigest or art.manifest_copy.size != len(payload):
-        raise ArtifactMismatchError(
-            f"{where}: the envelope signs manifest sha256 {pdigest}, but the artifact carries manifest {art.manifest_copy.digest}: "
-            "a signature moved onto another bundle",
-            path=ENVELOPE_NAME,
-        )
-    manifest = parse(payload, digest=pdigest)
-    if policy is not None:
-        check_fresh(manifest, now=now)
-        check_content_policy(manifest)
-    check_layers(art, manifest)
-    return CheckedArtifact(source=client.ref, artifact=art, envelope=env_bytes, payload=payload, manifest=manifest, signers=signers)
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        with OciClient(self.ref, self.access) as client:
+            raw, digest = client.get_manifest()
+            self._client, self._artifact = client, parse_artifact(raw, where=str(self.ref), digest=digest)
+            # What an install records as its source: the artifact pinned to the digest just read.
+            self.location = str(OciRef(host=self.ref.host, repository=self.ref.repository, digest=digest))
+            try:
+                yield
+            finally:
+                self._client = None
 
+    @property
+    def digest_seen(self) -> str:
+        """The OCI manifest digest a session read (nodes pin to oci://HOST/REPO@DIGEST); empty before one."""
+        return self._artifact.digest if self._artifact is not None else ""
 
-def check_layers(art: Artifact, manifest: Manifest) -> None:
-    """The file layers must be exactly the signed files: same paths, sizes and digests (exit 3 otherwise)."""
-    check_no_collisions([d.title or "" for d in art.files] + [ENVELOPE_NAME, MANIFEST_NAME])
-    layers = {d.title: d for d in art.files}
-    expected = {f.path: f for f in manifest.files}
-    missing = tuple(sorted(set(expected) - set(layers)))
-    extra = tuple(sorted(p for p in layers if p not in expected and p is not None))
-    changed = tuple(
-        FileMismatch(path=p, reason="layer differs from the signed manifest", expected_size=f.size, actual_size=layers[p].size,
-                     expected_sha256=f.sha256, actual_sha256=layers[p].sha256)
-        for p, f in sorted(expected.items())
-        if p in layers and (layers[p].sha256 != f.sha256 or layers[p].size != f.size)
-    )
-    report = MismatchReport(missing=missing, extra=extra, changed=changed)
-    if report:
-        raise BundleMismatchError(report)
+    def audit_fields(self) -> dict[str, str]:
+        return {"transport": "oci", "oci_digest": self.digest_seen}
 
-
-def download_into(client: OciClient, checked: CheckedArtifact, dest: Path, *, workers: int | None = None,
-                  progress: Progress = NULL_PROGRESS) -> None:
-    """Write the bundle into the empty folder ``dest``: every blob size- and digest-checked as it streams."""
-    art, m = checked.artifact, checked.manifest
-    task = progress.task(f"pull {m.name}", art.total_bytes)
-    made: set[Path] = {dest}
-
-    for d in art.files:
-        parent = dest.joinpath(*(d.title or "").split("/")).parent
-        if parent not in made:
-            parent.mkdir(parents=True, exist_ok=True)
-            made.add(parent)
-
-    def one(d: Descriptor) -> None:
-        path = dest.joinpath(*(d.title or "").split("/"))
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(path, flags, 0o644)
+    def envelope_bytes(self) -> bytes:
         try:
-            client.download_blob(d, fd, on_bytes=task.advance)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            return self.client.get_blob_bytes(self.artifact.envelope, MAX_ENVELOPE_BYTES)
+        except IntegrityError as e:  # oversized or not the blob its digest names: the envelope cannot be had
+            raise EnvelopeError(f"cannot read envelope {self.envelope_where}: {e.message}", path=self.envelope_where) from None
 
-    try:
-        parallel_map(one, sorted(art.files, key=lambda d: -d.size), workers=workers or DEFAULT_WORKERS)
-    except OSError as e:
-        raise oserror_to_airpack(e, "cannot write", str(dest)) from None
-    finally:
-        task.close()
-    for name, data in ((MANIFEST_NAME, checked.payload), (ENVELOPE_NAME, checked.envelope)):
-        with open(dest / name, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    for folder in sorted(made, key=lambda p: -len(p.parts)):
-        fsync_dir(folder)
+    def manifest_copy(self) -> bytes | None:
+        return self.client.get_blob_bytes(self.artifact.manifest_copy, MAX_ENVELOPE_BYTES)
+
+    def members(self) -> list[Member]:
+        return [Member(path=d.title or "", size=d.size, sha256=d.sha256) for d in self.artifact.files]
+
+    @contextlib.contextmanager
+    def open(self, entry: FileEntry) -> Iterator[BlobReader]:
+        desc = next(d for d in self.artifact.files if d.title == entry.path)
+        with self.client.open_blob(desc) as reader:
+            yield reader
+
+
+# -- pull -------------------------------------------------------------------------------------------
+
+
+class _NewFile(FileSink):
+    """One file of a pulled bundle, created new; removed unless its digest held."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise oserror_to_airpack(e, "cannot write", str(path)) from None
+
+    def write(self, data: memoryview) -> None:
+        try:
+            write_all(self._fd, data)
+        except OSError as e:
+            raise oserror_to_airpack(e, "cannot write", str(self.path)) from None
+
+    def close(self) -> None:
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+class _FolderSink(Sink):
+    """Recreates the bundle folder under ``dest``: its files as verified, then the manifest copy, the envelope last."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.trusted: Trusted | None = None
+
+    def begin(self, trusted: Trusted) -> None:
+        self.trusted = trusted
+        for f in trusted.manifest.files:
+            self.dest.joinpath(*f.path.split("/")).parent.mkdir(parents=True, exist_ok=True)
+
+    def open(self, entry: FileEntry) -> FileSink:
+        return _NewFile(self.dest.joinpath(*entry.path.split("/")))
+
+    def seal(self) -> None:
+        assert self.trusted is not None
+        for name, data in ((MANIFEST_NAME, self.trusted.payload), (ENVELOPE_NAME, self.trusted.envelope)):
+            with open(self.dest / name, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for folder in sorted({p.parent for p in self.dest.rglob("*")} | {self.dest}, key=lambda p: -len(p.parts)):
+            fsync_dir(folder)
 
 
 @contextlib.contextmanager
@@ -289,9 +286,6 @@ def _temp_dir(parent: Path, prefix: str) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-# -- pull ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,140 +318,36 @@ def pull(opts: PullOptions) -> PullResult:
     out = Path(opts.out)
     if os.path.lexists(out):
         raise UsageError(f"{out} already exists; pull writes a new folder", path=str(out))
-    if opts.policy is not None:
-        opts.policy.check_usable()
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise oserror_to_airpack(e, "cannot create", str(parent)) from None
-    with OciClient(opts.source, opts.access) as client:
-        checked = check_artifact(client, opts.policy, now=opts.now)
-        with _temp_dir(parent, f".{out.name}.pull-") as tmp:
-            download_into(client, checked, tmp, workers=opts.workers, progress=opts.progress)
-            if opts.policy is not None:
-                # Digests held while streaming; safetensors headers are the one check verify makes beyond them.
-                check_safetensors(BundleDir(root=tmp), checked.manifest)
-            os.chmod(tmp, 0o755)
-            try:
-                os.rename(tmp, out)
-            except OSError as e:
-                if os.path.lexists(out):
-                    raise UsageError(f"{out} appeared while pulling; nothing was written there", path=str(out)) from None
-                raise oserror_to_airpack(e, "cannot rename into", str(out)) from None
-            fsync_dir(parent)
-    return PullResult(source=opts.source, out=out, digest=checked.artifact.digest, manifest=checked.manifest,
-                      signers=checked.signers, bytes_received=checked.artifact.total_bytes)
+    source = OciSource(opts.source, opts.access)
+    with _temp_dir(parent, f".{out.name}.pull-") as tmp:
+        sink = _FolderSink(tmp)
+        vb = verify_source(source, opts.policy, now=opts.now, sink=sink, workers=opts.workers or DEFAULT_WORKERS,
+                           progress=opts.progress)
+        sink.seal()
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, out)
+        except OSError as e:
+            if os.path.lexists(out):
+                raise UsageError(f"{out} appeared while pulling; nothing was written there", path=str(out)) from None
+            raise oserror_to_airpack(e, "cannot rename into", str(out)) from None
+        fsync_dir(parent)
+    digest = source.digest_seen
+    return PullResult(source=opts.source, out=out, digest=digest, manifest=vb.manifest, signers=vb.signers,
+                      bytes_received=vb.manifest.total_bytes)
 
 
 # -- install from the registry ------------------------------------------------------------------
 
-STAGE_PREFIX = ".oci-stage-"
-STALE_UNLOCKED_SECONDS = 3600  # a stage folder with no lock file this old was left by a crash before it was locked
-
-
-class _ConnOnly:
-    """What ``check_sequence`` reads of a writer: its connection (here a read-only one)."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-
-def _early_sequence_check(reg: Registry, manifest: Manifest, *, allow_downgrade: bool) -> None:
-    """Refuse a rollback or a sequence jump before downloading; the file install checks again under its lock."""
-    if not os.path.lexists(reg.path(DB_NAME)):
-        return
-    with reg.reader() as conn:
-        check_sequence(cast(Writer, _ConnOnly(conn)), manifest, allow_downgrade=allow_downgrade)
-
-
-def _sweep_stale_stages(root: Path) -> None:
-    """Remove stage folders whose process is gone (its flock is free); never one in use by another install."""
-    try:
-        entries = [e for e in os.scandir(root) if e.name.startswith(STAGE_PREFIX) and e.is_dir(follow_symlinks=False)]
-    except OSError:
-        return
-    for e in entries:
-        lock = Path(e.path) / ".lock"
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            with contextlib.suppress(OSError):
-                if time.time() - os.lstat(e.path).st_mtime > STALE_UNLOCKED_SECONDS:
-                    shutil.rmtree(e.path, ignore_errors=True)
-            continue
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # another install is downloading into it
-        else:
-            shutil.rmtree(e.path, ignore_errors=True)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def _stage_dir(root: Path) -> Iterator[Path]:
-    """A locked stage folder on the registry's filesystem, removed on the way out whatever happens."""
-    _sweep_stale_stages(root)
-    with _temp_dir(root, STAGE_PREFIX) as tmp:
-        fd = os.open(tmp / ".lock", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield tmp
-        finally:
-            os.close(fd)
-
-
-def _stage_name(ref: OciRef, digest: str) -> str:
-    """The staged bundle's folder name, which the file install records as its source: the artifact, pinned."""
-    return re.sub(r"[^A-Za-z0-9._:@-]", "_", f"{ref.host}_{ref.repository}@{digest}")[:200]
-
-
-@contextlib.contextmanager
-def staged_bundle(*, source: OciRef, registry: Path, policy: TrustPolicy, access: OciAccess | None = None,
-                  allow_downgrade: bool = False, options: dict[str, Any] | None = None, workers: int | None = None,
-                  now: dt.datetime | None = None, progress: Progress = NULL_PROGRESS) -> Iterator[tuple[Path, CheckedArtifact]]:
-    """Check trust and rollback, then download the bundle into a stage folder on the registry's filesystem.
-
-    The caller hands the folder to the file install, which verifies again, installs atomically and
-    writes its audit line. A refusal here, before that hand-over (untrusted, rollback, a tampered
-    blob, the registry gone), writes the audit line itself, so every attempt leaves exactly one.
-    The stage folder is removed however the block ends.
-    """
-    reg = Registry.open(Path(registry), create=True)
-    record = audit_base("install", source=str(source), transport="oci", options=dict(options or {}))
-    handed_over = False
-    try:
-        policy.check_usable()
-        with OciClient(source, access or OciAccess()) as client:
-            checked = check_artifact(client, policy, now=now)
-            m = checked.manifest
-            record.update({"bundle": {"name": m.name, "channel": m.channel, "sequence": m.sequence}, "manifest_sha256": m.digest,
-                           "oci_digest": checked.artifact.digest, "signers": [k.keyid for k in checked.signers],
-                           "signer_names": [k.name for k in checked.signers]})
-            _early_sequence_check(reg, m, allow_downgrade=allow_downgrade)
-            with _stage_dir(reg.root) as tmp:
-                bundle = tmp / _stage_name(source, checked.artifact.digest)
-                bundle.mkdir()
-                download_into(client, checked, bundle, workers=workers, progress=progress)
-                handed_over = True
-                yield bundle, checked
-    except BaseException as e:
-        if not handed_over:
-            try:
-                reg.audit_append({**record, "result": "refused" if isinstance(e, AirpackError) else "failed", "error": error_record(e)})
-            except AirpackError as log_err:
-                if isinstance(e, AirpackError):
-                    e.message = f"{e.message} (and the audit line could not be written: {log_err.message})"
-        raise
-
 
 @dataclass(frozen=True, kw_only=True)
 class OciInstallOptions:
-    """Install from ``source``; ``install`` is what the file install gets, its ``bundle`` replaced by the staged folder."""
+    """Install from ``source``; ``install`` holds everything else the file install takes (its ``bundle`` is unused)."""
 
     source: OciRef
     install: InstallOptions
@@ -473,10 +363,6 @@ class OciInstallResult:
 
 def install_from_oci(opts: OciInstallOptions) -> OciInstallResult:
     """Everything ``airpack install`` guarantees, with the registry inside the gap as the medium."""
-    i = opts.install
-    options = {"allow_downgrade": i.allow_downgrade, "allow_pickle": i.allow_pickle, "ignore_fit": i.ignore_fit,
-               "gpu": i.gpu, "context": i.context, "runtime": i.runtime}
-    with staged_bundle(source=opts.source, registry=i.registry, policy=i.policy, access=opts.access, allow_downgrade=i.allow_downgrade,
-                       options=options, workers=i.workers, now=i.now, progress=i.progress) as (folder, checked):
-        result = install(replace(i, bundle=folder, adopt_staged=True))  # the stage is ours: move, do not copy
-    return OciInstallResult(source=opts.source, digest=checked.artifact.digest, install=result)
+    source = OciSource(opts.source, opts.access)
+    result = install(replace(opts.install, source=source, workers=opts.install.workers or DEFAULT_WORKERS))
+    return OciInstallResult(source=opts.source, digest=source.digest_seen, install=result)

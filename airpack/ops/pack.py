@@ -8,72 +8,40 @@ manifest is signed last: a folder without an envelope is an unfinished pack.
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import content
 from .._fs import atomic_write, check_no_collisions, check_relpath, oserror_to_airpack
-from .._json import StrictJSONError, loads_strict
 from ..bundle import BundleDir, write_signed
 from ..errors import (
     AirpackError,
-    ContentPolicyError,
-    EnvelopeError,
     ExpiredError,
-    IntegrityError,
     SpecError,
     UsageError,
 )
 from ..gpus import parse_gpu
-from ..hashing import copy_and_hash, parallel_map
+from ..hashing import parallel_map
 from ..manifest import ENVELOPE_NAME, FileEntry, Manifest, build_statement, encode, model_slug, now_utc, parse
 from ..progress import NULL_PROGRESS, Progress
-from ..safetensors_check import read_header, summarize
-from ..signing import PAYLOAD_TYPE, Signer, envelope_bytes
+from ..sbom import write_sbom
+from ..signing import PAYLOAD_TYPE, Signer, envelope_bytes, parse_envelope
+from ..sources import DirSource
 from ..spec import ModelSpec, PackSpec
+from ._pack_common import STAGING_DIR as STAGING_DIR  # re-exported, like the next two: this module's API
+from ._pack_common import PackOptions as PackOptions
+from ._pack_common import PlannedFile as PlannedFile
+from ._pack_common import apply_content_policy, copy_into, finish_model_record
+from ._pack_wheels import pack_wheels
 from .fit import estimate_target, worst_estimate
-from .verify import check_content_policy, check_files, check_manifest_copy, check_safetensors
+from .verify import verify_source
 
 PARTIAL_MARKER = ".airpack-partial"
-STAGING_DIR = ".airpack-staging"  # partial downloads of an unfinished pack; removed before signing
 SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
-CONFIG_SUMMARY_KEYS = (
-    "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
-    "torch_dtype", "dtype", "tie_word_embeddings", "sliding_window", "num_experts", "num_local_experts",
-    "n_routed_experts", "num_experts_per_tok", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
-    "qk_nope_head_dim", "v_head_dim",
-)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PackOptions:
-    spec: PackSpec
-    out: Path
-    signer: Signer | None
-    dry_run: bool = False
-    allow_expired: bool = False
-    endpoint: str | None = None
-    token: str | None = None
-    now: dt.datetime | None = None
-    workers: int | None = None
-    progress: Progress = NULL_PROGRESS
-
-
-@dataclass(frozen=True)
-class PlannedFile:
-    """One file a pack will write: where it comes from and where it lands in the bundle."""
-
-    bundle_path: str
-    size: int
-    source: str
 
 
 @dataclass(frozen=True)
@@ -118,44 +86,6 @@ def list_local_files(model: ModelSpec) -> list[tuple[str, Path, int]]:
         raise SpecError(f"model source {root} has no files matching the spec's include/exclude", path=str(root))
     keep = set(content.prefer_safetensors([r for r, _, _ in found]))
     return [f for f in found if f[0] in keep]
-
-
-def apply_content_policy(repo_id: str, rels: list[str], *, allow_pickle: bool, allow_code: bool) -> tuple[list[str], list[str]]:
-    """Return (pickles, code) among ``rels``, refusing them when the spec does not allow them."""
-    pickles = sorted(r for r in rels if content.is_pickle(r))
-    code = sorted(r for r in rels if content.is_code(r))
-    if pickles and not allow_pickle:
-        raise ContentPolicyError(
-            f"{repo_id}: pickled weights are not allowed by the spec: {', '.join(pickles[:5])}", path=pickles[0]
-        )
-    if code and not allow_code:
-        raise ContentPolicyError(f"{repo_id}: code files are not allowed by the spec: {', '.join(code[:5])}", path=code[0])
-    return pickles, code
-
-
-def config_summary(config_bytes: bytes | None) -> dict[str, Any]:
-    """The config fields an auditor and the fit estimator care about (integers, strings, booleans only)."""
-    if config_bytes is None:
-        return {}
-    try:
-        cfg = loads_strict(config_bytes, allow_floats=True, max_depth=16)
-    except StrictJSONError as e:
-        raise IntegrityError(f"config.json is not valid JSON: {e}", path="config.json") from None
-    if not isinstance(cfg, dict):
-        raise IntegrityError("config.json is not a JSON object", path="config.json")
-
-    def pick(d: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k in CONFIG_SUMMARY_KEYS:
-            v = d.get(k)
-            if isinstance(v, (bool, int, str)) or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-                out[k] = v
-        return out
-
-    summary = pick(cfg)
-    if isinstance(cfg.get("text_config"), dict):
-        summary["text_config"] = pick(cfg["text_config"])
-    return summary
 
 
 def local_commit(entries: list[FileEntry], prefix: str) -> str:
@@ -206,36 +136,6 @@ def prune_out(out: Path, keep: set[str]) -> None:
         raise oserror_to_airpack(e, "cannot clean", str(out)) from None
 
 
-def copy_into(src: Path, out: Path, bundle_path: str, on_bytes: Callable[[int], None]) -> FileEntry:
-    """Copy one file into the bundle through a temp file, hashing exactly what was written."""
-    dest = out.joinpath(*bundle_path.split("/"))
-    tmp = None
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        sfd = os.open(src, os.O_RDONLY)
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-            try:
-                d = copy_and_hash(sfd, fd, on_bytes=on_bytes)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        finally:
-            os.close(sfd)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-        tmp = None
-    except OSError as e:
-        raise oserror_to_airpack(e, "cannot copy", f"{src} -> {dest}") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    return FileEntry(path=bundle_path, size=d.size, sha256=d.sha256)
-
-
 def pack_local_model(model: ModelSpec, opts: PackOptions) -> tuple[dict[str, Any], list[FileEntry], list[PlannedFile]]:
     files = list_local_files(model)
     prefix = model_slug(model.repo_id)
@@ -267,20 +167,6 @@ def pack_local_model(model: ModelSpec, opts: PackOptions) -> tuple[dict[str, Any
     return record, entries, planned
 
 
-def finish_model_record(record: dict[str, Any], entries: list[FileEntry], out: Path, prefix: str) -> None:
-    """Validate safetensors headers on the copies; record parameters, dtypes and the config summary."""
-    infos = []
-    for e in entries:
-        if content.is_safetensors(e.path):
-            infos.append(read_header(out.joinpath(*e.path.split("/")), display=e.path))
-    summary = summarize(infos)
-    record["parameters"] = summary["parameters"]
-    record["dtypes"] = summary["dtypes"]
-    cfg_path = out.joinpath(*prefix.split("/"), "config.json")
-    cfg = cfg_path.read_bytes() if cfg_path.is_file() else None
-    record["config"] = config_summary(cfg)
-
-
 # -- the operation ---------------------------------------------------------------------
 
 
@@ -305,7 +191,7 @@ def pack(opts: PackOptions) -> PackResult:
         if m.source == "local":
             record, ents, plan = pack_local_model(m, opts)
         else:
-            from ._pack_hub import pack_hub_model
+            from ._pack_hub import pack_hub_model  # loads huggingface_hub and its HTTP client: only when a model comes from the Hub
 
             record, ents, plan = pack_hub_model(m, opts)
         models.append(record)
@@ -314,8 +200,6 @@ def pack(opts: PackOptions) -> PackResult:
 
     wheels: list[dict[str, Any]] = []
     if spec.wheels is not None:
-        from ._pack_wheels import pack_wheels
-
         wheel_records, wheel_entries, wheel_plan = pack_wheels(spec.wheels, opts)
         wheels.extend(wheel_records)
         entries.extend(wheel_entries)
@@ -327,8 +211,7 @@ def pack(opts: PackOptions) -> PackResult:
                           details={"models": models, "wheels": wheels})
 
     targets = fit_targets(spec, opts.out, models, files=[e.path for e in entries])
-    from ..sbom import write_sbom  # the CycloneDX SBOM is a bundle file, so the signature covers it
-
+    # the CycloneDX SBOM is a bundle file, so the signature covers it
     entries.append(write_sbom(opts.out, name=spec.name, channel=spec.channel, sequence=spec.sequence, created=now,
                               files=entries, models=models, wheels=wheels))
     statement = build_statement(
@@ -389,21 +272,16 @@ def check_targets(spec: PackSpec) -> None:
 def add_signature(bundle: Path, signer: Signer, *, progress: Progress = NULL_PROGRESS) -> tuple[bool, Manifest]:
     """Co-sign: check the content matches the (still untrusted) payload, then append a signature.
 
-    The co-signer vouches for the bytes, so every file is hashed first. Returns
+    The co-signer vouches for the bytes, so the whole pipeline runs first in
+    its unverified mode (every check but whose signatures are there). Returns
     (added, manifest); a key that already signed adds nothing.
     """
-    b = BundleDir.open(bundle)
-    env = b.envelope()
-    if env.payload_type != PAYLOAD_TYPE:
-        raise EnvelopeError(f"envelope {b.envelope_path} has payload type {env.payload_type!r}", path=str(b.envelope_path))
-    manifest = parse(env.payload, digest=hashlib.sha256(env.payload).hexdigest())
-    check_manifest_copy(b, env.payload)
-    check_content_policy(manifest)
-    check_files(b, manifest, progress=progress)
-    check_safetensors(b, manifest)
+    source = DirSource(BundleDir.open(bundle).root)
+    vb = verify_source(source, None, progress=progress)
+    env = parse_envelope(vb.envelope, where=source.envelope_where)
     if any(s.keyid == signer.keyid for s in env.signatures):
-        return False, manifest
+        return False, vb.manifest
     sigs = [{"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")} for s in env.signatures]
     sigs.append(signer.sign(PAYLOAD_TYPE, env.payload))
-    atomic_write(b.envelope_path, envelope_bytes(PAYLOAD_TYPE, env.payload, sigs))
-    return True, manifest
+    atomic_write(source.folder / ENVELOPE_NAME, envelope_bytes(PAYLOAD_TYPE, env.payload, sigs))
+    return True, vb.manifest

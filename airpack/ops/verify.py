@@ -1,35 +1,56 @@
-"""``airpack verify``: prove a bundle is what trusted people signed.
+"""The one verification pipeline: every command that reads a bundle, in any form, goes through ``verify_source``.
 
-Order matters: cap and parse the envelope, verify signatures over the exact
-payload bytes, only then parse the payload, then check the manifest copy,
-every path, every size, every digest, every safetensors header, and freshness.
+The check sequence runs once, in this order, whatever the source (folder,
+tar, parts, OCI artifact):
+
+1. the envelope, capped, exactly as stored;
+2. signatures over those exact payload bytes, against the host's policy;
+3. only then the payload is parsed (strictly) into a manifest;
+4. freshness, and with registry facts the channel's sequence (``airpack.rules``);
+5. the content policy the manifest signs (pickles, code);
+6. the readable manifest copy, byte for byte;
+7. every path, size and digest, with one report of missing, extra and changed files;
+8. the safetensors header of every weight file, parsed from the bytes that were hashed.
+
+A ``Sink`` receives every verified byte as it is hashed (install's staging,
+export's tar, a pull's folder), so the medium is read once and what is
+written is what was checked. ``policy=None`` is the unverified mode (sign's
+own check before co-signing, a pull without ``--trust``): signatures are not
+checked and the result says so, but every other step runs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from dataclasses import dataclass, field
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .. import content
-from .._fs import check_no_collisions, check_relpath, collision_key, oserror_to_airpack, read_capped
-from ..bundle import BundleDir
+from .. import content, rules
+from .._fs import check_no_collisions, check_relpath, collision_key, oserror_to_airpack
 from ..errors import (
+    AirpackError,
     BundleMismatchError,
-    ContentPolicyError,
-    ExpiredError,
+    EnvelopeError,
     FileMismatch,
     IntegrityError,
+    MalformedSafetensorsError,
     MismatchReport,
+    PartsError,
     UnsafePathError,
 )
-from ..hashing import FileDigest, hash_file, parallel_map
-from ..manifest import MANIFEST_NAME, FileEntry, Manifest, parse
-from ..progress import NULL_PROGRESS, Progress
-from ..safetensors_check import SafetensorsInfo, read_header
-from ..signing import MAX_ENVELOPE_BYTES, PAYLOAD_TYPE
-from ..trust import TrustedKey, TrustPolicy, VerifiedPayload, verify_envelope
+from ..hashing import FileDigest, copy_then_hash, parallel_map, stream_and_hash
+from ..manifest import ENVELOPE_NAME, MANIFEST_NAME, FileEntry, Manifest, parse
+from ..progress import NULL_PROGRESS, Progress, ProgressTask
+from ..rules import ChannelHigh
+from ..safetensors_check import MAX_HEADER_BYTES, SafetensorsInfo, parse_header, read_header
+from ..signing import PAYLOAD_TYPE, Envelope, parse_envelope
+from ..sources import BundleSource, LocalFile, Member, open_source
+from ..trust import TrustedKey, TrustPolicy, verify_envelope
+
+MAX_KEPT_BYTES = 64 << 20  # a small file kept in memory for the caller (config.json, a shard index)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,162 +62,459 @@ class VerifyOptions:
     progress: Progress = NULL_PROGRESS
 
 
-@dataclass(frozen=True)
-class VerifiedBundle:
-    """A bundle whose signatures, paths, sizes and digests all held at verify time."""
+@dataclass(frozen=True, kw_only=True)
+class SequenceCheck:
+    """Where the registry's facts for a channel come from, for the rollback rule to decide on before any file is read."""
 
-    root: Path
+    high: Callable[[str], ChannelHigh | None]  # channel -> its highest installed bundle, or None
+    allow_downgrade: bool = False
+
+
+@dataclass(frozen=True)
+class Trusted:
+    """The envelope and manifest once signatures, freshness, sequence, content policy and the copy held; no file read yet.
+
+    ``headers`` holds safetensors headers a folder source could read up front
+    (empty for streams): they are re-derived from the hashed bytes later and
+    must match, so a sink may plan with them (install's fit check) but the
+    final word is the ``VerifiedBundle``'s.
+    """
+
+    source: BundleSource = field(repr=False)
     manifest: Manifest
     signers: tuple[TrustedKey, ...]
-    payload: bytes
-    safetensors: dict[str, SafetensorsInfo] = field(repr=False, compare=False, default_factory=dict)
+    payload: bytes = field(repr=False)
+    envelope: bytes = field(repr=False)
+    verified: bool
+    downgrade: bool
+    headers: Mapping[str, SafetensorsInfo] = field(repr=False, default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle whose every check held; ``verified`` is False only in the unverified mode (no policy given)."""
+
+    source: BundleSource = field(repr=False, compare=False)
+    manifest: Manifest
+    signers: tuple[TrustedKey, ...]
+    payload: bytes = field(repr=False)
+    envelope: bytes = field(repr=False)
+    verified: bool = True
+    downgrade: bool = False
+    safetensors: Mapping[str, SafetensorsInfo] = field(repr=False, compare=False, default_factory=dict)
+    kept: Mapping[str, bytes] = field(repr=False, compare=False, default_factory=dict)
+    skipped: tuple[str, ...] = ()  # files the sink already held, not read (install's shared blobs)
+
+    @property
+    def root(self) -> Path:
+        """The bundle folder for a folder source; otherwise where the bundle came from."""
+        return self.source.root or Path(self.source.location)
 
     @property
     def signer_names(self) -> list[str]:
         return [k.name for k in self.signers]
 
 
-def verify_payload(bundle: BundleDir, policy: TrustPolicy, *, now: dt.datetime | None = None) -> tuple[VerifiedPayload, Manifest]:
-    """Signatures, then parse, then freshness and the manifest copy: everything but file contents."""
-    where = str(bundle.envelope_path)
-    envelope = bundle.envelope()
-    verified = verify_envelope(envelope, policy, expected_type=PAYLOAD_TYPE, where=where)
-    digest = hashlib.sha256(verified.payload).hexdigest()
-    manifest = parse(verified.payload, digest=digest)
-    check_fresh(manifest, now=now)
-    check_manifest_copy(bundle, verified.payload)
-    return verified, manifest
+class FileSink:
+    """Where one file's verified bytes go. ``close`` is called only when its size and digest held, else ``abort``.
+
+    A sink that sets ``fd`` (a local file open for reading and writing) lets a
+    folder source copy in the kernel; the chunk written is then read back from
+    ``fd`` and hashed, so the copy is what is checked.
+    """
+
+    fd: int | None = None
+    where: str = "the output"  # how an error names the file being written
+
+    def write(self, data: memoryview) -> None:
+        """Bytes read from the source (not called when ``fd`` took a kernel copy)."""
+
+    def wrote(self, n: int) -> None:
+        """``n`` more bytes reached the file, by either path (e.g. to start writeback early)."""
+
+    def close(self) -> None:
+        """The file's digest held: keep it."""
+
+    def abort(self) -> None:
+        """The file failed a check or the pipeline stopped: drop what was written."""
 
 
-def check_manifest_copy(bundle: BundleDir, payload: bytes) -> None:
-    """The readable manifest.json must be byte-identical to the payload the envelope carries."""
-    try:
-        copy = read_capped(bundle.manifest_path, MAX_ENVELOPE_BYTES, display=f"{bundle.root}/{MANIFEST_NAME}", what="manifest copy")
-    except FileNotFoundError:
-        raise BundleMismatchError(MismatchReport(missing=(MANIFEST_NAME,)), path=MANIFEST_NAME) from None
+class Sink:
+    """Receives a verified bundle. ``ordered`` sinks (a tar being written) get files one at a time in path order."""
+
+    ordered: bool = False
+
+    def identify(self, manifest: Manifest, signers: tuple[TrustedKey, ...]) -> None:
+        """The signed manifest just parsed, before any decision on it (install records what it may be about to refuse)."""
+
+    def begin(self, trusted: Trusted) -> None:
+        """The manifest is trusted and the entries are as signed; no file byte has been read yet."""
+
+    def holds(self, entry: FileEntry) -> bool:
+        """True when the sink already has these exact bytes, so a random-access source need not read them."""
+        return False
+
+    def open(self, entry: FileEntry) -> FileSink | None:
+        """Where ``entry``'s bytes go, or None to hash them only."""
+        return None
+
+
+# -- steps 1 to 6: the envelope and the manifest ------------------------------------------------
+
+
+def _trust(source: BundleSource, policy: TrustPolicy | None, *, now: dt.datetime | None, sequence: SequenceCheck | None,
+           sink: Sink | None) -> Trusted:
+    where = source.envelope_where
+    raw = source.envelope_bytes()
+    env = parse_envelope(raw, where=where)
+    if policy is not None:
+        vp = verify_envelope(env, policy, expected_type=PAYLOAD_TYPE, where=where)
+        payload, signers = vp.payload, vp.signers
+    else:
+        _check_payload_type(env, where)
+        payload, signers = env.payload, ()
+    digest = hashlib.sha256(payload).hexdigest()
+    bound = source.bound_manifest_sha256()
+    if bound is not None and bound != digest:
+        raise PartsError(
+            f"{source.label}: the parts index is for manifest sha256 {bound[:16]}… but the parts hold "
+            f"manifest sha256 {digest[:16]}…: parts of two different exports are mixed",
+            path=source.label,
+        )
+    manifest = parse(payload, digest=digest)
+    if sink is not None:
+        sink.identify(manifest, signers)
+    downgrade = False
+    if policy is not None:
+        rules.check_fresh(name=manifest.name, sequence=manifest.sequence, expires=manifest.expires, now=now)
+    if sequence is not None:
+        downgrade = rules.check_sequence(sequence.high(manifest.channel), name=manifest.name, channel=manifest.channel, sequence=manifest.sequence,
+                                         manifest_sha256=manifest.digest, allow_downgrade=sequence.allow_downgrade)
+    content.check_signed_policy(manifest)
+    copy = source.manifest_copy()
+    if copy is None:
+        raise BundleMismatchError(MismatchReport(missing=(MANIFEST_NAME,)), path=MANIFEST_NAME)
     if copy != payload:
         raise IntegrityError(
-            f"{MANIFEST_NAME} differs from the signed payload in {bundle.envelope_path.name}; the readable copy was altered",
+            f"{MANIFEST_NAME} in {source.label} differs from the signed payload in {ENVELOPE_NAME}; the readable copy was altered",
             path=MANIFEST_NAME,
         )
+    return Trusted(source=source, manifest=manifest, signers=signers, payload=payload, envelope=raw, verified=policy is not None,
+                   downgrade=downgrade)
 
 
-def check_fresh(manifest: Manifest, *, now: dt.datetime | None = None) -> None:
-    t = now or dt.datetime.now(dt.UTC)
-    if manifest.expires is not None and t >= manifest.expires:
-        raise ExpiredError(
-            f"bundle {manifest.name} (sequence {manifest.sequence}) expired at {manifest.expires:%Y-%m-%dT%H:%M:%SZ}"
-        )
+def _check_payload_type(env: Envelope, where: str) -> None:
+    if env.payload_type != PAYLOAD_TYPE:
+        raise EnvelopeError(f"envelope {where} has payload type {env.payload_type!r}, expected {PAYLOAD_TYPE!r}", path=where)
 
 
-def check_content_policy(manifest: Manifest) -> None:
-    """Pickles and code must be both listed on their model and allowed by the signed policy."""
-    flagged_p = {f"{m.prefix}/{p}" for m in manifest.models for p in m.pickles}
-    flagged_c = {f"{m.prefix}/{p}" for m in manifest.models for p in m.code}
-    for f in manifest.files:
-        if f.path.startswith("wheels/"):
-            continue
-        if content.is_pickle(f.path) and (not manifest.allow_pickle or f.path not in flagged_p):
-            raise ContentPolicyError(f"pickled file {f.path} is not allowed by the bundle's signed policy", path=f.path)
-        if content.is_code(f.path) and (not manifest.allow_code or f.path not in flagged_c):
-            raise ContentPolicyError(f"code file {f.path} is not allowed by the bundle's signed policy", path=f.path)
+@dataclass(frozen=True)
+class Unverified:
+    """A manifest as a bundle claims it, signatures unchecked: for inspect, diff and sbom without ``--trust``."""
+
+    manifest: Manifest
+    envelope: Envelope
 
 
-def check_tree(bundle: BundleDir, manifest: Manifest) -> MismatchReport:
-    """Paths and sizes: links and devices refused by name; missing, extra and resized files reported."""
-    try:
-        entries = bundle.entries()
-    except OSError as err:
-        raise oserror_to_airpack(err, "cannot read", str(err.filename or bundle.root)) from None
-    for e in entries:
+def read_unverified(source: BundleSource) -> Unverified:
+    """The envelope and the manifest it carries, parsed strictly but trusted for nothing."""
+    with source.session():
+        env = parse_envelope(source.envelope_bytes(), where=source.envelope_where)
+    _check_payload_type(env, source.envelope_where)
+    return Unverified(manifest=parse(env.payload, digest=hashlib.sha256(env.payload).hexdigest()), envelope=env)
+
+
+# -- step 7: the entries against the manifest ---------------------------------------------------
+
+
+def _tree_report(members: list[Member], manifest: Manifest) -> MismatchReport:
+    """Paths and sizes: unsafe entries refused by name; missing, extra and resized files reported."""
+    for e in members:
         check_relpath(e.path)
         if e.problem:
             raise UnsafePathError(f"unsafe entry {e.path} in bundle: {e.problem}", path=e.path)
-    check_no_collisions(e.path for e in entries)
-    on_disk = {e.path: e for e in entries}
+    check_no_collisions([ENVELOPE_NAME, MANIFEST_NAME, *(e.path for e in members)])
+    present = {e.path: e for e in members}
     expected = {f.path: f for f in manifest.files}
-    # Names that are equal up to case/normalisation but not byte-equal are collisions, not extras.
+    # Names equal to a signed one up to case or normalisation are collisions, not extras.
     keys = {collision_key(p): p for p in expected}
-    for p in on_disk:
+    for p in present:
         if p not in expected and collision_key(p) in keys:
             raise UnsafePathError(f"unsafe entry {p} in bundle: collides with {keys[collision_key(p)]!r}", path=p)
-    missing = tuple(sorted(set(expected) - set(on_disk)))
-    extra = tuple(sorted(set(on_disk) - set(expected)))
-    changed = tuple(
-        FileMismatch(path=p, reason="size differs", expected_size=f.size, actual_size=on_disk[p].size, expected_sha256=f.sha256)
-        for p, f in sorted(expected.items())
-        if p in on_disk and on_disk[p].size != f.size
-    )
-    return MismatchReport(missing=missing, extra=extra, changed=changed)
+    changed = []
+    for p, f in sorted(expected.items()):
+        e = present.get(p)
+        if e is not None and (e.size != f.size or e.sha256 not in (None, f.sha256)):
+            why = "size differs" if e.size != f.size else "digest differs (as the container lists it)"
+            changed.append(_mismatch(f, size=e.size, sha256=e.sha256, reason=why))
+    return MismatchReport(missing=tuple(sorted(set(expected) - set(present))), extra=tuple(sorted(set(present) - set(expected))),
+                          changed=tuple(changed))
 
 
-def check_files(bundle: BundleDir, manifest: Manifest, *, workers: int | None = None, progress: Progress = NULL_PROGRESS) -> None:
-    """Every path, size and digest against the manifest; one report lists every difference."""
-    report = check_tree(bundle, manifest)
-    # Hash every file that is there, resized ones too, so the report lists every changed file with both digests.
-    resized = {c.path: c.actual_size or 0 for c in report.changed}
-    to_hash = [f for f in manifest.files if f.path not in report.missing]
-    task = progress.task(f"verify {manifest.name}", sum(resized.get(f.path, f.size) for f in to_hash))
+def _mismatch(f: FileEntry, *, size: int, sha256: str | None = None, reason: str | None = None) -> FileMismatch:
+    """The one way a changed file is described: what was signed against what is there."""
+    why = reason or ("size differs" if size != f.size else "digest differs")
+    return FileMismatch(path=f.path, reason=why, expected_size=f.size, actual_size=size, expected_sha256=f.sha256,
+                        actual_sha256=sha256)
 
-    def one(f: FileEntry) -> tuple[str, FileDigest | None]:
+
+# -- steps 7 and 8: every byte ------------------------------------------------------------------
+
+
+class _HeaderGrab:
+    """Keeps the first bytes of a safetensors file as they are hashed: the 8-byte length and the JSON header, capped."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.want = 8
+        self.error: str | None = None
+
+    def feed(self, view: memoryview) -> None:
+        pos = 0
+        while self.error is None and len(self.buf) < self.want and pos < len(view):
+            take = min(self.want - len(self.buf), len(view) - pos)
+            self.buf += view[pos : pos + take]
+            pos += take
+            if self.want == 8 and len(self.buf) == 8:
+                (n,) = struct.unpack("<Q", self.buf)
+                if n > MAX_HEADER_BYTES:
+                    self.error = f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit"
+                else:
+                    self.want = 8 + n
+
+    def info(self, size: int, name: str) -> SafetensorsInfo:
+        if self.error:
+            raise MalformedSafetensorsError(f"malformed safetensors {name}: {self.error}", path=name)
+        if len(self.buf) < 8:
+            raise MalformedSafetensorsError(f"malformed safetensors {name}: file is {size} bytes, shorter than the 8-byte header length",
+                                            path=name)
+        if len(self.buf) < self.want:
+            raise MalformedSafetensorsError(f"malformed safetensors {name}: header length runs past the end of the {size}-byte file",
+                                            path=name)
+        return parse_header(bytes(self.buf[8:]), size, display=name)
+
+
+class _Keep:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def feed(self, view: memoryview) -> None:
+        if len(self.data) <= MAX_KEPT_BYTES:
+            self.data += view
+
+
+@dataclass
+class _Outcome:
+    """What the file loop learnt of one file."""
+
+    mismatch: FileMismatch | None = None
+    header: SafetensorsInfo | None = None
+    header_error: AirpackError | None = None
+    kept: bytes | None = None
+    skipped: bool = False
+    vanished: bool = False
+
+
+class _Files:
+    """The per-file check both kinds of source share: hash, compare, parse the header, hand over or drop."""
+
+    def __init__(self, sink: Sink | None, keep: Callable[[str], bool] | None, task: ProgressTask) -> None:
+        self.sink = sink
+        self.keep = keep
+        self.task = task
+
+    def check(self, f: FileEntry, read: Callable[[memoryview], int], *, src_fd: int | None = None,
+              limit: int | None = None) -> _Outcome:
+        out = self.sink.open(f) if self.sink is not None else None
+        grab = _HeaderGrab() if content.is_safetensors(f.path) else None
+        kept = _Keep() if self.keep is not None and f.size <= MAX_KEPT_BYTES and self.keep(f.path) else None
+        feeds = [x.feed for x in (grab, kept) if x is not None]
         try:
-            return f.path, hash_file(bundle.path_of(f.path), on_bytes=task.advance, display=f.path)
-        except FileNotFoundError:  # removed while verify ran
-            return f.path, None
-        except OSError as e:  # an unreadable sector on the medium: the bundle is damaged
-            raise IntegrityError(f"cannot read {f.path} in the bundle: {e.strerror}", path=f.path) from None
+            d = self._hash(read, out, feeds, src_fd=src_fd, limit=limit)
+            result = self._judge(f, d, grab, kept)
+        except BaseException:
+            if out is not None:
+                out.abort()
+            raise
+        if out is not None:
+            (out.abort if result.mismatch else out.close)()
+        return result
 
-    try:
-        # Largest first, so one big file started last does not leave the other workers idle.
-        digests = dict(parallel_map(one, sorted(to_hash, key=lambda f: -resized.get(f.path, f.size)), workers=workers))
-    finally:
-        task.close()
-    vanished = tuple(p for p, d in digests.items() if d is None)
-    changed: list[FileMismatch] = []
-    for f in to_hash:
-        d = digests[f.path]
-        if d is None:
-            continue
-        if f.path in resized or d.size != f.size:
-            why = "size differs" if f.path in resized else "size changed while reading"
-            changed.append(FileMismatch(path=f.path, reason=why, expected_size=f.size, actual_size=d.size,
-                                        expected_sha256=f.sha256, actual_sha256=d.sha256))
-        elif d.sha256 != f.sha256:
-            changed.append(
-                FileMismatch(path=f.path, reason="digest differs", expected_size=f.size, actual_size=d.size,
-                             expected_sha256=f.sha256, actual_sha256=d.sha256)
-            )
-    missing = tuple(sorted(report.missing + vanished))
-    final = MismatchReport(missing=missing, extra=report.extra, changed=tuple(sorted(changed, key=lambda c: c.path)))
-    if final:
-        raise BundleMismatchError(final)
+    def _hash(self, read: Callable[[memoryview], int], out: FileSink | None, feeds: list[Callable[[memoryview], None]], *,
+              src_fd: int | None, limit: int | None) -> FileDigest:
+        def on_bytes(n: int) -> None:
+            self.task.advance(n)
+            if out is not None:
+                out.wrote(n)
 
+        def fan_out(chunk: memoryview) -> None:
+            for feed in feeds:
+                feed(chunk)
 
-def check_safetensors(bundle: BundleDir, manifest: Manifest) -> dict[str, SafetensorsInfo]:
-    out: dict[str, SafetensorsInfo] = {}
-    for f in manifest.files:
-        if content.is_safetensors(f.path):
+        if out is not None and out.fd is not None and src_fd is not None:
             try:
-                out[f.path] = read_header(bundle.path_of(f.path), display=f.path)
-            except FileNotFoundError:
-                raise BundleMismatchError(MismatchReport(missing=(f.path,))) from None
-            except OSError as e:
-                raise IntegrityError(f"cannot read {f.path} in the bundle: {e.strerror}", path=f.path) from None
+                return copy_then_hash(src_fd, out.fd, limit=limit if limit is not None else 1 << 62, on_bytes=on_bytes,
+                                      on_chunk=fan_out if feeds else None)
+            except OSError as e:  # the kernel copies both ways at once; what fails there is the write (full disk, a file limit)
+                raise oserror_to_airpack(e, "cannot write", out.where) from None
+
+        def write(chunk: memoryview) -> None:
+            fan_out(chunk)
+            if out is not None:
+                out.write(chunk)
+
+        return stream_and_hash(read, write=write if (feeds or out is not None) else None, on_bytes=on_bytes, limit=limit)
+
+    @staticmethod
+    def _judge(f: FileEntry, d: FileDigest, grab: _HeaderGrab | None, kept: _Keep | None) -> _Outcome:
+        if d.size != f.size:
+            return _Outcome(mismatch=_mismatch(f, size=d.size, sha256=d.sha256, reason="size changed while reading"))
+        if d.sha256 != f.sha256:
+            return _Outcome(mismatch=_mismatch(f, size=d.size, sha256=d.sha256))
+        result = _Outcome(kept=bytes(kept.data) if kept is not None else None)
+        if grab is not None:
+            try:
+                result.header = grab.info(d.size, f.path)
+            except AirpackError as e:
+                result.header_error = e
+        return result
+
+
+def _random_access_files(source: BundleSource, manifest: Manifest, files: _Files, report: MismatchReport, *,
+                         workers: int | None) -> dict[str, _Outcome]:
+    """Folder and OCI: every file opened on its own, in parallel (largest first), or in path order for an ordered sink."""
+    sink = files.sink
+    resized = {c.path: c.actual_size or 0 for c in report.changed}
+    listed_reason = {c.path: c.reason for c in report.changed}
+
+    def one(f: FileEntry) -> tuple[str, _Outcome]:
+        if sink is not None and sink.holds(f):
+            return f.path, _Outcome(skipped=True)
+        try:
+            with source.open(f) as reader:
+                src_fd = reader.fd if isinstance(reader, LocalFile) else None
+                # Without a sink, a resized file is hashed whole, so the report gives both digests.
+                limit = None if sink is None else f.size
+                outcome = files.check(f, reader.readinto, src_fd=src_fd, limit=limit)
+        except FileNotFoundError:  # removed while verify ran
+            return f.path, _Outcome(vanished=True)
+        if f.path in listed_reason and outcome.mismatch is not None:
+            outcome.mismatch = replace(outcome.mismatch, reason=listed_reason[f.path])
+        if sink is not None and sink.ordered and outcome.mismatch is not None:
+            raise BundleMismatchError(MismatchReport(changed=(outcome.mismatch,)))
+        return f.path, outcome
+
+    todo = [f for f in manifest.files if f.path not in report.missing]
+    if sink is not None and sink.ordered:
+        return dict(one(f) for f in sorted(todo, key=lambda f: f.path))
+    return dict(parallel_map(one, sorted(todo, key=lambda f: -resized.get(f.path, f.size)), workers=workers))
+
+
+def _stream_files(source: BundleSource, manifest: Manifest, files: _Files) -> tuple[dict[str, _Outcome], MismatchReport]:
+    """Tar and parts: each member once, in order, checked by name before a byte of it is used."""
+    expected = {f.path: f for f in manifest.files}
+    keys: dict[str, str] = {collision_key(ENVELOPE_NAME): ENVELOPE_NAME, collision_key(MANIFEST_NAME): MANIFEST_NAME}
+    names: list[str] = []
+    extra: list[str] = []
+    resized: list[FileMismatch] = []
+    outcomes: dict[str, _Outcome] = {}
+    for m, reader in source.stream():
+        name = check_relpath(m.name)
+        key = collision_key(name)
+        if key in keys:
+            other = keys[key]
+            why = "duplicate member" if other == name else f"collides with {other!r} (case or Unicode)"
+            raise UnsafePathError(f"unsafe member {name!r} in {source.label}: {why}", path=name)
+        keys[key] = name
+        names.append(name)
+        entry = expected.get(name)
+        if entry is None:
+            extra.append(name)
+        elif m.size != entry.size:
+            resized.append(_mismatch(entry, size=m.size))
+        else:
+            outcomes[name] = files.check(entry, reader.readinto)
+    check_no_collisions([ENVELOPE_NAME, MANIFEST_NAME, *names])
+    report = MismatchReport(missing=tuple(sorted(set(expected) - set(names))), extra=tuple(sorted(extra)), changed=tuple(resized))
+    return outcomes, report
+
+
+def _preread_headers(source: BundleSource, manifest: Manifest, report: MismatchReport) -> dict[str, SafetensorsInfo]:
+    """Headers a folder source can read before hashing (for a sink's plan); a header that fails now fails again later."""
+    root = source.root
+    if root is None:
+        return {}
+    out: dict[str, SafetensorsInfo] = {}
+    bad = {c.path for c in report.changed} | set(report.missing)
+    for f in manifest.files:
+        if content.is_safetensors(f.path) and f.path not in bad:
+            try:
+                out[f.path] = read_header(root.joinpath(*f.path.split("/")), display=f.path)
+            except (AirpackError, OSError):
+                continue  # reported, with the rest, once the file is hashed
     return out
 
 
+def verify_source(source: BundleSource, policy: TrustPolicy | None, *, now: dt.datetime | None = None,
+                  sequence: SequenceCheck | None = None, sink: Sink | None = None, keep: Callable[[str], bool] | None = None,
+                  workers: int | None = None, progress: Progress = NULL_PROGRESS) -> VerifiedBundle:
+    """Run the check sequence once over ``source``; return the verified bundle or raise the first named refusal.
+
+    ``sink`` receives every verified byte; ``keep(path)`` names small files
+    whose verified bytes the caller wants back (``VerifiedBundle.kept``).
+    """
+    if policy is not None:
+        policy.check_usable()
+    with source.session():
+        trusted = _trust(source, policy, now=now, sequence=sequence, sink=sink)
+        manifest = trusted.manifest
+        task = progress.task(f"verify {manifest.name}", manifest.total_bytes)
+        files = _Files(sink, keep, task)
+        try:
+            if source.random_access:
+                report = _tree_report(source.members(), manifest)
+                if sink is not None and report:
+                    raise BundleMismatchError(report)  # nothing is written for a bundle whose entries are not as signed
+                trusted = replace(trusted, headers=_preread_headers(source, manifest, report))
+                if sink is not None:
+                    sink.begin(trusted)
+                outcomes = _random_access_files(source, manifest, files, report, workers=workers)
+            else:
+                if sink is not None:
+                    sink.begin(trusted)
+                outcomes, report = _stream_files(source, manifest, files)
+        finally:
+            task.close()
+        return _conclude(trusted, report, outcomes)  # inside the session: a parts source names the damaged part
+
+
+def _conclude(trusted: Trusted, report: MismatchReport, outcomes: dict[str, _Outcome]) -> VerifiedBundle:
+    """One report of every difference first; then the first malformed safetensors header; else the verified bundle."""
+    changed = {c.path: c for c in report.changed}
+    changed.update({p: o.mismatch for p, o in outcomes.items() if o.mismatch is not None})
+    vanished = [p for p, o in outcomes.items() if o.vanished]
+    final = MismatchReport(missing=tuple(sorted((*report.missing, *vanished))), extra=report.extra,
+                           changed=tuple(changed[p] for p in sorted(changed)))
+    if final:
+        raise BundleMismatchError(final)
+    for p in sorted(outcomes):
+        err = outcomes[p].header_error
+        if err is not None:
+            raise err
+    headers = {p: o.header for p, o in outcomes.items() if o.header is not None}
+    for p, early in trusted.headers.items():
+        if p in headers and headers[p] != early:
+            raise IntegrityError(f"safetensors header of {p} changed while the bundle was being read", path=p)
+    return VerifiedBundle(
+        source=trusted.source, manifest=trusted.manifest, signers=trusted.signers, payload=trusted.payload,
+        envelope=trusted.envelope, verified=trusted.verified, downgrade=trusted.downgrade, safetensors=headers,
+        kept={p: o.kept for p, o in outcomes.items() if o.kept is not None},
+        skipped=tuple(sorted(p for p, o in outcomes.items() if o.skipped)),
+    )
+
+
 def verify_bundle(opts: VerifyOptions) -> VerifiedBundle:
-    """Run every check; return the trusted bundle or raise the first named refusal."""
-    from ..parts import locate
-
-    src = locate(opts.bundle)  # a tar or a parts folder is streamed, never extracted
-    if src.kind != "dir":
-        from .transfer import verify_source
-
-        return verify_source(opts, src)
-    bundle = BundleDir.open(opts.bundle)
-    verified, manifest = verify_payload(bundle, opts.policy, now=opts.now)
-    check_content_policy(manifest)
-    check_files(bundle, manifest, workers=opts.workers, progress=opts.progress)
-    headers = check_safetensors(bundle, manifest)
-    return VerifiedBundle(root=bundle.root, manifest=manifest, signers=verified.signers, payload=verified.payload, safetensors=headers)
+    """``airpack verify``: any local form, every check, nothing written."""
+    opts.policy.check_usable()
+    source = open_source(opts.bundle, policy=opts.policy, workers=opts.workers)
+    return verify_source(source, opts.policy, now=opts.now, workers=opts.workers, progress=opts.progress)

@@ -1,0 +1,308 @@
+"""The registry operations after install: list, show, remove, rollback, log verify.
+
+It exists apart from ``ops.install`` because none of these reads a bundle:
+they read the registry (``list_installed``, ``show``, ``verify_log``) or
+change which installed bytes stay and which revision a ref names
+(``remove``, ``rollback``), through the same transactions and the same
+one-audit-line-per-attempt rule (``ops._registry_ops``).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import NotInstalledError, UsageError
+from ..registry import (
+    HUB_DIR,
+    WHEELS_DIR,
+    Database,
+    InstalledModel,
+    LogReport,
+    RefRow,
+    Registry,
+    Txn,
+    Writer,
+    audit_base,
+    repo_folder,
+    requirements_name,
+)
+from ._install_plan import requirements_text
+from ._registry_ops import Attempt, logged_run, run_txn, switch_refs
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoveOptions:
+    registry: Path
+    name: str
+    revision: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RollbackOptions:
+    registry: Path
+    name: str
+
+
+def _match_revision(x: InstalledModel, revision: str) -> bool:
+    return revision in (x.commit, x.ref) or (len(revision) >= 7 and x.commit.startswith(revision))
+
+
+def _resolve(conn: Database, name: str, revision: str | None) -> tuple[list[InstalledModel], list[int]]:
+    """Model rows NAME means (a repo id, else a bundle name) and, for a bundle name, the bundles themselves."""
+    rows = conn.models(repo_id=name)
+    if rows:
+        if revision is not None:
+            rows = [x for x in rows if _match_revision(x, revision)]
+            if not rows:
+                raise NotInstalledError(f"{name} is installed, but not at revision {revision}", path=name)
+        return rows, []
+    if revision is None:
+        bids = conn.active_bundle_ids(name)
+        if bids:
+            return [x for x in conn.models() if x.bundle_id in bids], bids
+    raise NotInstalledError(f"{name} is not installed (no model repo id or bundle of that name)", path=name)
+
+
+# -- remove ------------------------------------------------------------------------------------------
+
+
+def remove(opts: RemoveOptions) -> dict[str, Any]:
+    """Remove a model (all revisions, or one) or a whole bundle; bytes still used elsewhere stay."""
+    reg = Registry.open(opts.registry)
+    attempt = Attempt(audit_base("remove", target=opts.name, revision=opts.revision))
+
+    def body(w: Writer) -> dict[str, Any]:
+        rows, bundle_ids = _resolve(w.conn, opts.name, opts.revision)
+        txn = w.begin("remove", attempt.record)
+        return run_txn(txn, lambda: _remove(w, txn, attempt, rows, bundle_ids))
+
+    out: dict[str, Any] = logged_run(reg, attempt, body)
+    return out
+
+
+@dataclass
+class _Removal:
+    """What a remove changes besides the paths it puts on the txn: ref rows to write, blobs freed, blobs kept (shared)."""
+
+    ref_updates: list[tuple[str, str, str | None, int | None]] = field(default_factory=list)  # (repo, ref, commit or None, model id)
+    freed: set[str] = field(default_factory=set)
+    kept: int = 0
+
+
+def _remove(w: Writer, txn: Txn, attempt: Attempt, rows: list[InstalledModel], bundle_ids: list[int]) -> dict[str, Any]:
+    conn = w.conn
+    removed = {x.model_id for x in rows}
+    gather = _Removal()
+    for repo in sorted({x.repo_id for x in rows}):
+        _plan_repo(conn, txn, gather, repo, removed)
+    _plan_wheels(conn, txn, bundle_ids)
+    freed_bytes = sum(conn.file_size(sha) or 0 for sha in gather.freed)  # before the commit deletes their rows
+    txn.result = "removed"
+    txn.prepare()
+    affected_bundles = sorted({x.bundle_id for x in rows} | set(bundle_ids))
+
+    def rec(conn: Database) -> None:
+        conn.delete_models(sorted(removed))
+        conn.delete_wheels(bundle_ids)
+        for repo, ref, commit, mid in gather.ref_updates:
+            if commit is None:
+                conn.delete_ref(repo, ref)
+            else:
+                conn.set_ref(repo, ref, commit, mid)
+        conn.retire_empty_bundles(affected_bundles)
+
+    txn.commit(rec)
+    out = {
+        "removed": [{"repo_id": x.repo_id, "revision": x.ref, "commit": x.commit, "bundle": x.bundle, "sequence": x.sequence} for x in rows],
+        "bundles_removed": bundle_ids,
+        "blobs_removed": len(gather.freed),
+        "blobs_kept_shared": gather.kept,
+        "bytes_freed": freed_bytes,
+    }
+    attempt.logged = True
+    txn.finish(out)
+    return {**out, "registry": str(w.reg.root), "txn": txn.id}
+
+
+def _files_of(conn: Database, xs: list[InstalledModel]) -> dict[tuple[str, str], str]:
+    """(commit, path) -> sha256 of every file of these model rows."""
+    return {(x.commit, f.path): f.sha256 for x in xs for f in conn.model_files(x.model_id)}
+
+
+def _plan_repo(conn: Database, txn: Txn, gather: _Removal, repo: str, removed: set[int]) -> None:
+    """One repo: the whole folder if nothing of it stays, else the snapshots, links and blobs only the removed rows used."""
+    base = f"{HUB_DIR}/{repo_folder(repo)}"
+    all_rows = conn.models(repo_id=repo)
+    remain = [x for x in all_rows if x.model_id not in removed]
+    gone = [x for x in all_rows if x.model_id in removed]
+    gone_files = _files_of(conn, gone)
+    refs = conn.refs(repo)
+    if not remain:
+        txn.deletes.append(base)
+        gather.freed.update(gone_files.values())
+        gather.ref_updates += [(repo, r.ref, None, None) for r in refs]
+        return
+    remain_files = _files_of(conn, remain)
+    remain_commits = {x.commit for x in remain}
+    for commit in sorted({x.commit for x in gone} - remain_commits):
+        txn.deletes.append(f"{base}/snapshots/{commit}")
+    for (commit, path), _sha in sorted(gone_files.items()):
+        if commit in remain_commits and (commit, path) not in remain_files:
+            txn.deletes.append(f"{base}/snapshots/{commit}/{path}")
+            parts = path.split("/")[:-1]
+            txn.prune += [f"{base}/snapshots/{commit}/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    remain_shas = set(remain_files.values())
+    for sha in sorted(set(gone_files.values())):
+        if sha in remain_shas:
+            gather.kept += 1
+        else:
+            txn.deletes.append(f"{base}/blobs/{sha}")
+            gather.freed.add(sha)
+    _plan_refs(txn, gather, repo, refs, remain)
+
+
+def _plan_refs(txn: Txn, gather: _Removal, repo: str, refs: list[RefRow], remain: list[InstalledModel]) -> None:
+    """Each ref keeps its commit if a remaining row holds it, else moves to the newest remaining row of that ref, else goes."""
+    base = f"{HUB_DIR}/{repo_folder(repo)}"
+    for r in refs:
+        holders = [x for x in remain if x.ref == r.ref and x.commit == r.commit]
+        if holders:
+            gather.ref_updates.append((repo, r.ref, r.commit, max(x.model_id for x in holders)))
+            continue
+        same_ref = [x for x in remain if x.ref == r.ref]
+        if same_ref:
+            nxt = max(same_ref, key=lambda x: x.model_id)
+            gather.ref_updates.append((repo, r.ref, nxt.commit, nxt.model_id))
+            txn.refs[f"{base}/refs/{r.ref}"] = nxt.commit
+        else:
+            gather.ref_updates.append((repo, r.ref, None, None))
+            txn.refs[f"{base}/refs/{r.ref}"] = None
+
+
+def _plan_wheels(conn: Database, txn: Txn, bundle_ids: list[int]) -> None:
+    """Wheels go with their bundle (removed by bundle name); files another bundle uses stay; requirements follow."""
+    for wr in conn.bundle_wheels(bundle_ids):
+        if not conn.wheel_used_elsewhere(wr.filename, excluding=bundle_ids):
+            txn.deletes.append(f"{WHEELS_DIR}/{wr.filename}")
+    for name in conn.bundle_names(bundle_ids):
+        other = conn.latest_bundle_with_wheels(name, excluding=bundle_ids)
+        rel = f"{WHEELS_DIR}/{requirements_name(name)}"
+        if other is None:
+            txn.texts[rel] = None
+        else:
+            ws = conn.bundle_wheels([other.id])
+            txn.texts[rel] = requirements_text(name, other.sequence, [(x.name, x.version, x.sha256) for x in ws])
+
+
+# -- rollback ----------------------------------------------------------------------------------------
+
+
+def rollback(opts: RollbackOptions) -> dict[str, Any]:
+    """Point NAME's refs back at the revision installed before the current one (it must still be installed)."""
+    reg = Registry.open(opts.registry)
+    attempt = Attempt(audit_base("rollback", target=opts.name))
+
+    def body(w: Writer) -> dict[str, Any]:
+        rows, _ = _resolve(w.conn, opts.name, None)
+        changes: list[dict[str, Any]] = []
+        for repo in sorted({x.repo_id for x in rows}):
+            all_rows = w.conn.models(repo_id=repo)
+            for r in w.conn.refs(repo):
+                ref, cur = r.ref, r.commit
+                at = [x.model_id for x in all_rows if x.ref == ref and x.commit == cur]
+                pivot = max(at) if at else 1 << 62
+                earlier = [x for x in all_rows if x.ref == ref and x.commit != cur and x.model_id < pivot]
+                if earlier:
+                    prev = max(earlier, key=lambda x: x.model_id)
+                    changes.append({"repo_id": repo, "revision": ref, "from": cur, "to": prev.commit, "model_id": prev.model_id,
+                                    "bundle": prev.bundle, "sequence": prev.sequence})
+        if not changes:
+            raise NotInstalledError(f"{opts.name}: no earlier installed revision to roll back to", path=opts.name,
+                                    hint="`airpack list` shows the installed revisions; rollback goes back only to one still installed.")
+        txn = w.begin("rollback", attempt.record)
+
+        def steps() -> dict[str, Any]:
+            switch_refs(txn, attempt, [(c["repo_id"], c["revision"], c["to"], c["model_id"]) for c in changes], result="rolled back")
+            public = [{k: v for k, v in c.items() if k != "model_id"} for c in changes]
+            txn.finish({"changes": public})
+            return {"changes": public, "registry": str(reg.root), "txn": txn.id}
+
+        return run_txn(txn, steps)
+
+    out: dict[str, Any] = logged_run(reg, attempt, body)
+    return out
+
+
+# -- reading the registry ------------------------------------------------------------------------------
+
+
+def list_installed(registry: Path) -> list[InstalledModel]:
+    reg = Registry.open(registry)
+    with reg.reader() as conn:
+        return conn.models()
+
+
+def load_instructions(root: Path, repo_id: str, revision: str, requirements: Path | None) -> dict[str, Any]:
+    """The exact environment and lines that load an installed model with no network."""
+    hub = str(root / HUB_DIR)
+    q = json.dumps
+    env = {"HF_HUB_CACHE": hub, "HF_HUB_OFFLINE": "1"}
+    shell = f"export HF_HUB_CACHE={shlex.quote(hub)} HF_HUB_OFFLINE=1"
+    python = [
+        "import os",
+        f"os.environ[\"HF_HUB_CACHE\"] = {q(hub)}",
+        "os.environ[\"HF_HUB_OFFLINE\"] = \"1\"  # set both before huggingface_hub or transformers is imported",
+        "from huggingface_hub import snapshot_download",
+        f"path = snapshot_download({q(repo_id)}, revision={q(revision)})",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"tokenizer = AutoTokenizer.from_pretrained({q(repo_id)}, revision={q(revision)}, local_files_only=True)",
+        f"model = AutoModelForCausalLM.from_pretrained({q(repo_id)}, revision={q(revision)}, local_files_only=True)",
+    ]
+    vllm = f"HF_HUB_CACHE={shlex.quote(hub)} HF_HUB_OFFLINE=1 vllm serve {shlex.quote(repo_id)} --revision {shlex.quote(revision)}"
+    pip = None
+    if requirements is not None:
+        pip = (f"pip install --no-index --find-links {shlex.quote(str(root / WHEELS_DIR))} --require-hashes "
+               f"-r {shlex.quote(str(requirements))}")
+    return {"env": env, "shell": shell, "python": python, "vllm": vllm, "pip": pip}
+
+
+def show(registry: Path, name: str, *, revision: str | None = None) -> dict[str, Any]:
+    """One installed model (NAME: repo id, or a bundle name with one model) and how to load it offline."""
+    reg = Registry.open(registry)
+    with reg.reader() as conn:
+        rows, bids = _resolve(conn, name, revision)
+        if bids:
+            repos = sorted({x.repo_id for x in rows})
+            if len(repos) != 1:
+                raise UsageError(f"bundle {name} holds {len(repos)} models ({', '.join(repos) or 'none'}); name one by repo id", path=name)
+        if revision is None:
+            cur = [x for x in rows if x.current]
+            x = max(cur or rows, key=lambda r: r.model_id)
+        else:
+            x = max(rows, key=lambda r: r.model_id)
+        files = [f.to_json() for f in conn.model_files(x.model_id)]
+        others = conn.models(repo_id=x.repo_id)
+        req_rel = f"{WHEELS_DIR}/{requirements_name(x.bundle)}"
+        req = reg.path(req_rel) if x.has_wheels and reg.check_plain_file(req_rel) else None
+    rev_arg = x.ref if x.current else x.commit
+    return {
+        **x.to_json(),
+        "registry": str(reg.root),
+        "snapshot": str(reg.path(f"{HUB_DIR}/{repo_folder(x.repo_id)}/snapshots/{x.commit}")),
+        "files_list": files,
+        "revisions": [{"revision": o.ref, "commit": o.commit, "current": o.current, "bundle": o.bundle, "sequence": o.sequence,
+                       "installed_at": o.installed_at} for o in others],
+        "load": load_instructions(reg.root, x.repo_id, rev_arg, req),
+    }
+
+
+def verify_log(registry: Path) -> LogReport:
+    reg = Registry.open(registry)
+    return reg.verify_log()
+
+
+__all__ = ["RemoveOptions", "RollbackOptions", "list_installed", "load_instructions", "remove", "rollback", "show", "verify_log"]

@@ -1,0 +1,117 @@
+"""Every trust decision airpack makes, in one place that does no I/O.
+
+Like python-tuf's trusted metadata set, this module is handed facts (a parsed
+manifest, the signatures that verified, the clock, what the registry holds for
+a channel) and decides; it never reads a file, a database or the network.
+Callers supply the facts; nothing else in airpack compares sequences, expiry
+times or signer counts. Ask "where is rollback protection decided?" and the
+answer is ``check_sequence`` below.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import ExpiredError, PolicyError, RollbackError, SequenceJumpError, SignatureError
+
+MAX_SEQUENCE_JUMP = 1_000_000  # a leaked key cannot jump a channel to the end of the sequence space
+
+
+@dataclass(frozen=True)
+class ChannelHigh:
+    """What the registry holds for a channel: the highest installed sequence and the bundle that carried it."""
+
+    sequence: int
+    manifest_sha256: str
+    bundle: str
+
+
+class Sequence(Enum):
+    """How a bundle's sequence stands against the channel's highest installed one."""
+
+    NEW = "new"  # no bundle of the channel installed yet
+    NEWER = "newer"  # above the highest, within the allowed jump
+    SAME = "same"  # the very bundle installed last (same sequence, same manifest)
+    CONFLICT = "conflict"  # the same sequence with other content: a rollback in disguise
+    OLDER = "older"  # below the highest: a rollback
+    JUMP = "jump"  # more than MAX_SEQUENCE_JUMP above the highest
+
+
+def classify_sequence(high: ChannelHigh | None, *, sequence: int, manifest_sha256: str) -> Sequence:
+    """Where ``sequence`` stands on its channel; the single comparison every rollback rule uses."""
+    if high is None:
+        return Sequence.NEW
+    if sequence > high.sequence + MAX_SEQUENCE_JUMP:
+        return Sequence.JUMP
+    if sequence > high.sequence:
+        return Sequence.NEWER
+    if sequence < high.sequence:
+        return Sequence.OLDER
+    return Sequence.SAME if manifest_sha256 == high.manifest_sha256 else Sequence.CONFLICT
+
+
+def describe_sequence(verdict: Sequence, high: ChannelHigh | None, *, name: str, sequence: int, channel: str) -> str | None:
+    """Why an install of this bundle would be refused (the text of the refusal), or None when it would not."""
+    if high is None:
+        return None
+    if verdict is Sequence.JUMP:
+        return (f"bundle {name} has sequence {sequence}, more than {MAX_SEQUENCE_JUMP:,} beyond {high.sequence}, "
+                f"the highest installed on channel {channel}")
+    if verdict is Sequence.OLDER:
+        return f"bundle {name} has sequence {sequence}, lower than {high.sequence} ({high.bundle}) already installed on channel {channel}"
+    if verdict is Sequence.CONFLICT:
+        return f"bundle {name} has sequence {sequence} of channel {channel}, already installed with other content ({high.bundle})"
+    return None
+
+
+def check_sequence(high: ChannelHigh | None, *, name: str, channel: str, sequence: int, manifest_sha256: str,
+                   allow_downgrade: bool) -> bool:
+    """Rollback protection per channel. Returns True when the install is a downgrade the operator allowed.
+
+    A sequence below the channel's highest installed one, or equal to it with
+    other content, is a rollback (exit 4) unless ``allow_downgrade``; a jump
+    of more than ``MAX_SEQUENCE_JUMP`` is refused even then.
+    """
+    verdict = classify_sequence(high, sequence=sequence, manifest_sha256=manifest_sha256)
+    why = describe_sequence(verdict, high, name=name, sequence=sequence, channel=channel)
+    if verdict is Sequence.JUMP:
+        raise SequenceJumpError(str(why))
+    if verdict in (Sequence.OLDER, Sequence.CONFLICT):
+        if not allow_downgrade:
+            raise RollbackError(f"{why}: refusing a rollback")
+        return True
+    return False
+
+
+def check_fresh(*, name: str, sequence: int, expires: dt.datetime | None, now: dt.datetime | None = None) -> None:
+    """A bundle past its signed expiry is refused (exit 4), whatever else holds."""
+    t = now or dt.datetime.now(dt.UTC)
+    if expires is not None and t >= expires:
+        raise ExpiredError(f"bundle {name} (sequence {sequence}) expired at {expires:%Y-%m-%dT%H:%M:%SZ}")
+
+
+def check_policy_usable(*, threshold: int, keys: int, source: str) -> None:
+    """A policy with fewer keys than its threshold can never be met: a configuration error (exit 2)."""
+    if keys < threshold:
+        raise PolicyError(
+            f"trust policy {source} needs {threshold} signer(s) but lists {keys} key(s)",
+            path=source,
+            hint="Add keys with `airpack trust add`, or lower the threshold.",
+        )
+
+
+def check_threshold(signers: list[str], *, threshold: int, where: str, source: str) -> None:
+    """Enough *distinct* trusted keys made a valid signature over the exact payload, or exit 4.
+
+    ``signers`` names each distinct policy key whose signature verified.
+    """
+    if len(signers) >= threshold:
+        return
+    if not signers:
+        raise SignatureError(f"envelope {where}: no valid signature by a key in the trust policy {source}", path=where)
+    raise SignatureError(
+        f"envelope {where}: {len(signers)} distinct trusted signer(s) ({', '.join(signers)}), the policy requires {threshold}",
+        path=where,
+    )

@@ -1,0 +1,395 @@
+"""The forms a bundle arrives in (folder, tar, parts), behind the one interface the verification pipeline reads.
+
+A source only *presents* bytes; it decides nothing. ``ops.verify.verify_source``
+asks it, in order, for the envelope bytes (capped), the manifest copy, the
+entries it holds and each file's bytes, and runs every check itself, so a
+threat gets the same answer whatever form the bundle came in. An OCI artifact
+is the fourth form; its source lives in ``ops.oci`` because it needs the
+network client, which the offline side never loads.
+
+``open_source`` is the one place that tells the forms apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+from ._fs import describe_mode, open_regular_nofollow, oserror_to_airpack, read_capped, walk_bundle
+from .errors import AirpackError, EnvelopeError, IntegrityError, PartsError, TrustError, UsageError
+from .manifest import ENVELOPE_NAME, MANIFEST_NAME, RESERVED, FileEntry
+from .parts import (
+    INDEX_SUFFIX,
+    MAX_INDEX_BYTES,
+    PartsIndex,
+    PartsReader,
+    PartsReport,
+    check_parts,
+    find_index,
+    load_index,
+    parse_index,
+)
+from .signing import MAX_ENVELOPE_BYTES, parse_envelope
+from .tarball import MemberHeader, ReadableStream, TarReader
+from .trust import TrustPolicy
+
+KINDS = ("dir", "tar", "parts", "oci")
+
+
+@dataclass(frozen=True)
+class Member:
+    """A file as the source lists it: its path, its size, and why it is not a plain file (if it is not)."""
+
+    path: str
+    size: int
+    problem: str | None = None
+    sha256: str | None = None  # known before reading when the container indexes by digest (OCI layers)
+
+
+class FileReader(Protocol):
+    """A file's bytes: ``readinto`` fills a view and returns the count, 0 at the end."""
+
+    def readinto(self, view: memoryview) -> int: ...
+
+
+class LocalFile:
+    """A plain file of a bundle folder, opened without following links; its descriptor allows kernel copies."""
+
+    def __init__(self, fd: int, display: str) -> None:
+        self.fd = fd
+        self.display = display
+
+    def readinto(self, view: memoryview) -> int:
+        try:
+            return os.readv(self.fd, [view])
+        except OSError as e:  # an unreadable sector on the medium: the bundle is damaged
+            raise IntegrityError(f"cannot read {self.display} in the bundle: {e.strerror}", path=self.display) from None
+
+
+class BundleSource:
+    """What every form offers the pipeline. Nothing read from a source is trusted until the pipeline says so.
+
+    Random-access sources (folder, OCI) list their entries up front and open
+    each file on its own, so files are hashed in parallel; streaming sources
+    (tar, parts) yield their members once, in order, after the envelope and
+    the manifest copy.
+    """
+
+    kind: ClassVar[str]
+    random_access: ClassVar[bool]
+
+    def __init__(self, label: str, location: str | None = None) -> None:
+        self.label = label  # how messages name the bundle (a folder, a tar's name, an OCI reference)
+        self.location = location or label  # where it is, in full (what an install records as its source)
+
+    @property
+    def root(self) -> Path | None:
+        """The bundle folder, for a folder source (files can be opened by path); None for every other form."""
+        return None
+
+    @property
+    def envelope_where(self) -> str:
+        """How messages name the envelope of this source."""
+        return f"{self.label}:{ENVELOPE_NAME}"
+
+    def session(self) -> AbstractContextManager[None]:
+        """Hold what reading needs (an open tar, a connection) for the length of one verification."""
+        return contextlib.nullcontext()
+
+    def envelope_bytes(self) -> bytes:
+        """The envelope exactly as stored, capped; any failure to get it is an ``EnvelopeError`` (exit 4)."""
+        raise NotImplementedError
+
+    def manifest_copy(self) -> bytes | None:
+        """The readable manifest copy as stored (capped), or None when the bundle has none."""
+        raise NotImplementedError
+
+    def bound_manifest_sha256(self) -> str | None:
+        """A manifest digest the container itself is signed for (a parts index), checked against the envelope's."""
+        return None
+
+    def audit_fields(self) -> dict[str, str]:
+        """What an install's audit line records about the transport, beyond the source's location."""
+        return {}
+
+    # -- random access
+    def members(self) -> list[Member]:
+        raise NotImplementedError
+
+    def open(self, entry: FileEntry) -> AbstractContextManager[FileReader]:
+        raise NotImplementedError
+
+    # -- streaming
+    def stream(self) -> Iterator[tuple[MemberHeader, TarReader]]:
+        raise NotImplementedError
+
+
+# -- a folder -------------------------------------------------------------------------------------
+
+
+class DirSource(BundleSource):
+    kind = "dir"
+    random_access = True
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(str(folder))
+        self.folder = Path(folder)
+
+    @property
+    def root(self) -> Path:
+        return self.folder
+
+    @property
+    def envelope_where(self) -> str:
+        return f"{self.folder}/{ENVELOPE_NAME}"
+
+    def path_of(self, rel: str) -> Path:
+        return self.folder.joinpath(*rel.split("/"))
+
+    def envelope_bytes(self) -> bytes:
+        shown = self.envelope_where
+        try:
+            return read_capped(self.folder / ENVELOPE_NAME, MAX_ENVELOPE_BYTES, display=shown, what="envelope")
+        except FileNotFoundError:
+            raise EnvelopeError(f"no signature envelope at {shown}", path=shown) from None
+        except EnvelopeError:
+            raise
+        except (AirpackError, OSError) as e:  # the size cap, a link, a device, an unreadable file: all envelope refusals
+            raise EnvelopeError(f"cannot read envelope {shown}: {e}", path=shown) from None
+
+    def manifest_copy(self) -> bytes | None:
+        shown = f"{self.folder}/{MANIFEST_NAME}"
+        try:
+            return read_capped(self.folder / MANIFEST_NAME, MAX_ENVELOPE_BYTES, display=shown, what="manifest copy")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise oserror_to_airpack(e, "cannot read", shown) from None
+
+    def members(self) -> list[Member]:
+        try:
+            return [Member(path=rel, size=st.st_size, problem=describe_mode(st))
+                    for rel, st in walk_bundle(self.folder) if rel not in RESERVED]
+        except OSError as err:
+            raise oserror_to_airpack(err, "cannot read", str(err.filename or self.folder)) from None
+
+    @contextlib.contextmanager
+    def open(self, entry: FileEntry) -> Iterator[FileReader]:
+        fd = open_regular_nofollow(self.path_of(entry.path), display=entry.path)
+        try:
+            if hasattr(os, "posix_fadvise"):
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # read ahead further on the medium
+            yield LocalFile(fd, entry.path)
+        finally:
+            os.close(fd)
+
+
+# -- one tar --------------------------------------------------------------------------------------
+
+
+class _StreamSource(BundleSource):
+    """A tar read once, front to back: the envelope is its first member, the manifest copy its second."""
+
+    random_access = False
+
+    @property
+    def envelope_where(self) -> str:
+        return f"{self.tar_name}:{ENVELOPE_NAME}"
+
+    def __init__(self, location: str, tar_name: str) -> None:
+        super().__init__(tar_name, location)
+        self.tar_name = tar_name
+        self._reader: TarReader | None = None
+
+    def _open_stream(self) -> AbstractContextManager[ReadableStream]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        with self._open_stream() as stream:
+            self._reader = TarReader(stream, source=self.tar_name)
+            try:
+                yield
+            finally:
+                self._reader = None
+
+    @property
+    def reader(self) -> TarReader:
+        if self._reader is None:
+            raise RuntimeError("a stream source is read inside its session()")
+        return self._reader
+
+    def _member_bytes(self, size: int) -> bytes:
+        out = bytearray()
+        while len(out) < size:
+            chunk = self.reader.read(min(1 << 20, size - len(out)))
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+    def envelope_bytes(self) -> bytes:
+        first = self.reader.next_member()
+        if first is None or first.name != ENVELOPE_NAME:
+            found = first.name if first else "no member"
+            raise EnvelopeError(f"{self.tar_name}: the first member must be {ENVELOPE_NAME}, found {found}", path=ENVELOPE_NAME)
+        if first.size > MAX_ENVELOPE_BYTES:
+            raise EnvelopeError(f"{self.tar_name}: {ENVELOPE_NAME} is larger than {MAX_ENVELOPE_BYTES} bytes", path=ENVELOPE_NAME)
+        return self._member_bytes(first.size)
+
+    def manifest_copy(self) -> bytes | None:
+        second = self.reader.next_member()
+        if second is None or second.name != MANIFEST_NAME:  # the copy must come second: without it here, it is missing
+            return None
+        if second.size > MAX_ENVELOPE_BYTES:
+            raise IntegrityError(f"{MANIFEST_NAME} in {self.tar_name} is larger than the {MAX_ENVELOPE_BYTES}-byte limit",
+                                 path=MANIFEST_NAME)
+        return self._member_bytes(second.size)
+
+    def stream(self) -> Iterator[tuple[MemberHeader, TarReader]]:
+        reader = self.reader
+        for m in reader:
+            yield m, reader
+
+
+class TarSource(_StreamSource):
+    kind = "tar"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path), Path(path).name)
+        self.path = Path(path)
+
+    @contextlib.contextmanager
+    def _open_stream(self) -> Iterator[ReadableStream]:
+        try:
+            f = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise UsageError(f"cannot read {self.path}: {e.strerror}", path=str(self.path)) from None
+        with f:
+            yield f
+
+
+# -- split parts ----------------------------------------------------------------------------------
+
+
+class PartsSource(_StreamSource):
+    """The tar read back from its data parts, after the signed parts index located each one.
+
+    With a policy, the index must be signed by a trusted key and the parts'
+    manifest digest must be the envelope's (parts of two exports cannot mix).
+    When the bundle inside fails a check, the parts are hashed against the
+    index so the error names the damaged part rather than what the damage
+    broke inside the tar.
+    """
+
+    kind = "parts"
+
+    def __init__(self, index_path: Path, policy: TrustPolicy | None, *, workers: int | None = None) -> None:
+        self.index_path = Path(index_path)
+        self.folder = self.index_path.parent
+        self.policy = policy
+        self.workers = workers
+        self.index = self._load_index()
+        super().__init__(str(self.index_path), self.index.tar_name)
+
+    def _load_index(self) -> PartsIndex:
+        if self.policy is not None:
+            return load_index(self.index_path, self.policy)[0]
+        raw = read_capped(self.index_path, MAX_INDEX_BYTES, what="parts index")
+        return parse_index(parse_envelope(raw, where=str(self.index_path)).payload)
+
+    def bound_manifest_sha256(self) -> str | None:
+        return self.index.manifest_sha256
+
+    @contextlib.contextmanager
+    def _open_stream(self) -> Iterator[ReadableStream]:
+        check_data_present(self.folder, self.index)
+        with PartsReader(self.folder, self.index) as pr:
+            yield pr
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        try:
+            with super().session():
+                try:
+                    yield
+                except (IntegrityError, TrustError) as e:
+                    if isinstance(e, PartsError):
+                        raise
+                    report = check_parts(self.folder, self.index, parts=self.index.data, workers=self.workers)
+                    if report:
+                        raise parts_error(self.index, report) from e
+                    raise
+        except PartsError as e:
+            raise with_dir(e, self.folder) from None
+
+
+def check_data_present(folder: Path, index: PartsIndex) -> None:
+    """Before streaming: every data part is there at its signed size (a cheap stat; hashes come later)."""
+    missing: list[str] = []
+    bad: list[tuple[str, str]] = []
+    for p in index.data:
+        try:
+            st = os.stat(folder / p.name, follow_symlinks=False)
+        except FileNotFoundError:
+            missing.append(p.name)
+            continue
+        if st.st_size != p.size:
+            bad.append((p.name, f"size {st.st_size}, expected {p.size}"))
+    if missing or bad:
+        raise parts_error(index, PartsReport(ok=(), missing=tuple(missing), bad=tuple(bad)))
+
+
+def parts_error(index: PartsIndex, report: PartsReport) -> PartsError:
+    """Name every lost part, and say whether ``airpack repair`` can rebuild them."""
+    lost = report.lost
+    what = [f"{n} (missing)" for n in report.missing] + [f"{n} ({why})" for n, why in report.bad]
+    n = index.layout.parity_parts
+    if n and len(lost) <= n:
+        hint = f"Run `airpack repair {{DIR}}`: {n} parity part(s) can rebuild {len(lost)} lost part(s)."
+    elif n:
+        hint = f"Only {n} parity part(s): copy the named parts again, then run `airpack repair`."
+    else:
+        hint = "This export has no parity parts: copy the named parts again from the source media."
+    return PartsError(f"{len(lost)} part(s) missing or damaged: {', '.join(what)}", missing=report.missing, bad=report.bad,
+                      hint=hint)
+
+
+def with_dir(e: PartsError, folder: Path) -> PartsError:
+    if e.hint and "{DIR}" in e.hint:
+        e.hint = e.hint.replace("{DIR}", str(folder))
+    return e
+
+
+# -- telling the forms apart ----------------------------------------------------------------------
+
+
+def detect(path: Path) -> tuple[str, Path]:
+    """(kind, path) for what the operator pointed at: a bundle folder, one tar, or a parts folder (or its index file)."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"bundle {p} does not exist", path=str(p))
+    if p.is_dir():
+        if os.path.lexists(p / ENVELOPE_NAME):
+            return "dir", p
+        idx = find_index(p)
+        return ("parts", idx) if idx is not None else ("dir", p)
+    if p.name.endswith(INDEX_SUFFIX):
+        return "parts", p
+    return "tar", p
+
+
+def open_source(path: Path, *, policy: TrustPolicy | None = None, workers: int | None = None) -> BundleSource:
+    """The source for a local bundle in any form; ``policy`` checks a parts index's signature as it is opened."""
+    kind, p = detect(path)
+    if kind == "dir":
+        return DirSource(p)
+    if kind == "parts":
+        return PartsSource(p, policy, workers=workers)
+    return TarSource(p)
