@@ -56,23 +56,39 @@ def collision_key(name: str) -> str:
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFD", name).casefold())
 
 
-def check_no_collisions(names: Iterable[str]) -> None:
-    """Refuse duplicate names and names equal up to case or Unicode normalisation."""
-    seen: dict[str, str] = {}
-    prefixes: set[str] = set()
-    for name in names:
+class NameSet:
+    """Names seen so far; ``add`` refuses one equal to an earlier one, byte for byte or up to case and Unicode form.
+
+    A stream (a tar) is checked member by member with it, before a byte of the
+    member is used; ``check_no_collisions`` runs it over a whole list.
+    """
+
+    def __init__(self, names: Iterable[str] = (), *, what: str = "path", where: str = "") -> None:
+        self.seen: dict[str, str] = {}
+        self.what = what
+        self.where = where
+        for name in names:
+            self.add(name)
+
+    def add(self, name: str) -> None:
         key = collision_key(name)
-        if key in seen:
-            other = seen[key]
-            why = "duplicate name" if other == name else f"collides with {other!r} (case or Unicode)"
-            raise UnsafePathError(f"unsafe path {name!r}: {why}", path=name)
-        seen[key] = name
-        parts = key.split("/")
-        for i in range(1, len(parts)):
-            prefixes.add("/".join(parts[:i]))
-    for key, name in seen.items():
-        if key in prefixes:
-            raise UnsafePathError(f"unsafe path {name!r}: is both a file and a folder", path=name)
+        other = self.seen.get(key)
+        if other is not None:
+            why = f"duplicate {self.what}" if other == name else f"collides with {other!r} (case or Unicode)"
+            raise UnsafePathError(f"unsafe {self.what} {name!r}{self.where}: {why}", path=name)
+        self.seen[key] = name
+
+    def check_prefixes(self) -> None:
+        """No name may be both a file and a folder of another (``a`` and ``a/b``)."""
+        prefixes = {"/".join(key.split("/")[:i]) for key in self.seen for i in range(1, key.count("/") + 1)}
+        for key, name in self.seen.items():
+            if key in prefixes:
+                raise UnsafePathError(f"unsafe {self.what} {name!r}{self.where}: is both a file and a folder", path=name)
+
+
+def check_no_collisions(names: Iterable[str]) -> None:
+    """Refuse duplicate names, names equal up to case or Unicode normalisation, and a name that is also a folder."""
+    NameSet(names, what="path").check_prefixes()
 
 
 def open_regular_nofollow(path: Path, *, display: str | None = None) -> int:

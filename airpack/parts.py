@@ -48,7 +48,7 @@ from .errors import (
     UsageError,
 )
 from .hashing import hash_fd, parallel_map
-from .manifest import ENVELOPE_NAME, STATEMENT_TYPE
+from .manifest import STATEMENT_TYPE
 from .signing import PAYLOAD_TYPE, Signer, envelope_bytes, parse_envelope
 from .trust import TrustPolicy, VerifiedPayload, verify_envelope
 
@@ -357,42 +357,13 @@ def load_index(path: Path, policy: TrustPolicy) -> tuple[PartsIndex, VerifiedPay
     return parse_index(verified.payload), verified
 
 
-# -- finding the form a bundle came in ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Source:
-    """What the operator pointed at: a bundle folder, one tar, or a parts index (and its folder)."""
-
-    kind: str  # "dir" | "tar" | "parts"
-    path: Path
-
-    @property
-    def folder(self) -> Path:
-        return self.path.parent if self.kind == "parts" else self.path
-
-
 def find_index(folder: Path) -> Path | None:
+    """The one parts index in ``folder`` (None when there is none); several are a usage error."""
     found = sorted(p for p in folder.iterdir() if p.name.endswith(INDEX_SUFFIX) and not p.name.startswith("."))
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
         raise UsageError(f"{folder} holds several parts indexes ({names}); give the index file itself", path=str(folder))
     return found[0] if found else None
-
-
-def locate(path: Path) -> Source:
-    """Tell a bundle folder from a tar and from a parts folder (or its index file)."""
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"bundle {p} does not exist", path=str(p))
-    if p.is_dir():
-        if os.path.lexists(p / ENVELOPE_NAME):
-            return Source("dir", p)
-        idx = find_index(p)
-        return Source("parts", idx) if idx is not None else Source("dir", p)
-    if p.name.endswith(INDEX_SUFFIX):
-        return Source("parts", p)
-    return Source("tar", p)
 
 
 # -- writing parts ---------------------------------------------------------------------

@@ -85,10 +85,14 @@ def check_sequence(high: ChannelHigh | None, *, name: str, channel: str, sequenc
     return False
 
 
+def is_expired(expires: dt.datetime | None, now: dt.datetime | None = None) -> bool:
+    """Expired from the very second of ``expires`` on; a bundle without one never expires."""
+    return expires is not None and (now or dt.datetime.now(dt.UTC)) >= expires
+
+
 def check_fresh(*, name: str, sequence: int, expires: dt.datetime | None, now: dt.datetime | None = None) -> None:
     """A bundle past its signed expiry is refused (exit 4), whatever else holds."""
-    t = now or dt.datetime.now(dt.UTC)
-    if expires is not None and t >= expires:
+    if expires is not None and is_expired(expires, now):
         raise ExpiredError(f"bundle {name} (sequence {sequence}) expired at {expires:%Y-%m-%dT%H:%M:%SZ}")
 
 

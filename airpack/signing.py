@@ -245,19 +245,6 @@ def parse_envelope(data: bytes, *, where: str) -> Envelope:
     return Envelope(payload_type=ptype, payload=payload, signatures=tuple(out))
 
 
-def read_envelope(path: Path, *, where: str | None = None) -> Envelope:
-    shown = where or str(path)
-    try:
-        fd_data = read_capped(Path(path), MAX_ENVELOPE_BYTES, display=shown, what="envelope")
-    except FileNotFoundError:
-        raise EnvelopeError(f"no signature envelope at {shown}", path=shown) from None
-    except EnvelopeError:
-        raise
-    except Exception as e:  # noqa: BLE001 - size cap, links, unreadable: all envelope refusals
-        raise EnvelopeError(f"cannot read envelope {shown}: {e}", path=shown) from None
-    return parse_envelope(fd_data, where=shown)
-
-
 def passphrase_from(file: Path | None) -> bytes | None:
     """The passphrase from a file (first line) or AIRPACK_PASSPHRASE; None when neither is set."""
     if file is not None:

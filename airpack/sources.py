@@ -136,6 +136,16 @@ class DirSource(BundleSource):
     kind = "dir"
     random_access = True
 
+    @classmethod
+    def existing(cls, path: Path) -> DirSource:
+        """A folder the operator named; the root may be a mount point or a link to one (links *inside* are refused)."""
+        p = Path(path)
+        if not p.exists():
+            raise UsageError(f"bundle {p} does not exist", path=str(p))
+        if not p.is_dir():
+            raise UsageError(f"bundle {p} is not a folder", path=str(p))
+        return cls(p)
+
     def __init__(self, folder: Path) -> None:
         super().__init__(str(folder))
         self.folder = Path(folder)

@@ -55,9 +55,9 @@ def test_diff_with_trust_names_the_signers(tmp_path: Path, make_bundle, bob: Key
     old, new = two_versions(tmp_path, make_bundle, bob)
     pol = make_policy(alice, bob, name="both.json")
     d = diff(DiffOptions(old=old, new=new, policy=load_policy(pol)))
-    assert d["old"]["verified"] and d["new"]["verified"]
-    assert d["signers"] == {"old": ["alice"], "new": ["bob"], "added": ["bob"], "removed": ["alice"]}
-    assert not any("unverified" in f for f in d["flags"])
+    assert d.old.verified and d.new.verified
+    assert d.signers == {"old": ["alice"], "new": ["bob"], "added": ["bob"], "removed": ["alice"]}
+    assert not any("unverified" in f for f in d.flags)
     assert run_cli("diff", old, new, "--trust", make_policy(alice, name="alice-only.json")).returncode == 4
 
 
@@ -68,18 +68,18 @@ def test_licence_and_policy_changes_are_flagged(tmp_path: Path, make_bundle, tin
                     + "[policy]\nallow_code = true\n")
     pack(PackOptions(spec=load_spec(spec), out=tmp_path / "mit", signer=alice.signer))
     d = diff(DiffOptions(old=a, new=tmp_path / "mit"))
-    assert d["licenses"] == [{"repo_id": "acme/tiny", "old": "apache-2.0", "new": "mit"}]
-    assert d["policy"] == {"allow_code": {"old": False, "new": True}}
-    assert any("licence changed" in f for f in d["flags"]) and any("content policy changed" in f for f in d["flags"])
+    assert d.licenses == ({"repo_id": "acme/tiny", "old": "apache-2.0", "new": "mit"},)
+    assert d.policy == {"allow_code": {"old": False, "new": True}}
+    assert any("licence changed" in f for f in d.flags) and any("content policy changed" in f for f in d.flags)
     # Going back in sequence is flagged as what install would refuse.
     d2 = diff(DiffOptions(old=tmp_path / "mit", new=a))
-    assert any("rollback" in f for f in d2["flags"])
+    assert any("rollback" in f for f in d2.flags)
 
 
 def test_same_bundle_in_two_forms_is_identical(tmp_path: Path, bundle: Path, policy: Path) -> None:
     tar = export_to(bundle, tmp_path / "b.tar", policy).tar
     d = diff(DiffOptions(old=bundle, new=tar, policy=load_policy(policy)))
-    assert d["identical"] is True and d["files"]["changed"] == [] and d["files"]["unchanged"] > 0
+    assert d.identical is True and d.files["changed"] == [] and d.files["unchanged"] > 0
     assert "identical" in run_cli("diff", bundle, tar).stdout
 
 
@@ -106,3 +106,19 @@ def test_diff_against_a_registry_says_what_install_would_change(tmp_path: Path, 
     assert sorted(p.relative_to(reg) for p in reg.rglob("*") if "-wal" not in p.name and "-shm" not in p.name) == \
         [p for p in before if "-wal" not in p.name and "-shm" not in p.name]  # read-only (SQLite may open its WAL)
     assert (reg / "audit.log").read_bytes() == audit
+
+
+def test_the_same_bundle_twice_is_no_rollback(bundle: Path) -> None:
+    """``diff B B``: installing B over B changes nothing, so nothing is flagged as a rollback."""
+    d = diff(DiffOptions(old=bundle, new=bundle))
+    assert d.identical is True
+    assert not any("rollback" in f for f in d.flags), d.flags
+
+
+def test_same_sequence_with_other_content_is_flagged(tmp_path: Path, make_bundle, tiny_model: Path) -> None:
+    from factories import make_model
+
+    a = make_bundle(sequence=3)
+    b = make_bundle(sequence=3, model_dir=make_model(tmp_path / "other", seed=9))
+    d = diff(DiffOptions(old=a, new=b))
+    assert any("other content" in f and "rollback" in f for f in d.flags), d.flags

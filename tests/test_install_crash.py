@@ -82,7 +82,7 @@ def test_kill_after_commit_is_finished_by_the_next_run(setup: tuple[Path, Path, 
     # The next write command finishes the committed install: ref switched, exactly one audit line for it.
     assert do_install(b2, reg, policy).result == "noop"
     assert (reg / "hub" / "models--acme--tiny" / "refs" / "main").read_text() == commit2
-    assert [x.commit for x in list_installed(reg) if x.current] == [commit2]
+    assert [x.commit for x in list_installed(reg).models if x.current] == [commit2]
     results = [x["result"] for x in audit_lines(reg)]
     assert results == ["installed", "installed", "noop"]
     assert not any((reg / ".staging").iterdir())
@@ -111,7 +111,7 @@ def test_kill_during_remove(setup: tuple[Path, Path, str], policy: Path, step: s
         assert audit_lines(reg)[-1]["result"] == "interrupted"
     else:
         assert not (reg / "hub" / "models--acme--tiny" / "snapshots" / commit2).exists()
-        assert [x.commit for x in list_installed(reg)] != [] and commit2 not in [x.commit for x in list_installed(reg)]
+        assert [x.commit for x in list_installed(reg).models] != [] and commit2 not in [x.commit for x in list_installed(reg).models]
         assert audit_lines(reg)[-1]["result"] == "removed"
     Registry.open(reg).verify_log()
 
@@ -127,4 +127,4 @@ def test_kill_during_rollback(setup: tuple[Path, Path, str], policy: Path, step:
         assert ref.read_text() == commit2
     else:
         assert ref.read_text() != commit2
-        assert [x.commit for x in list_installed(reg) if x.current] == [ref.read_text()]
+        assert [x.commit for x in list_installed(reg).models if x.current] == [ref.read_text()]

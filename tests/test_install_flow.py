@@ -12,7 +12,7 @@ import pytest
 from conftest import KeyPair, run_cli
 from registry_fixtures import audit_lines, do_install, registry_state, variant_model
 
-from airpack.ops.manage import RemoveOptions, RollbackOptions, list_installed, remove, rollback, show
+from airpack.ops.manage import RemoveOptions, RollbackOptions, ShowOptions, list_installed, remove, rollback, show
 from airpack.registry import repo_folder
 
 
@@ -121,7 +121,7 @@ def test_upgrade_shares_blobs_and_moves_the_ref(make_bundle: Callable[..., Path]
     assert r2.bytes_copied == len(b'{"v": 2}\n')  # every other blob was already there
     c1, c2 = r1.models[0]["commit"], r2.models[0]["commit"]
     assert c1 != c2 and _ref(reg) == c2
-    rows = list_installed(reg)
+    rows = list_installed(reg).models
     assert [(x.commit, x.current) for x in rows] == [(c1, False), (c2, True)]
     blobs = list((reg / "hub" / "models--acme--tiny" / "blobs").iterdir())
     assert len(blobs) == len(list(tiny_model.iterdir())) + 1
@@ -153,7 +153,7 @@ def test_remove_one_revision_keeps_shared_blobs(make_bundle: Callable[..., Path]
     c1 = do_install(b1, reg, policy).models[0]["commit"]
     c2 = do_install(b2, reg, policy).models[0]["commit"]
     out = remove(RemoveOptions(registry=reg, name="acme/tiny", revision=c2[:10]))
-    assert out["blobs_removed"] == 1 and out["blobs_kept_shared"] == len(list(tiny_model.iterdir()))
+    assert out.blobs_removed == 1 and out.blobs_kept_shared == len(list(tiny_model.iterdir()))
     repo = reg / "hub" / "models--acme--tiny"
     assert not (repo / "snapshots" / c2).exists()
     assert _ref(reg) == c1  # the name falls back to what is left
@@ -161,7 +161,7 @@ def test_remove_one_revision_keeps_shared_blobs(make_bundle: Callable[..., Path]
         assert (repo / "snapshots" / c1 / f.name).read_bytes() == f.read_bytes()
     remove(RemoveOptions(registry=reg, name="acme/tiny"))
     assert not repo.exists()
-    assert list_installed(reg) == []
+    assert list_installed(reg).models == ()
 
 
 def test_two_models_with_identical_files_store_them_once(make_bundle: Callable[..., Path], tiny_model: Path, policy: Path,
@@ -177,9 +177,9 @@ def test_two_models_with_identical_files_store_them_once(make_bundle: Callable[.
         assert os.stat(blob).st_ino == os.stat(b / blob.name).st_ino  # one inode, two names
     # Removing one model leaves the other's bytes whole.
     remove(RemoveOptions(registry=reg, name="acme/tiny"))
-    d = show(reg, "other/tiny-copy")
+    d = show(ShowOptions(registry=reg, name="other/tiny-copy"))
     for f in tiny_model.iterdir():
-        assert (Path(d["snapshot"]) / f.name).read_bytes() == f.read_bytes()
+        assert (Path(d.snapshot) / f.name).read_bytes() == f.read_bytes()
 
 
 def test_remove_by_bundle_name_and_unknown_names(bundle: Path, policy: Path, reg: Path) -> None:
@@ -188,7 +188,7 @@ def test_remove_by_bundle_name_and_unknown_names(bundle: Path, policy: Path, reg
     assert r.returncode == 6 and json.loads(r.stdout)["error"]["type"] == "NotInstalledError"
     r = run_cli("remove", "tiny", "--registry", reg, "--json")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert list_installed(reg) == []
+    assert list_installed(reg).models == ()
     assert [x["result"] for x in audit_lines(reg)] == ["installed", "refused", "removed"]
 
 
@@ -197,7 +197,7 @@ def test_rollback_api_names_the_change(make_bundle: Callable[..., Path], tiny_mo
     do_install(make_bundle(sequence=5), reg, policy)
     do_install(make_bundle(sequence=6, model_dir=variant_model(tiny_model, tmp_path / "v6", extra={"x.json": b"6"})), reg, policy)
     out = rollback(RollbackOptions(registry=reg, name="tiny"))  # a bundle name works too
-    assert [(c["repo_id"], c["sequence"]) for c in out["changes"]] == [("acme/tiny", 5)]
+    assert [(c.repo_id, c.sequence) for c in out.changes] == [("acme/tiny", 5)]
 
 
 def test_list_on_a_missing_registry_is_a_clean_error(tmp_path: Path) -> None:
@@ -222,7 +222,7 @@ def test_same_files_from_two_bundles_share_one_snapshot(make_bundle: Callable[..
     r2 = do_install(make_bundle(sequence=1, name="tiny-again", channel="b"), reg, policy)
     commit = r1.models[0]["commit"]
     assert r2.models[0]["commit"] == commit and r2.bytes_copied == 0
-    assert [x.bundle for x in list_installed(reg)] == ["tiny", "tiny-again"]
+    assert [x.bundle for x in list_installed(reg).models] == ["tiny", "tiny-again"]
     snap = reg / "hub" / "models--acme--tiny" / "snapshots" / commit
     remove(RemoveOptions(registry=reg, name="tiny"))
     assert snap.is_dir() and _ref(reg) == commit

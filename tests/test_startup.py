@@ -115,7 +115,7 @@ def test_bench_startup_runs_and_cleans_up(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_click_is_the_only_ui_import_of_help() -> None:
+def test_the_lazy_group_is_a_click_group() -> None:
     """The lazy group is a plain click.Group: tools that walk the command tree still can."""
     import airpack.cli as cli_pkg
 

@@ -131,7 +131,7 @@ def test_install_from_a_tar(tmp_path: Path, bundle: Path, policy: Path) -> None:
     assert json.loads(r.stdout)["result"] == "installed"
     listed = json.loads(run_cli("list", "--registry", reg, "--json").stdout)
     assert [x["repo_id"] for x in listed] == ["acme/tiny"]
-    assert [p.name for p in (reg / ".staging").iterdir()] == []  # the spool is gone
+    assert [p.name for p in (reg / ".staging").iterdir()] == []  # the txn staging is gone
 
 
 def test_install_from_a_tampered_tar_changes_nothing(tmp_path: Path, bundle: Path, policy: Path) -> None:

@@ -102,7 +102,8 @@ def list_cmd(out: Output, registry: Path) -> None:
     """List the installed models: revision, commit, bundle, channel, sequence, signers."""
     from ..ops.manage import list_installed
 
-    rows = list_installed(registry)
+    r = list_installed(registry)
+    rows = r.models
 
     def text() -> list[str]:
         if not rows:
@@ -116,7 +117,7 @@ def list_cmd(out: Output, registry: Path) -> None:
         lines.append("(* = the revision its name points to)")
         return lines
 
-    out.result([x.to_json() for x in rows], text)
+    out.result(r.to_json(), text)
 
 
 @airpack_command(cli, "show")
@@ -125,33 +126,33 @@ def list_cmd(out: Output, registry: Path) -> None:
 @click.option("--revision", help="A commit (or its first 7+ characters) or revision name; default: the current one.")
 def show_cmd(out: Output, name: str, registry: Path, revision: str | None) -> None:
     """Show an installed model and the exact lines that load it offline."""
-    from ..ops.manage import show
+    from ..ops.manage import ShowOptions, show
 
-    d = show(registry, name, revision=revision)
+    r = show(ShowOptions(registry=registry, name=name, revision=revision))
 
     def text() -> list[str]:
-        ld = d["load"]
+        x, ld = r.model, r.load
         lines = [
-            f"{d['repo_id']} @ {d['commit']} (revision {d['revision']}{', current' if d['current'] else ''})",
-            f"  bundle:    {d['bundle']} (channel {d['channel']}, sequence {d['sequence']}), installed {d['installed_at']}",
-            f"  signed by: {_signers_text(d['signers'])}",
-            f"  snapshot:  {d['snapshot']}",
-            f"  files:     {d['files']}, {format_bytes(d['bytes'])}",
+            f"{x.repo_id} @ {x.commit} (revision {x.ref}{', current' if x.current else ''})",
+            f"  bundle:    {x.bundle} (channel {x.channel}, sequence {x.sequence}), installed {x.installed_at}",
+            f"  signed by: {_signers_text(x.signers)}",
+            f"  snapshot:  {r.snapshot}",
+            f"  files:     {x.files}, {format_bytes(x.bytes)}",
         ]
         if out.verbose:
-            lines += [f"    {f['sha256']}  {f['size']:>14}  {f['path']}" for f in d["files_list"]]
-        if len(d["revisions"]) > 1:
+            lines += [f"    {f.sha256}  {f.size:>14}  {f.path}" for f in r.files]
+        if len(r.revisions) > 1:
             lines.append("  installed revisions:")
-            lines += [f"    {'*' if o['current'] else ' '} {o['commit'][:12]} ({o['revision']}) from {o['bundle']} seq {o['sequence']}"
-                      for o in d["revisions"]]
-        lines += ["", "Load it with no network (set both variables before Python starts):", f"  {ld['shell']}"]
-        lines += ["  python - <<'EOF'", *[f"  {line}" for line in ld["python"]], "  EOF"]
-        lines += ["", "Serve it with vLLM:", f"  {ld['vllm']}"]
-        if ld["pip"]:
-            lines += ["", "Install the bundle's wheels into a fresh virtualenv:", f"  {ld['pip']}"]
+            lines += [f"    {'*' if o.current else ' '} {o.commit[:12]} ({o.ref}) from {o.bundle} seq {o.sequence}"
+                      for o in r.revisions]
+        lines += ["", "Load it with no network (set both variables before Python starts):", f"  {ld.shell}"]
+        lines += ["  python - <<'EOF'", *[f"  {line}" for line in ld.python], "  EOF"]
+        lines += ["", "Serve it with vLLM:", f"  {ld.vllm}"]
+        if ld.pip:
+            lines += ["", "Install the bundle's wheels into a fresh virtualenv:", f"  {ld.pip}"]
         return lines
 
-    out.result({k: v for k, v in d.items() if k != "files_list"} | {"files_list": d["files_list"]}, text)
+    out.result(r.to_json(), text)
 
 
 @airpack_command(cli, "remove")
@@ -165,14 +166,14 @@ def remove_cmd(out: Output, name: str, registry: Path, revision: str | None) -> 
     r = remove(RemoveOptions(registry=registry, name=name, revision=revision))
 
     def text() -> list[str]:
-        lines = [f"removed {x['repo_id']} @ {x['commit'][:12]} ({x['revision']}, bundle {x['bundle']})" for x in r["removed"]]
-        if not r["removed"]:
+        lines = [f"removed {x.repo_id} @ {x.commit[:12]} ({x.revision}, bundle {x.bundle})" for x in r.removed]
+        if not r.removed:
             lines.append(f"removed bundle {name}")
-        lines.append(f"  freed {r['blobs_removed']} blob(s), {format_bytes(r['bytes_freed'])}; "
-                     f"kept {r['blobs_kept_shared']} shared with other revisions")
+        lines.append(f"  freed {r.blobs_removed} blob(s), {format_bytes(r.bytes_freed)}; "
+                     f"kept {r.blobs_kept_shared} shared with other revisions")
         return lines
 
-    out.result(r, text)
+    out.result(r.to_json(), text)
 
 
 @airpack_command(cli, "rollback")
@@ -183,8 +184,8 @@ def rollback_cmd(out: Output, name: str, registry: Path) -> None:
     from ..ops.manage import RollbackOptions, rollback
 
     r = rollback(RollbackOptions(registry=registry, name=name))
-    out.result(r, [f"{c['repo_id']} ({c['revision']}): {c['from'][:12]} -> {c['to'][:12]} (bundle {c['bundle']}, sequence {c['sequence']})"
-                   for c in r["changes"]])
+    out.result(r.to_json(), [f"{c.repo_id} ({c.revision}): {c.from_commit[:12]} -> {c.to_commit[:12]} (bundle {c.bundle}, "
+                             f"sequence {c.sequence})" for c in r.changes])
 
 
 @cli.group("log")

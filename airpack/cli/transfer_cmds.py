@@ -14,6 +14,7 @@ from . import cli
 from ._common import Output, airpack_command
 
 if TYPE_CHECKING:
+    from ..ops.audit import DiffRegistryResult, DiffResult
     from ..ops.export import ExportResult
     from ..trust import TrustPolicy
 
@@ -97,8 +98,7 @@ def verify_parts(out: Output, path: Path, policy: TrustPolicy) -> None:
     c = check_parts_folder(path, policy, progress=out.progress)
     lay = c.index.layout
     out.result(
-        {"verified": True, "parts_index": str(c.index_path), "signers": [k.name for k in c.signers], "tar": c.index.tar_name,
-         "tar_size": c.index.tar_size, "tar_sha256": c.index.tar_sha256, "bundle": c.index.bundle, **c.report.to_json()},
+        c.to_json(),
         [f"OK: all {lay.total_parts} part(s) of {c.index.tar_name} match the signed index {c.index_path.name}",
          f"  index signed by: {', '.join(k.name for k in c.signers)}",
          f"  bundle {c.index.bundle.get('name')} sequence {c.index.bundle.get('sequence')}, manifest sha256 {c.index.manifest_sha256}",
@@ -119,33 +119,33 @@ def repair_cmd(out: Output, parts_dir: Path, policy: Path) -> None:
     text = ([f"nothing to repair: all {c.index.layout.total_parts} part(s) of {c.index.tar_name} are intact"] if not lost else
             [f"rebuilt {len(c.repaired)} part(s) of {c.index.tar_name}; each matches the signed index:",
              *[f"  {n}" for n in c.repaired]])
-    out.result({"parts_index": str(c.index_path), "repaired": list(c.repaired), **c.report.to_json()}, text)
+    out.result(c.to_json(), text)
 
 
-def _diff_text(d: dict[str, Any]) -> list[str]:
-    o, n = d["old"], d["new"]
+def _diff_text(d: DiffResult) -> list[str]:
+    o, n = d.old.to_json(), d.new.to_json()
     lines = [f"old: {o['path']}  {o['name']} seq {o['sequence']}  created {o['created']}  {'verified' if o['verified'] else 'UNVERIFIED'}",
              f"new: {n['path']}  {n['name']} seq {n['sequence']}  created {n['created']}  {'verified' if n['verified'] else 'UNVERIFIED'}"]
-    if d["identical"]:
+    if d.identical:
         return [*lines, "identical: same signed manifest"]
-    for flag in d["flags"]:
+    for flag in d.flags:
         lines.append(f"! {flag}")
-    for k, v in d["bundle"].items():
+    for k, v in d.bundle.items():
         lines.append(f"bundle {k}: {v['old']} -> {v['new']}")
-    s = d["signers"]
+    s = d.signers
     if s["added"] or s["removed"]:
         lines.append(f"signers: {', '.join(s['old']) or '-'} -> {', '.join(s['new']) or '-'}")
-    for m in d["models"]["added"]:
+    for m in d.models["added"]:
         lines.append(f"+ model {m['repo_id']} @ {m['commit']} (licence {m['license']})")
-    for m in d["models"]["removed"]:
+    for m in d.models["removed"]:
         lines.append(f"- model {m['repo_id']} @ {m['commit']}")
-    for m in d["models"]["changed"]:
+    for m in d.models["changed"]:
         for k, v in m["changes"].items():
             if k == "config":
                 lines.append(f"~ model {m['repo_id']}: config summary changed")
             else:
                 lines.append(f"~ model {m['repo_id']}: {k} {v['old']} -> {v['new']}")
-    f = d["files"]
+    f = d.files
     for x in f["added"]:
         lines.append(f"+ {x['path']}  {format_bytes(x['size'])}  {x['sha256']}")
     for x in f["removed"]:
@@ -153,11 +153,11 @@ def _diff_text(d: dict[str, Any]) -> list[str]:
     for x in f["changed"]:
         lines.append(f"~ {x['path']}  {format_bytes(x['old_size'])} -> {format_bytes(x['new_size'])}  "
                      f"{x['old_sha256'][:12]} -> {x['new_sha256'][:12]}")
-    w = d["wheels"]
+    w = d.wheels
     lines += [f"+ wheel {x['name']} {x['version']}" for x in w["added"]]
     lines += [f"- wheel {x['name']} {x['version']}" for x in w["removed"]]
     lines += [f"~ wheel {x['name']} {x['old_version']} -> {x['new_version']}" for x in w["changed"]]
-    t = d["targets"]
+    t = d.targets
     lines += [f"+ target {x.get('count', 1)}x {x.get('gpu')}" for x in t["added"]]
     lines += [f"- target {x.get('count', 1)}x {x.get('gpu')}" for x in t["removed"]]
     for x in t["changed"]:
@@ -176,33 +176,32 @@ def _diff_text(d: dict[str, Any]) -> list[str]:
               help="Compare OLD against what this registry has installed: what installing it would change.")
 def diff_cmd(out: Output, old: Path, new: Path | None, policy: Path | None, registry: Path | None) -> None:
     """Show what changed between bundles OLD and NEW: models, files, wheels, signers, licences, policy, fit."""
-    from ..ops.audit import DiffOptions, diff
+    from ..ops.audit import DiffOptions, DiffRegistryOptions, diff, diff_registry
 
     pol = _policy(policy) if policy is not None else None
     if new is None:
         if registry is None:
             raise UsageError("diff needs OLD and NEW bundles, or BUNDLE --registry DIR")
-        from ..ops.audit import diff_registry
-
-        d = diff_registry(old, registry, policy=pol, progress=out.progress)
-        out.result(d, lambda: _registry_text(d))
+        rr = diff_registry(DiffRegistryOptions(bundle=old, registry=registry, policy=pol, progress=out.progress))
+        out.result(rr.to_json(), lambda: _registry_text(rr))
         return
     d = diff(DiffOptions(old=old, new=new, policy=pol, progress=out.progress))
-    if not (d["old"]["verified"] and d["new"]["verified"]):
+    if not (d.old.verified and d.new.verified):
         out.info("UNVERIFIED: the manifests are shown as the bundles claim them; pass --trust POLICY to verify")
-    out.result(d, lambda: _diff_text(d))
+    out.result(d.to_json(), lambda: _diff_text(d))
 
 
-def _registry_text(d: dict[str, Any]) -> list[str]:
-    lines = [f"bundle {d['bundle']['name']} seq {d['bundle']['sequence']} ({'verified' if d['bundle']['verified'] else 'UNVERIFIED'})"]
-    lines += [f"! {f}" for f in d.get("flags", [])]
-    for m in d["models"]:
-        lines.append(f"{m['action']:<10} {m['repo_id']}  {m.get('installed_commit') or '-'} -> {m['commit']}")
-        for x in m.get("files", {}).get("changed", []):
+def _registry_text(d: DiffRegistryResult) -> list[str]:
+    b = d.bundle
+    lines = [f"bundle {b.manifest.name} seq {b.manifest.sequence} ({'verified' if b.verified else 'UNVERIFIED'})"]
+    lines += [f"! {f}" for f in d.flags]
+    for m in d.models:
+        lines.append(f"{m.action:<10} {m.repo_id}  {m.installed_commit or '-'} -> {m.commit}")
+        for x in m.files.get("changed", []):
             lines.append(f"  ~ {x['path']}")
-        for x in m.get("files", {}).get("added", []):
+        for x in m.files.get("added", []):
             lines.append(f"  + {x['path']}")
-        for x in m.get("files", {}).get("removed", []):
+        for x in m.files.get("removed", []):
             lines.append(f"  - {x['path']}")
     return lines
 
@@ -217,17 +216,16 @@ def sbom_cmd(out: Output, bundle: Path, fmt: str, out_file: Path | None, policy:
     from .._fs import atomic_write
     from ..ops.audit import SbomOptions, sbom
 
-    data, side = sbom(SbomOptions(bundle=bundle, policy=_policy(policy) if policy is not None else None, progress=out.progress))
+    r = sbom(SbomOptions(bundle=bundle, policy=_policy(policy) if policy is not None else None, progress=out.progress))
+    side = r.side
     if not side.verified:
         out.info("UNVERIFIED: made from the manifest as the bundle claims it; pass --trust POLICY to verify first")
     if out_file is not None:
-        atomic_write(out_file, data)
+        atomic_write(out_file, r.data)
         out.result({"sbom": str(out_file), "format": "cyclonedx-1.6", "verified": side.verified, "bundle": side.manifest.name},
                    [f"wrote {out_file} (CycloneDX 1.6)"])
         return
     if out.as_json:
-        import json
-
-        out.result(json.loads(data))
+        out.result(r.to_json())
         return
-    sys.stdout.write(data.decode("utf-8"))
+    sys.stdout.write(r.data.decode("utf-8"))

@@ -8,6 +8,7 @@ result (``verified: false``); with one, each bundle is fully verified first.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,47 @@ def _target_key(t: dict[str, Any]) -> str:
     return f"{t.get('count', 1)}x {t.get('gpu')} {t.get('runtime')} context={t.get('context')} batch={t.get('batch')}"
 
 
-def diff_manifests(old: Side, new: Side) -> dict[str, Any]:
-    """Every difference an auditor asks about, as one JSON-ready document."""
+@dataclass(frozen=True, kw_only=True)
+class DiffResult:
+    """Every difference an auditor asks about between two bundles; ``to_json`` is the ``diff --json`` document.
+
+    The sections other than ``old``, ``new`` and ``flags`` are JSON-ready already: ``bundle`` and ``policy`` map each
+    changed key to ``{"old", "new"}``; ``models``, ``files``, ``wheels`` and ``targets`` hold ``added``, ``removed``,
+    ``changed`` lists (``files`` also ``unchanged``, ``old_bytes``, ``new_bytes``).
+    """
+
+    old: Side
+    new: Side
+    identical: bool
+    bundle: dict[str, dict[str, Any]]
+    signers: dict[str, list[str]]
+    models: dict[str, list[dict[str, Any]]]
+    files: dict[str, Any]
+    wheels: dict[str, list[dict[str, Any]]]
+    licenses: tuple[dict[str, Any], ...]
+    policy: dict[str, dict[str, Any]]
+    targets: dict[str, list[dict[str, Any]]]
+    flags: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "old": self.old.to_json(),
+            "new": self.new.to_json(),
+            "identical": self.identical,
+            "bundle": self.bundle,
+            "signers": self.signers,
+            "models": self.models,
+            "files": self.files,
+            "wheels": self.wheels,
+            "licenses": list(self.licenses),
+            "policy": self.policy,
+            "targets": self.targets,
+            "flags": list(self.flags),
+        }
+
+
+def diff_manifests(old: Side, new: Side) -> DiffResult:
+    """Every difference an auditor asks about."""
     a, b = old.manifest, new.manifest
     af, bf = {f.path: f for f in a.files}, {f.path: f for f in b.files}
     files = {
@@ -77,7 +117,7 @@ def diff_manifests(old: Side, new: Side) -> dict[str, Any]:
         "new_bytes": b.total_bytes,
     }
     am, bm = {m.repo_id: m.raw for m in a.models}, {m.repo_id: m.raw for m in b.models}
-    models = {
+    models: dict[str, list[dict[str, Any]]] = {
         "added": [{"repo_id": r, "commit": bm[r].get("commit"), "license": bm[r].get("license")} for r in sorted(set(bm) - set(am))],
         "removed": [{"repo_id": r, "commit": am[r].get("commit"), "license": am[r].get("license")} for r in sorted(set(am) - set(bm))],
         "changed": [
@@ -127,21 +167,21 @@ def diff_manifests(old: Side, new: Side) -> dict[str, Any]:
         flags.append("content policy changed: " + ", ".join(f"{k} {v['old']} -> {v['new']}" for k, v in policy.items()))
     if licences:
         flags.append("licence changed: " + ", ".join(f"{x['repo_id']} {x['old']} -> {x['new']}" for x in licences))
-    return {
-        "old": old.to_json(),
-        "new": new.to_json(),
-        "identical": a.digest == b.digest,
-        "bundle": bundle,
-        "signers": {"old": list(old.signers), "new": list(new.signers),
-                    "added": sorted(set(new.signers) - set(old.signers)), "removed": sorted(set(old.signers) - set(new.signers))},
-        "models": models,
-        "files": files,
-        "wheels": wheels,
-        "licenses": licences,
-        "policy": policy,
-        "targets": targets,
-        "flags": flags,
-    }
+    return DiffResult(
+        old=old,
+        new=new,
+        identical=a.digest == b.digest,
+        bundle=bundle,
+        signers={"old": list(old.signers), "new": list(new.signers),
+                 "added": sorted(set(new.signers) - set(old.signers)), "removed": sorted(set(old.signers) - set(new.signers))},
+        models=models,
+        files=files,
+        wheels=wheels,
+        licenses=tuple(licences),
+        policy=policy,
+        targets=targets,
+        flags=tuple(flags),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,7 +193,7 @@ class DiffOptions:
     progress: Progress = NULL_PROGRESS
 
 
-def diff(opts: DiffOptions) -> dict[str, Any]:
+def diff(opts: DiffOptions) -> DiffResult:
     old = load_side(opts.old, opts.policy, now=opts.now, progress=opts.progress)
     new = load_side(opts.new, opts.policy, now=opts.now, progress=opts.progress)
     return diff_manifests(old, new)
@@ -167,7 +207,19 @@ class SbomOptions:
     progress: Progress = NULL_PROGRESS
 
 
-def sbom(opts: SbomOptions) -> tuple[bytes, Side]:
+@dataclass(frozen=True, kw_only=True)
+class SbomResult:
+    """A bundle's SBOM: its exact bytes and the bundle it describes; ``to_json`` is the SBOM document itself."""
+
+    data: bytes
+    side: Side
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.data)
+        return doc
+
+
+def sbom(opts: SbomOptions) -> SbomResult:
     """The bundle's CycloneDX 1.6 SBOM, made from its manifest (identical to the signed ``sbom.cdx.json`` it carries)."""
     side = load_side(opts.bundle, opts.policy, now=opts.now, progress=opts.progress)
     m = side.manifest
@@ -175,33 +227,99 @@ def sbom(opts: SbomOptions) -> tuple[bytes, Side]:
         name=m.name, channel=m.channel, sequence=m.sequence, created=m.created,
         files=[f for f in m.files if f.path != SBOM_NAME], models=[x.raw for x in m.models], wheels=[w.raw for w in m.wheels],
     )
-    return data, side
+    return SbomResult(data=data, side=side)
 
 
-def diff_registry(bundle: Path, registry: Path, *, policy: TrustPolicy | None = None, now: dt.datetime | None = None,
-                  progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
-    """What installing ``bundle`` into ``registry`` would change; reads the registry, never writes it."""
+@dataclass(frozen=True, kw_only=True)
+class DiffRegistryOptions:
+    bundle: Path
+    registry: Path
+    policy: TrustPolicy | None = None
+    now: dt.datetime | None = None
+    progress: Progress = NULL_PROGRESS
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelChange:
+    """What installing the bundle would do to one of its models: ``action`` is install, add-ref, update, reactivate or unchanged."""
+
+    repo_id: str
+    ref: str
+    action: str
+    commit: str
+    installed_commit: str | None
+    installed_bundle: str | None
+    installed_sequence: int | None
+    license_old: str | None
+    license_new: str | None
+    files: dict[str, list[dict[str, Any]]]  # added, removed, changed: against the installed revision of the ref
+    bytes_to_copy: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "repo_id": self.repo_id, "ref": self.ref, "action": self.action, "commit": self.commit,
+            "installed_commit": self.installed_commit, "installed_bundle": self.installed_bundle,
+            "installed_sequence": self.installed_sequence, "license": {"old": self.license_old, "new": self.license_new},
+            "files": self.files, "bytes_to_copy": self.bytes_to_copy,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class WheelState:
+    """One wheel of the bundle against the registry's wheelhouse: new, present (same bytes) or conflict."""
+
+    name: str
+    version: str
+    filename: str
+    state: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "filename": self.filename, "state": self.state}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffRegistryResult:
+    """What installing a bundle into a registry would change; ``to_json`` is the ``diff BUNDLE --registry --json`` document."""
+
+    bundle: Side
+    registry: str
+    models: tuple[ModelChange, ...]
+    wheels: tuple[WheelState, ...]
+    flags: tuple[str, ...]
+
+    @property
+    def bytes_to_copy(self) -> int:
+        return sum(x.bytes_to_copy for x in self.models)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bundle": self.bundle.to_json(), "registry": self.registry, "models": [x.to_json() for x in self.models],
+            "wheels": [w.to_json() for w in self.wheels], "flags": list(self.flags), "bytes_to_copy": self.bytes_to_copy,
+        }
+
+
+def diff_registry(opts: DiffRegistryOptions) -> DiffRegistryResult:
+    """What installing ``opts.bundle`` into ``opts.registry`` would change; reads the registry, never writes it."""
     from ..registry import Registry, ref_name
 
-    side = load_side(bundle, policy, now=now, progress=progress)
+    side = load_side(opts.bundle, opts.policy, now=opts.now, progress=opts.progress)
     m = side.manifest
-    reg = Registry.open(registry)
+    reg = Registry.open(opts.registry)
     flags: list[str] = []
     if not side.verified:
         flags.append("unverified: the manifest is read as the bundle claims it; pass --trust to verify")
-    models: list[dict[str, Any]] = []
+    models: list[ModelChange] = []
     with reg.reader() as conn:
         same = conn.active_bundle_with_digest(m.digest)
         if same is not None:
             flags.append("this exact bundle is already installed: install would change nothing (or re-point refs after a rollback)")
         ch = conn.channel_high(m.channel)
-        if ch is not None:
-            high = ch.sequence
-            if m.sequence < high or (m.sequence == high and m.digest != ch.manifest_sha256):
-                flags.append(f"sequence {m.sequence} is not above {high} ({ch.bundle}) on channel {m.channel}: install would be refused "
-                             "as a rollback (unless --allow-downgrade)")
-            elif m.sequence > high + MAX_SEQUENCE_JUMP:
-                flags.append(f"sequence {m.sequence} jumps more than {MAX_SEQUENCE_JUMP:,} beyond {high}: install would be refused")
+        verdict = classify_sequence(ch, sequence=m.sequence, manifest_sha256=m.digest)  # the rule install applies
+        if ch is not None and verdict in (Sequence.OLDER, Sequence.CONFLICT):
+            flags.append(f"sequence {m.sequence} is not above {ch.sequence} ({ch.bundle}) on channel {m.channel}: install would be "
+                         "refused as a rollback (unless --allow-downgrade)")
+        elif ch is not None and verdict is Sequence.JUMP:
+            flags.append(f"sequence {m.sequence} jumps more than {MAX_SEQUENCE_JUMP:,} beyond {ch.sequence}: install would be refused")
         for x in m.models:
             ref = ref_name(x.revision)
             rows = conn.models(repo_id=x.repo_id)
@@ -219,31 +337,28 @@ def diff_registry(bundle: Path, registry: Path, *, policy: TrustPolicy | None = 
                 f.size for f in new_files.values()
                 if not conn.has_file(f.sha256)
             )
-            models.append({
-                "repo_id": x.repo_id, "ref": ref, "action": action, "commit": x.commit,
-                "installed_commit": cur.commit if cur else None, "installed_bundle": cur.bundle if cur else None,
-                "installed_sequence": cur.sequence if cur else None,
-                "license": {"old": cur.license if cur else None, "new": x.license},
-                "files": {
+            models.append(ModelChange(
+                repo_id=x.repo_id, ref=ref, action=action, commit=x.commit,
+                installed_commit=cur.commit if cur else None, installed_bundle=cur.bundle if cur else None,
+                installed_sequence=cur.sequence if cur else None,
+                license_old=cur.license if cur else None, license_new=x.license,
+                files={
                     "added": [{"path": p, "size": f.size, "sha256": f.sha256} for p, f in sorted(new_files.items()) if p not in old_files],
                     "removed": [{"path": p, "size": f["size"], "sha256": f["sha256"]} for p, f in sorted(old_files.items()) if p not in new_files],
                     "changed": [{"path": p, "old_sha256": old_files[p]["sha256"], "new_sha256": f.sha256, "old_size": old_files[p]["size"],
                                  "new_size": f.size} for p, f in sorted(new_files.items())
                                 if p in old_files and old_files[p]["sha256"] != f.sha256],
                 },
-                "bytes_to_copy": to_copy,
-            })
+                bytes_to_copy=to_copy,
+            ))
             if cur is not None and cur.license != x.license:
                 flags.append(f"licence of {x.repo_id} changes: {cur.license} -> {x.license}")
         have_wheels = conn.active_wheels()
-    wheels = []
+    wheels: list[WheelState] = []
     for w in m.wheels:
         fn = w.path.rsplit("/", 1)[-1]
         state = "present" if have_wheels.get(fn) == w.sha256 else ("conflict" if fn in have_wheels else "new")
-        wheels.append({"name": w.name, "version": w.version, "filename": fn, "state": state})
+        wheels.append(WheelState(name=w.name, version=w.version, filename=fn, state=state))
         if state == "conflict":
             flags.append(f"wheel {fn} is installed with other content: install would be refused")
-    return {
-        "bundle": side.to_json(), "registry": str(reg.root), "models": models, "wheels": wheels, "flags": flags,
-        "bytes_to_copy": sum(x["bytes_to_copy"] for x in models),
-    }
+    return DiffRegistryResult(bundle=side, registry=str(reg.root), models=tuple(models), wheels=tuple(wheels), flags=tuple(flags))

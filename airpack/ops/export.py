@@ -81,6 +81,7 @@ class _TarSink(Sink):
     pipeline, and the caller removes what was written.
     """
 
+    action = "export"
     ordered = True
 
     def __init__(self, consume: Callable[[int, Manifest], Callable[[bytes], None]], tar_hash: Any) -> None:

@@ -5,8 +5,8 @@ model it carries), or the repo id of a model installed in a registry. Only
 config.json and the safetensors headers are read; no tensor is loaded. GPUs
 come from ``--gpu`` (catalog name or size, ``:COUNT``) or from NVML.
 
-``check_bundle_fit`` is install's gate: it estimates every model of a
-verified bundle on the given (or detected) GPUs and raises ``FitError``
+``estimate_bundle`` is install's gate (``check_bundle_fit`` runs it on a
+``VerifiedBundle``): it estimates every model of a bundle on the given (or detected) GPUs and raises ``FitError``
 (exit 5) naming the model, the GPUs and the numbers when one does not fit.
 """
 

@@ -188,6 +188,8 @@ class _Staging(Sink):
     them as they pass); everything else is hashed and dropped.
     """
 
+    action = "install"
+
     def __init__(self, w: Writer, attempt: Attempt, opts: InstallOptions, source: BundleSource) -> None:
         self.w = w
         self.attempt = attempt

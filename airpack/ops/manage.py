@@ -24,6 +24,7 @@ from ..registry import (
     LogReport,
     RefRow,
     Registry,
+    StoredFile,
     Txn,
     Writer,
     audit_base,
@@ -45,6 +46,125 @@ class RemoveOptions:
 class RollbackOptions:
     registry: Path
     name: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShowOptions:
+    registry: Path
+    name: str
+    revision: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemovedRevision:
+    """One (repo, revision) a remove took out of the registry."""
+
+    repo_id: str
+    revision: str
+    commit: str
+    bundle: str
+    sequence: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit, "bundle": self.bundle,
+                "sequence": self.sequence}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoveResult:
+    removed: tuple[RemovedRevision, ...]
+    bundles_removed: tuple[int, ...]
+    blobs_removed: int
+    blobs_kept_shared: int
+    bytes_freed: int
+    registry: str
+    txn: str
+
+    def record(self) -> dict[str, Any]:
+        """What the audit line of the remove holds (the result without where and which txn)."""
+        return {
+            "removed": [x.to_json() for x in self.removed],
+            "bundles_removed": list(self.bundles_removed),
+            "blobs_removed": self.blobs_removed,
+            "blobs_kept_shared": self.blobs_kept_shared,
+            "bytes_freed": self.bytes_freed,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.record(), "registry": self.registry, "txn": self.txn}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefChange:
+    """One ref a rollback moved: from the current commit to the one installed before it."""
+
+    repo_id: str
+    revision: str
+    from_commit: str
+    to_commit: str
+    bundle: str
+    sequence: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"repo_id": self.repo_id, "revision": self.revision, "from": self.from_commit, "to": self.to_commit,
+                "bundle": self.bundle, "sequence": self.sequence}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RollbackResult:
+    changes: tuple[RefChange, ...]
+    registry: str
+    txn: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"changes": [c.to_json() for c in self.changes], "registry": self.registry, "txn": self.txn}
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstalledModels:
+    """What ``list`` shows: every installed (repo, revision), in install order."""
+
+    models: tuple[InstalledModel, ...]
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [x.to_json() for x in self.models]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadInstructions:
+    """The exact environment and lines that load an installed model with no network."""
+
+    env: dict[str, str]
+    shell: str
+    python: tuple[str, ...]
+    vllm: str
+    pip: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"env": dict(self.env), "shell": self.shell, "python": list(self.python), "vllm": self.vllm, "pip": self.pip}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShowResult:
+    """One installed model, its files, the other installed revisions of its repo, and how to load it offline."""
+
+    model: InstalledModel
+    registry: str
+    snapshot: str
+    files: tuple[StoredFile, ...]
+    revisions: tuple[InstalledModel, ...]
+    load: LoadInstructions
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.model.to_json(),
+            "registry": self.registry,
+            "snapshot": self.snapshot,
+            "files_list": [f.to_json() for f in self.files],
+            "revisions": [{"revision": o.ref, "commit": o.commit, "current": o.current, "bundle": o.bundle, "sequence": o.sequence,
+                           "installed_at": o.installed_at} for o in self.revisions],
+            "load": self.load.to_json(),
+        }
 
 
 def _match_revision(x: InstalledModel, revision: str) -> bool:
@@ -70,17 +190,22 @@ def _resolve(conn: Database, name: str, revision: str | None) -> tuple[list[Inst
 # -- remove ------------------------------------------------------------------------------------------
 
 
-def remove(opts: RemoveOptions) -> dict[str, Any]:
+def remove(opts: RemoveOptions) -> RemoveResult:
     """Remove a model (all revisions, or one) or a whole bundle; bytes still used elsewhere stay."""
     reg = Registry.open(opts.registry)
     attempt = Attempt(audit_base("remove", target=opts.name, revision=opts.revision))
 
-    def body(w: Writer) -> dict[str, Any]:
+    def body(w: Writer) -> RemoveResult:
         rows, bundle_ids = _resolve(w.conn, opts.name, opts.revision)
         txn = w.begin("remove", attempt.record)
-        return run_txn(txn, lambda: _remove(w, txn, attempt, rows, bundle_ids))
+        rec = run_txn(txn, lambda: _remove(w, txn, attempt, rows, bundle_ids))
+        return RemoveResult(
+            removed=tuple(RemovedRevision(**x) for x in rec["removed"]), bundles_removed=tuple(rec["bundles_removed"]),
+            blobs_removed=rec["blobs_removed"], blobs_kept_shared=rec["blobs_kept_shared"], bytes_freed=rec["bytes_freed"],
+            registry=str(w.reg.root), txn=txn.id,
+        )
 
-    out: dict[str, Any] = logged_run(reg, attempt, body)
+    out: RemoveResult = logged_run(reg, attempt, body)
     return out
 
 
@@ -94,6 +219,7 @@ class _Removal:
 
 
 def _remove(w: Writer, txn: Txn, attempt: Attempt, rows: list[InstalledModel], bundle_ids: list[int]) -> dict[str, Any]:
+    """Plan, commit and log the remove; returns its audit record (what ``RemoveResult.record`` holds)."""
     conn = w.conn
     removed = {x.model_id for x in rows}
     gather = _Removal()
@@ -125,7 +251,7 @@ def _remove(w: Writer, txn: Txn, attempt: Attempt, rows: list[InstalledModel], b
     }
     attempt.logged = True
     txn.finish(out)
-    return {**out, "registry": str(w.reg.root), "txn": txn.id}
+    return out
 
 
 def _files_of(conn: Database, xs: list[InstalledModel]) -> dict[tuple[str, str], str]:
@@ -201,14 +327,14 @@ def _plan_wheels(conn: Database, txn: Txn, bundle_ids: list[int]) -> None:
 # -- rollback ----------------------------------------------------------------------------------------
 
 
-def rollback(opts: RollbackOptions) -> dict[str, Any]:
+def rollback(opts: RollbackOptions) -> RollbackResult:
     """Point NAME's refs back at the revision installed before the current one (it must still be installed)."""
     reg = Registry.open(opts.registry)
     attempt = Attempt(audit_base("rollback", target=opts.name))
 
-    def body(w: Writer) -> dict[str, Any]:
+    def body(w: Writer) -> RollbackResult:
         rows, _ = _resolve(w.conn, opts.name, None)
-        changes: list[dict[str, Any]] = []
+        changes: list[tuple[RefChange, int]] = []  # each with the model id the ref moves to
         for repo in sorted({x.repo_id for x in rows}):
             all_rows = w.conn.models(repo_id=repo)
             for r in w.conn.refs(repo):
@@ -218,35 +344,36 @@ def rollback(opts: RollbackOptions) -> dict[str, Any]:
                 earlier = [x for x in all_rows if x.ref == ref and x.commit != cur and x.model_id < pivot]
                 if earlier:
                     prev = max(earlier, key=lambda x: x.model_id)
-                    changes.append({"repo_id": repo, "revision": ref, "from": cur, "to": prev.commit, "model_id": prev.model_id,
-                                    "bundle": prev.bundle, "sequence": prev.sequence})
+                    changes.append((RefChange(repo_id=repo, revision=ref, from_commit=cur, to_commit=prev.commit, bundle=prev.bundle,
+                                              sequence=prev.sequence), prev.model_id))
         if not changes:
             raise NotInstalledError(f"{opts.name}: no earlier installed revision to roll back to", path=opts.name,
                                     hint="`airpack list` shows the installed revisions; rollback goes back only to one still installed.")
         txn = w.begin("rollback", attempt.record)
 
         def steps() -> dict[str, Any]:
-            switch_refs(txn, attempt, [(c["repo_id"], c["revision"], c["to"], c["model_id"]) for c in changes], result="rolled back")
-            public = [{k: v for k, v in c.items() if k != "model_id"} for c in changes]
-            txn.finish({"changes": public})
-            return {"changes": public, "registry": str(reg.root), "txn": txn.id}
+            switch_refs(txn, attempt, [(c.repo_id, c.revision, c.to_commit, mid) for c, mid in changes], result="rolled back")
+            rec = {"changes": [c.to_json() for c, _ in changes]}
+            txn.finish(rec)
+            return rec
 
-        return run_txn(txn, steps)
+        run_txn(txn, steps)
+        return RollbackResult(changes=tuple(c for c, _ in changes), registry=str(reg.root), txn=txn.id)
 
-    out: dict[str, Any] = logged_run(reg, attempt, body)
+    out: RollbackResult = logged_run(reg, attempt, body)
     return out
 
 
 # -- reading the registry ------------------------------------------------------------------------------
 
 
-def list_installed(registry: Path) -> list[InstalledModel]:
+def list_installed(registry: Path) -> InstalledModels:
     reg = Registry.open(registry)
     with reg.reader() as conn:
-        return conn.models()
+        return InstalledModels(models=tuple(conn.models()))
 
 
-def load_instructions(root: Path, repo_id: str, revision: str, requirements: Path | None) -> dict[str, Any]:
+def load_instructions(root: Path, repo_id: str, revision: str, requirements: Path | None) -> LoadInstructions:
     """The exact environment and lines that load an installed model with no network."""
     hub = str(root / HUB_DIR)
     q = json.dumps
@@ -267,12 +394,13 @@ def load_instructions(root: Path, repo_id: str, revision: str, requirements: Pat
     if requirements is not None:
         pip = (f"pip install --no-index --find-links {shlex.quote(str(root / WHEELS_DIR))} --require-hashes "
                f"-r {shlex.quote(str(requirements))}")
-    return {"env": env, "shell": shell, "python": python, "vllm": vllm, "pip": pip}
+    return LoadInstructions(env=env, shell=shell, python=tuple(python), vllm=vllm, pip=pip)
 
 
-def show(registry: Path, name: str, *, revision: str | None = None) -> dict[str, Any]:
+def show(opts: ShowOptions) -> ShowResult:
     """One installed model (NAME: repo id, or a bundle name with one model) and how to load it offline."""
-    reg = Registry.open(registry)
+    name, revision = opts.name, opts.revision
+    reg = Registry.open(opts.registry)
     with reg.reader() as conn:
         rows, bids = _resolve(conn, name, revision)
         if bids:
@@ -284,20 +412,15 @@ def show(registry: Path, name: str, *, revision: str | None = None) -> dict[str,
             x = max(cur or rows, key=lambda r: r.model_id)
         else:
             x = max(rows, key=lambda r: r.model_id)
-        files = [f.to_json() for f in conn.model_files(x.model_id)]
+        files = tuple(conn.model_files(x.model_id))
         others = conn.models(repo_id=x.repo_id)
         req_rel = f"{WHEELS_DIR}/{requirements_name(x.bundle)}"
         req = reg.path(req_rel) if x.has_wheels and reg.check_plain_file(req_rel) else None
     rev_arg = x.ref if x.current else x.commit
-    return {
-        **x.to_json(),
-        "registry": str(reg.root),
-        "snapshot": str(reg.path(f"{HUB_DIR}/{repo_folder(x.repo_id)}/snapshots/{x.commit}")),
-        "files_list": files,
-        "revisions": [{"revision": o.ref, "commit": o.commit, "current": o.current, "bundle": o.bundle, "sequence": o.sequence,
-                       "installed_at": o.installed_at} for o in others],
-        "load": load_instructions(reg.root, x.repo_id, rev_arg, req),
-    }
+    return ShowResult(
+        model=x, registry=str(reg.root), snapshot=str(reg.path(f"{HUB_DIR}/{repo_folder(x.repo_id)}/snapshots/{x.commit}")),
+        files=files, revisions=tuple(others), load=load_instructions(reg.root, x.repo_id, rev_arg, req),
+    )
 
 
 def verify_log(registry: Path) -> LogReport:
@@ -305,4 +428,7 @@ def verify_log(registry: Path) -> LogReport:
     return reg.verify_log()
 
 
-__all__ = ["RemoveOptions", "RollbackOptions", "list_installed", "load_instructions", "remove", "rollback", "show", "verify_log"]
+__all__ = [
+    "InstalledModels", "LoadInstructions", "RefChange", "RemoveOptions", "RemoveResult", "RemovedRevision", "RollbackOptions",
+    "RollbackResult", "ShowOptions", "ShowResult", "list_installed", "load_instructions", "remove", "rollback", "show", "verify_log",
+]

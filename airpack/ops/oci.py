@@ -252,6 +252,8 @@ class _NewFile(FileSink):
 class _FolderSink(Sink):
     """Recreates the bundle folder under ``dest``: its files as verified, then the manifest copy, the envelope last."""
 
+    action = "pull"
+
     def __init__(self, dest: Path) -> None:
         self.dest = dest
         self.trusted: Trusted | None = None

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import content
 from .._fs import atomic_write, check_no_collisions, check_relpath, oserror_to_airpack
-from ..bundle import BundleDir, write_signed
+from ..bundle import write_signed
 from ..errors import (
     AirpackError,
     ExpiredError,
@@ -28,6 +28,7 @@ from ..gpus import parse_gpu
 from ..hashing import parallel_map
 from ..manifest import ENVELOPE_NAME, FileEntry, Manifest, build_statement, encode, model_slug, now_utc, parse
 from ..progress import NULL_PROGRESS, Progress
+from ..rules import is_expired
 from ..sbom import write_sbom
 from ..signing import PAYLOAD_TYPE, Signer, envelope_bytes, parse_envelope
 from ..sources import DirSource
@@ -173,7 +174,7 @@ def pack_local_model(model: ModelSpec, opts: PackOptions) -> tuple[dict[str, Any
 def pack(opts: PackOptions) -> PackResult:
     spec = opts.spec
     now = opts.now or now_utc()
-    if spec.expires is not None and spec.expires <= now and not opts.allow_expired:
+    if is_expired(spec.expires, now) and not opts.allow_expired:
         raise ExpiredError(
             f"spec {spec.name}: expires {spec.expires:%Y-%m-%dT%H:%M:%SZ} is already past",
             hint="Set a later bundle.expires, or pass --allow-expired to write it anyway.",
@@ -276,7 +277,7 @@ def add_signature(bundle: Path, signer: Signer, *, progress: Progress = NULL_PRO
     its unverified mode (every check but whose signatures are there). Returns
     (added, manifest); a key that already signed adds nothing.
     """
-    source = DirSource(BundleDir.open(bundle).root)
+    source = DirSource.existing(bundle)
     vb = verify_source(source, None, progress=progress)
     env = parse_envelope(vb.envelope, where=source.envelope_where)
     if any(s.keyid == signer.keyid for s in env.signatures):

@@ -8,8 +8,9 @@ intact against the signed parts index, and can parity rebuild the lost ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import UsageError
 from ..parts import PartsIndex, PartsReport, check_parts, load_index, repair
@@ -20,11 +21,31 @@ from ..trust import TrustedKey, TrustPolicy
 
 @dataclass(frozen=True)
 class PartsCheck:
+    """The signed parts index, who signed it, and every part checked against it; ``to_json``: ``verify --parts --json``."""
+
+    index_path: Path
+    index: PartsIndex
+    signers: tuple[TrustedKey, ...]
+    report: PartsReport
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verified": True, "parts_index": str(self.index_path), "signers": [k.name for k in self.signers],
+                "tar": self.index.tar_name, "tar_size": self.index.tar_size, "tar_sha256": self.index.tar_sha256,
+                "bundle": self.index.bundle, **self.report.to_json()}
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    """The parts as found before the repair (``report``) and the parts rebuilt; ``to_json``: ``repair --json``."""
+
     index_path: Path
     index: PartsIndex
     signers: tuple[TrustedKey, ...]
     report: PartsReport
     repaired: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"parts_index": str(self.index_path), "repaired": list(self.repaired), **self.report.to_json()}
 
 
 def _index_path(path: Path) -> Path:
@@ -56,15 +77,17 @@ def check_parts_folder(path: Path, policy: TrustPolicy, *, workers: int | None =
 
 
 def repair_parts(path: Path, policy: TrustPolicy, *, workers: int | None = None,
-                 progress: Progress = NULL_PROGRESS) -> PartsCheck:
+                 progress: Progress = NULL_PROGRESS) -> RepairResult:
     """Find the lost parts, rebuild them from parity, and check each against the signed index."""
     checked = _check(path, policy, workers=workers, progress=progress)
+    found = RepairResult(index_path=checked.index_path, index=checked.index, signers=checked.signers, report=checked.report)
     if not checked.report:
-        return checked
+        return found
     index = checked.index
     task = progress.task(f"repair {index.tar_name}", index.layout.part_size * index.layout.data_parts)
     try:
         rebuilt = repair(checked.index_path.parent, index, checked.report, on_bytes=task.advance)
     finally:
         task.close()
-    return replace(checked, repaired=tuple(rebuilt))
+    return RepairResult(index_path=found.index_path, index=found.index, signers=found.signers, report=found.report,
+                        repaired=tuple(rebuilt))

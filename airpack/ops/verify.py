@@ -15,8 +15,9 @@ tar, parts, OCI artifact):
 A ``Sink`` receives every verified byte as it is hashed (install's staging,
 export's tar, a pull's folder), so the medium is read once and what is
 written is what was checked. ``policy=None`` is the unverified mode (sign's
-own check before co-signing, a pull without ``--trust``): signatures are not
-checked and the result says so, but every other step runs.
+own check before co-signing, a pull without ``--trust``): signatures and
+freshness are not checked (both are the host's trust decisions) and the result
+says so; every other step runs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import content, rules
-from .._fs import check_no_collisions, check_relpath, collision_key, oserror_to_airpack
+from .._fs import NameSet, check_no_collisions, check_relpath, collision_key, oserror_to_airpack
 from ..errors import (
     AirpackError,
     BundleMismatchError,
@@ -143,6 +144,7 @@ class Sink:
     """Receives a verified bundle. ``ordered`` sinks (a tar being written) get files one at a time in path order."""
 
     ordered: bool = False
+    action: str = "verify"  # the progress bar's label: what the user asked for
 
     def identify(self, manifest: Manifest, signers: tuple[TrustedKey, ...]) -> None:
         """The signed manifest just parsed, before any decision on it (install records what it may be about to refuse)."""
@@ -243,10 +245,10 @@ def _tree_report(members: list[Member], manifest: Manifest) -> MismatchReport:
             raise UnsafePathError(f"unsafe entry {p} in bundle: collides with {keys[collision_key(p)]!r}", path=p)
     changed = []
     for p, f in sorted(expected.items()):
-        e = present.get(p)
-        if e is not None and (e.size != f.size or e.sha256 not in (None, f.sha256)):
-            why = "size differs" if e.size != f.size else "digest differs (as the container lists it)"
-            changed.append(_mismatch(f, size=e.size, sha256=e.sha256, reason=why))
+        there = present.get(p)
+        if there is not None and (there.size != f.size or there.sha256 not in (None, f.sha256)):
+            why = "size differs" if there.size != f.size else "digest differs (as the container lists it)"
+            changed.append(_mismatch(f, size=there.size, sha256=there.sha256, reason=why))
     return MismatchReport(missing=tuple(sorted(set(expected) - set(present))), extra=tuple(sorted(set(present) - set(expected))),
                           changed=tuple(changed))
 
@@ -328,7 +330,7 @@ class _Files:
         out = self.sink.open(f) if self.sink is not None else None
         grab = _HeaderGrab() if content.is_safetensors(f.path) else None
         kept = _Keep() if self.keep is not None and f.size <= MAX_KEPT_BYTES and self.keep(f.path) else None
-        feeds = [x.feed for x in (grab, kept) if x is not None]
+        feeds: list[Callable[[memoryview], None]] = [x.feed for x in (grab, kept) if x is not None]
         try:
             d = self._hash(read, out, feeds, src_fd=src_fd, limit=limit)
             result = self._judge(f, d, grab, kept)
@@ -413,19 +415,14 @@ def _random_access_files(source: BundleSource, manifest: Manifest, files: _Files
 def _stream_files(source: BundleSource, manifest: Manifest, files: _Files) -> tuple[dict[str, _Outcome], MismatchReport]:
     """Tar and parts: each member once, in order, checked by name before a byte of it is used."""
     expected = {f.path: f for f in manifest.files}
-    keys: dict[str, str] = {collision_key(ENVELOPE_NAME): ENVELOPE_NAME, collision_key(MANIFEST_NAME): MANIFEST_NAME}
+    seen = NameSet([ENVELOPE_NAME, MANIFEST_NAME], what="member", where=f" in {source.label}")
     names: list[str] = []
     extra: list[str] = []
     resized: list[FileMismatch] = []
     outcomes: dict[str, _Outcome] = {}
     for m, reader in source.stream():
         name = check_relpath(m.name)
-        key = collision_key(name)
-        if key in keys:
-            other = keys[key]
-            why = "duplicate member" if other == name else f"collides with {other!r} (case or Unicode)"
-            raise UnsafePathError(f"unsafe member {name!r} in {source.label}: {why}", path=name)
-        keys[key] = name
+        seen.add(name)
         names.append(name)
         entry = expected.get(name)
         if entry is None:
@@ -434,7 +431,7 @@ def _stream_files(source: BundleSource, manifest: Manifest, files: _Files) -> tu
             resized.append(_mismatch(entry, size=m.size))
         else:
             outcomes[name] = files.check(entry, reader.readinto)
-    check_no_collisions([ENVELOPE_NAME, MANIFEST_NAME, *names])
+    seen.check_prefixes()
     report = MismatchReport(missing=tuple(sorted(set(expected) - set(names))), extra=tuple(sorted(extra)), changed=tuple(resized))
     return outcomes, report
 
@@ -468,7 +465,7 @@ def verify_source(source: BundleSource, policy: TrustPolicy | None, *, now: dt.d
     with source.session():
         trusted = _trust(source, policy, now=now, sequence=sequence, sink=sink)
         manifest = trusted.manifest
-        task = progress.task(f"verify {manifest.name}", manifest.total_bytes)
+        task = progress.task(f"{sink.action if sink is not None else 'verify'} {manifest.name}", manifest.total_bytes)
         files = _Files(sink, keep, task)
         try:
             if source.random_access:

@@ -1,4 +1,4 @@
-"""Install moves only its own spooled files; a user's bundle folder is always copied, never consumed."""
+"""Install copies from a user's bundle folder and never consumes it; a tar streams straight into the txn's staging."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_bundle_folder_inside_the_registry_is_left_whole(
     verify(inside, policy)  # still a whole, valid bundle
 
 
-def test_tar_install_moves_its_spool_and_leaves_nothing_behind(
+def test_tar_install_streams_into_staging_and_leaves_nothing_behind(
     tmp_path: Path, bundle: Path, policy: Path
 ) -> None:
     from airpack.ops.export import ExportOptions, export
