@@ -645,6 +645,21 @@ class PartsReport:
         return {"ok": list(self.ok), "missing": list(self.missing), "bad": [{"name": n, "reason": r} for n, r in self.bad]}
 
 
+def parts_error(index: PartsIndex, report: PartsReport, folder: Path) -> PartsError:
+    """Name every lost part in ``folder``, and say whether ``airpack repair`` can rebuild them."""
+    lost = report.lost
+    what = [f"{n} (missing)" for n in report.missing] + [f"{n} ({why})" for n, why in report.bad]
+    n = index.layout.parity_parts
+    if n and len(lost) <= n:
+        hint = f"Run `airpack repair {folder}`: {n} parity part(s) can rebuild {len(lost)} lost part(s)."
+    elif n:
+        hint = f"Only {n} parity part(s): copy the named parts again, then run `airpack repair`."
+    else:
+        hint = "This export has no parity parts: copy the named parts again from the source media."
+    return PartsError(f"{len(lost)} part(s) missing or damaged: {', '.join(what)}", missing=report.missing, bad=report.bad,
+                      hint=hint)
+
+
 def _check_one(folder: Path, p: PartInfo, on_bytes: Callable[[int], None]) -> tuple[str, str | None]:
     """(name, None) when the part is intact, else (name, why): 'missing' or the damage."""
     try:

@@ -176,23 +176,60 @@ def _check_contiguous(tensors: list[TensorInfo], data_len: int, display: str) ->
         raise _bad(display, f"{data_len - pos} trailing bytes after the last tensor")
 
 
+class HeaderCollector:
+    """The 8-byte length and the JSON header of a safetensors file, taken from its bytes in whatever chunks they come.
+
+    The one reader of the header's framing: ``read_header_fd`` feeds it from a
+    file, the verification pipeline from the very bytes it hashes (a tar
+    member, a blob, a kernel copy read back). The length is capped before a
+    byte of the header is kept.
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.want = 8
+        self.length: int | None = None
+
+    @property
+    def wanted(self) -> int:
+        """How many more bytes the header needs (0 once it is whole, or once the length is over the cap)."""
+        if self.length is not None and self.length > MAX_HEADER_BYTES:
+            return 0
+        return self.want - len(self.buf)
+
+    def feed(self, view: memoryview | bytes) -> None:
+        take = min(self.wanted, len(view))
+        if take <= 0:
+            return
+        self.buf += view[:take]
+        if self.length is None and len(self.buf) >= 8:
+            (self.length,) = struct.unpack("<Q", self.buf[:8])
+            if self.length <= MAX_HEADER_BYTES:
+                self.want = 8 + self.length
+                self.feed(view[take:])
+
+    def info(self, file_size: int, *, display: str) -> SafetensorsInfo:
+        """The parsed header of a ``file_size``-byte file, or a named refusal of its framing or content."""
+        if self.length is None:
+            raise _bad(display, f"file is {file_size} bytes, shorter than the 8-byte header length")
+        if self.length > MAX_HEADER_BYTES:
+            raise _bad(display, f"header length {self.length} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + self.length > file_size or len(self.buf) < self.want:
+            raise _bad(display, f"header length {self.length} runs past the end of the {file_size}-byte file")
+        return parse_header(bytes(self.buf[8:]), file_size, display=display)
+
+
 def read_header_fd(fd: int, *, display: str) -> SafetensorsInfo:
     file_size = os.fstat(fd).st_size
-    if file_size < 8:
-        raise _bad(display, f"file is {file_size} bytes, shorter than the 8-byte header length")
-    prefix = os.pread(fd, 8, 0)
-    (n,) = struct.unpack("<Q", prefix)
-    if n > MAX_HEADER_BYTES:
-        raise _bad(display, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
-    if 8 + n > file_size:
-        raise _bad(display, f"header length {n} runs past the end of the {file_size}-byte file")
-    header = b""
-    while len(header) < n:
-        chunk = os.pread(fd, n - len(header), 8 + len(header))
+    c = HeaderCollector()
+    off = 0
+    while c.wanted and off < file_size:
+        chunk = os.pread(fd, min(c.wanted, 1 << 20), off)
         if not chunk:
-            raise _bad(display, "file shrank while reading the header")
-        header += chunk
-    return parse_header(header, file_size, display=display)
+            break  # shrank while reading: ``info`` names what is missing
+        c.feed(chunk)
+        off += len(chunk)
+    return c.info(file_size, display=display)
 
 
 def read_header(path: Path, *, display: str | None = None) -> SafetensorsInfo:

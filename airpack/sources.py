@@ -33,12 +33,11 @@ from .parts import (
     find_index,
     load_index,
     parse_index,
+    parts_error,
 )
 from .signing import MAX_ENVELOPE_BYTES, parse_envelope
 from .tarball import MemberHeader, ReadableStream, TarReader
 from .trust import TrustPolicy
-
-KINDS = ("dir", "tar", "parts", "oci")
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,6 @@ class BundleSource:
     the manifest copy.
     """
 
-    kind: ClassVar[str]
     random_access: ClassVar[bool]
 
     def __init__(self, label: str, location: str | None = None) -> None:
@@ -133,7 +131,6 @@ class BundleSource:
 
 
 class DirSource(BundleSource):
-    kind = "dir"
     random_access = True
 
     @classmethod
@@ -235,15 +232,6 @@ class _StreamSource(BundleSource):
             raise RuntimeError("a stream source is read inside its session()")
         return self._reader
 
-    def _member_bytes(self, size: int) -> bytes:
-        out = bytearray()
-        while len(out) < size:
-            chunk = self.reader.read(min(1 << 20, size - len(out)))
-            if not chunk:
-                break
-            out += chunk
-        return bytes(out)
-
     def envelope_bytes(self) -> bytes:
         first = self.reader.next_member()
         if first is None or first.name != ENVELOPE_NAME:
@@ -251,7 +239,7 @@ class _StreamSource(BundleSource):
             raise EnvelopeError(f"{self.tar_name}: the first member must be {ENVELOPE_NAME}, found {found}", path=ENVELOPE_NAME)
         if first.size > MAX_ENVELOPE_BYTES:
             raise EnvelopeError(f"{self.tar_name}: {ENVELOPE_NAME} is larger than {MAX_ENVELOPE_BYTES} bytes", path=ENVELOPE_NAME)
-        return self._member_bytes(first.size)
+        return self.reader.read(first.size)  # the whole body (capped above), or a named truncation
 
     def manifest_copy(self) -> bytes | None:
         second = self.reader.next_member()
@@ -260,7 +248,7 @@ class _StreamSource(BundleSource):
         if second.size > MAX_ENVELOPE_BYTES:
             raise IntegrityError(f"{MANIFEST_NAME} in {self.tar_name} is larger than the {MAX_ENVELOPE_BYTES}-byte limit",
                                  path=MANIFEST_NAME)
-        return self._member_bytes(second.size)
+        return self.reader.read(second.size)
 
     def stream(self) -> Iterator[tuple[MemberHeader, TarReader]]:
         reader = self.reader
@@ -269,7 +257,6 @@ class _StreamSource(BundleSource):
 
 
 class TarSource(_StreamSource):
-    kind = "tar"
 
     def __init__(self, path: Path) -> None:
         super().__init__(str(path), Path(path).name)
@@ -298,7 +285,6 @@ class PartsSource(_StreamSource):
     broke inside the tar.
     """
 
-    kind = "parts"
 
     def __init__(self, index_path: Path, policy: TrustPolicy | None, *, workers: int | None = None) -> None:
         self.index_path = Path(index_path)
@@ -325,19 +311,16 @@ class PartsSource(_StreamSource):
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        try:
-            with super().session():
-                try:
-                    yield
-                except (IntegrityError, TrustError) as e:
-                    if isinstance(e, PartsError):
-                        raise
-                    report = check_parts(self.folder, self.index, parts=self.index.data, workers=self.workers)
-                    if report:
-                        raise parts_error(self.index, report) from e
+        with super().session():
+            try:
+                yield
+            except (IntegrityError, TrustError) as e:
+                if isinstance(e, PartsError):
                     raise
-        except PartsError as e:
-            raise with_dir(e, self.folder) from None
+                report = check_parts(self.folder, self.index, parts=self.index.data, workers=self.workers)
+                if report:
+                    raise parts_error(self.index, report, self.folder) from e
+                raise
 
 
 def check_data_present(folder: Path, index: PartsIndex) -> None:
@@ -353,28 +336,7 @@ def check_data_present(folder: Path, index: PartsIndex) -> None:
         if st.st_size != p.size:
             bad.append((p.name, f"size {st.st_size}, expected {p.size}"))
     if missing or bad:
-        raise parts_error(index, PartsReport(ok=(), missing=tuple(missing), bad=tuple(bad)))
-
-
-def parts_error(index: PartsIndex, report: PartsReport) -> PartsError:
-    """Name every lost part, and say whether ``airpack repair`` can rebuild them."""
-    lost = report.lost
-    what = [f"{n} (missing)" for n in report.missing] + [f"{n} ({why})" for n, why in report.bad]
-    n = index.layout.parity_parts
-    if n and len(lost) <= n:
-        hint = f"Run `airpack repair {{DIR}}`: {n} parity part(s) can rebuild {len(lost)} lost part(s)."
-    elif n:
-        hint = f"Only {n} parity part(s): copy the named parts again, then run `airpack repair`."
-    else:
-        hint = "This export has no parity parts: copy the named parts again from the source media."
-    return PartsError(f"{len(lost)} part(s) missing or damaged: {', '.join(what)}", missing=report.missing, bad=report.bad,
-                      hint=hint)
-
-
-def with_dir(e: PartsError, folder: Path) -> PartsError:
-    if e.hint and "{DIR}" in e.hint:
-        e.hint = e.hint.replace("{DIR}", str(folder))
-    return e
+        raise parts_error(index, PartsReport(ok=(), missing=tuple(missing), bad=tuple(bad)), folder)
 
 
 # -- telling the forms apart ----------------------------------------------------------------------

@@ -88,6 +88,11 @@ def swapped_files(b: Path, c: Ctx) -> None:
     (b / SHARD2).write_bytes(one)
 
 
+def aliased_name(b: Path, c: Ctx) -> None:
+    """A signed name carried under another case: some filesystems would take one for the other."""
+    (b / CONFIG_PATH).rename(b / CONFIG_PATH.replace("config.json", "Config.json"))
+
+
 def untrusted_signer(b: Path, c: Ctx) -> None:
     resign(b, statement(b), c.bob.signer)
 
@@ -160,6 +165,7 @@ THREATS: list[tuple[Callable[[Path, Ctx], None], int, str, tuple[str, ...]]] = [
     (missing_file, 3, "BundleMismatchError", ()),
     (extra_file, 3, "BundleMismatchError", ()),
     (swapped_files, 3, "BundleMismatchError", ()),
+    (aliased_name, 3, "UnsafePathError", ()),
     (untrusted_signer, 4, "SignatureError", ()),
     (envelope_of_another_bundle, 3, "IntegrityError", ()),
     (expired, 4, "ExpiredError", ()),

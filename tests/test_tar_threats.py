@@ -201,14 +201,14 @@ def test_bad_header_checksum_is_refused(tmp_path: Path, bundle: Path, policy: Pa
 
 def test_streamed_safetensors_header_is_capped_and_checked() -> None:
     """The header of a safetensors member is taken from the stream, capped, whatever the chunking."""
-    from airpack.ops.verify import _HeaderGrab
+    from airpack.safetensors_check import HeaderCollector
 
-    g = _HeaderGrab()
+    g = HeaderCollector()
     g.feed(memoryview((10**12).to_bytes(8, "little") + b"{}"))
     with pytest.raises(MalformedSafetensorsError):
-        g.info(10, SHARD)
-    g2 = _HeaderGrab()
+        g.info(10, display=SHARD)
+    g2 = HeaderCollector()
     for byte in (4).to_bytes(8, "little") + b'{"a"':  # arrives one byte at a time (a stripe boundary)
         g2.feed(memoryview(bytes([byte])))
     with pytest.raises(MalformedSafetensorsError):
-        g2.info(12, SHARD)
+        g2.info(12, display=SHARD)

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from .._fs import atomic_write, fsync_dir, oserror_to_airpack
 from ..errors import IntegrityError, UsageError
@@ -73,20 +73,115 @@ class _TarFile(FileSink):
         self.writer.end()
 
 
+class _Target:
+    """Where the tar's bytes go: opened once its size is known, made final only after every file verified."""
+
+    def open(self, total: int) -> Callable[[bytes], None]:
+        """Refuse names in the way, create the output, return what writes the tar's next bytes."""
+        raise NotImplementedError
+
+    def commit(self, vb: VerifiedBundle, *, total: int, tar_sha256: str) -> ExportResult:
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        raise NotImplementedError
+
+
+class _OneTar(_Target):
+    """A temporary file beside ``tar``, renamed to it at the end."""
+
+    def __init__(self, tar: Path, folder: Path) -> None:
+        self.tar, self.folder = tar, folder
+        self.tmp: Path | None = None
+        self.fd: int | None = None
+
+    def open(self, total: int) -> Callable[[bytes], None]:
+        _refuse_existing([self.tar])
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{self.tar.name}.", suffix=".tmp", dir=self.folder)
+        except OSError as e:
+            raise oserror_to_airpack(e, "cannot write", str(self.tar)) from None
+        self.fd, self.tmp = fd, Path(name)
+        return lambda data: write_all(fd, data)
+
+    def commit(self, vb: VerifiedBundle, *, total: int, tar_sha256: str) -> ExportResult:
+        assert self.fd is not None and self.tmp is not None
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+            size = self.tmp.stat().st_size
+            if size != total:
+                raise IntegrityError(f"the tar is {size} bytes, {total} were planned", path=str(self.tar))
+            os.chmod(self.tmp, 0o644)
+            os.replace(self.tmp, self.tar)
+            fsync_dir(self.folder)
+        except OSError as e:
+            raise oserror_to_airpack(e, "cannot write", str(self.tar)) from None
+        return ExportResult(tar=self.tar, tar_size=total, tar_sha256=tar_sha256, manifest=vb.manifest, signers=vb.signers)
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                self.tmp.unlink()
+
+
+class _Parts(_Target):
+    """Numbered parts (with parity) beside ``tar``, and the signed parts index written last."""
+
+    def __init__(self, tar: Path, folder: Path, *, split: int, parity: int, signer: Signer) -> None:
+        self.tar, self.folder, self.split, self.parity, self.signer = tar, folder, split, parity, signer
+        self.layout: Layout | None = None
+        self.writer: PartsWriter | None = None
+
+    @property
+    def index(self) -> Path:
+        return self.folder / index_name(self.tar.name)
+
+    def open(self, total: int) -> Callable[[bytes], None]:
+        self.layout = plan_layout(total, self.split, self.parity)
+        names = part_names(self.tar.name, self.layout)
+        _refuse_existing([self.folder / n for n in names] + [self.index])
+        # The writer codes parity and hashes each part on the tar-writing thread.
+        self.writer = PartsWriter(self.folder, names, self.layout)
+        return self.writer.write
+
+    def commit(self, vb: VerifiedBundle, *, total: int, tar_sha256: str) -> ExportResult:
+        assert self.writer is not None and self.layout is not None
+        parts = self.writer.finish()
+        m = vb.manifest
+        statement = build_statement(
+            tar_name=self.tar.name, tar_size=total, tar_sha256=tar_sha256, layout=self.layout, parts=parts,
+            bundle={"name": m.name, "channel": m.channel, "sequence": m.sequence, "manifest_sha256": m.digest},
+        )
+        envelope = sign_index(statement, self.signer)
+        self.writer.commit()
+        atomic_write(self.index, envelope)
+        return ExportResult(tar=self.tar, tar_size=total, tar_sha256=tar_sha256, manifest=m, signers=vb.signers,
+                            layout=self.layout, parts=tuple(parts), index=self.index)
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.discard()
+
+
 class _TarSink(Sink):
-    """Writes the verified bundle as one deterministic tar into ``consume`` (a file, or the parts writer).
+    """Writes the verified bundle as one deterministic tar into the target, hashing the tar as it goes.
 
     The envelope goes in exactly as stored, then the manifest copy, then each
     file in path order as the pipeline verifies it; a mismatch stops the
-    pipeline, and the caller removes what was written.
+    pipeline, and the target removes what was written.
     """
 
     action = "export"
     ordered = True
 
-    def __init__(self, consume: Callable[[int, Manifest], Callable[[bytes], None]], tar_hash: Any) -> None:
-        self._consume = consume
-        self._tar_hash = tar_hash
+    def __init__(self, target: _Target) -> None:
+        self.target = target
+        self.tar_hash = hashlib.sha256()
         self._bg: BackgroundSink | None = None
         self.writer: TarWriter | None = None
         self.total = 0
@@ -95,14 +190,11 @@ class _TarSink(Sink):
         m = trusted.manifest
         members = [(ENVELOPE_NAME, len(trusted.envelope)), (MANIFEST_NAME, len(trusted.payload))] + [(f.path, f.size) for f in m.files]
         self.total = archive_size(members)
-        consume = self._consume(self.total, m)
-        self._bg = BackgroundSink(consume)
+        bg = self._bg = BackgroundSink(self.target.open(self.total))
 
         def emit(data: bytes) -> None:
-            if self._tar_hash is not None:
-                self._tar_hash.update(data)
-            assert self._bg is not None
-            self._bg(data)
+            self.tar_hash.update(data)
+            bg(data)
 
         self.writer = TarWriter(emit, mtime=int(m.created.timestamp()))
         self.writer.add_bytes(ENVELOPE_NAME, trusted.envelope)
@@ -132,80 +224,21 @@ def _refuse_existing(paths: list[Path]) -> None:
             raise UsageError(f"{p} already exists; remove it or choose another --tar name", path=str(p))
 
 
-def _run(opts: ExportOptions, sink: _TarSink) -> VerifiedBundle:
-    source = open_source(opts.bundle, policy=opts.policy)
-    ok = False
+def _export(opts: ExportOptions, target: _Target) -> ExportResult:
+    """One pass: the pipeline verifies each file as the tar sink streams it into the target; all or nothing."""
+    sink = _TarSink(target)
     try:
-        vb = verify_source(source, opts.policy, now=opts.now, sink=sink, progress=opts.progress)
-        ok = True
-    finally:
-        sink.finish(ok=ok)
-    return vb
-
-
-def _export_tar(opts: ExportOptions, tar: Path, folder: Path) -> ExportResult:
-    _refuse_existing([tar])
-    tmp_fd, tmp_name = tempfile.mkstemp(prefix=f".{tar.name}.", suffix=".tmp", dir=folder)
-    tmp = Path(tmp_name)
-    tar_hash = hashlib.sha256()
-
-    def to_file(_total: int, _m: Manifest) -> Callable[[bytes], None]:
-        return lambda data: write_all(tmp_fd, data)
-
-    sink = _TarSink(to_file, tar_hash)
-    try:
+        ok = False
         try:
-            vb = _run(opts, sink)
-            os.fsync(tmp_fd)
+            vb = verify_source(open_source(opts.bundle, policy=opts.policy), opts.policy, now=opts.now, sink=sink,
+                               progress=opts.progress)
+            ok = True
         finally:
-            os.close(tmp_fd)
-        size = tmp.stat().st_size
-        if size != sink.total:
-            raise IntegrityError(f"the tar is {size} bytes, {sink.total} were planned", path=str(tar))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, tar)
-        fsync_dir(folder)
-    except OSError as e:
-        raise oserror_to_airpack(e, "cannot write", str(tar)) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    return ExportResult(tar=tar, tar_size=sink.total, tar_sha256=tar_hash.hexdigest(), manifest=vb.manifest, signers=vb.signers)
-
-
-def _export_parts(opts: ExportOptions, tar: Path, folder: Path, split: int) -> ExportResult:
-    tar_hash = hashlib.sha256()
-    made: dict[str, Any] = {}
-
-    def to_parts(total: int, m: Manifest) -> Callable[[bytes], None]:
-        layout = plan_layout(total, split, opts.parity)
-        names = part_names(tar.name, layout)
-        idx = folder / index_name(tar.name)
-        _refuse_existing([folder / n for n in names] + [idx])
-        made.update(layout=layout, idx=idx, writer=PartsWriter(folder, names, layout))
-        return made["writer"].write  # type: ignore[no-any-return]
-
-    # The writer thread codes parity and hashes each part; the pipeline's threads hash the files, this one the tar.
-    sink = _TarSink(to_parts, tar_hash)
-    try:
-        vb = _run(opts, sink)
-        pw: PartsWriter = made["writer"]
-        parts = pw.finish()
-        m = vb.manifest
-        statement = build_statement(
-            tar_name=tar.name, tar_size=sink.total, tar_sha256=tar_hash.hexdigest(), layout=made["layout"], parts=parts,
-            bundle={"name": m.name, "channel": m.channel, "sequence": m.sequence, "manifest_sha256": m.digest},
-        )
-        assert opts.signer is not None
-        envelope = sign_index(statement, opts.signer)
-        pw.commit()
+            sink.finish(ok=ok)
+        return target.commit(vb, total=sink.total, tar_sha256=sink.tar_hash.hexdigest())
     except BaseException:
-        if "writer" in made:
-            made["writer"].discard()
+        target.discard()
         raise
-    atomic_write(made["idx"], envelope)
-    return ExportResult(tar=tar, tar_size=sink.total, tar_sha256=tar_hash.hexdigest(), manifest=m, signers=vb.signers,
-                        layout=made["layout"], parts=tuple(parts), index=made["idx"])
 
 
 def export(opts: ExportOptions) -> ExportResult:
@@ -220,8 +253,9 @@ def export(opts: ExportOptions) -> ExportResult:
         raise UsageError(f"folder {folder} for --tar does not exist", path=str(folder))
     opts.policy.check_usable()
     if opts.split is None:
-        return _export_tar(opts, tar, folder)
-    return _export_parts(opts, tar, folder, opts.split)
+        return _export(opts, _OneTar(tar, folder))
+    assert opts.signer is not None
+    return _export(opts, _Parts(tar, folder, split=opts.split, parity=opts.parity, signer=opts.signer))
 
 
 def pack_as_tar(pack_fn: Callable[[Path], R], tar: Path, signer: Signer, *, split: int | None = None, parity: int = 0,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -198,7 +197,8 @@ class _Staging(Sink):
         self.txn: Txn | None = None
         self.plan: Plan | None = None
         self.fit: list[dict[str, Any]] | None = None
-        self._first: dict[str, Read] = {}
+        self._first: dict[str, Read] = {}  # path -> the read of a content the registry lacks (staged at its first path)
+        self._hash_only: set[str] = set()  # paths nobody keeps (an SBOM, say): hashed, never written
 
     def identify(self, manifest: Manifest, signers: tuple[TrustedKey, ...]) -> None:
         m = manifest
@@ -220,6 +220,7 @@ class _Staging(Sink):
         self.txn = self.w.begin("install", self.attempt.record)
         self.plan = make_plan(self.w, self.txn, m)
         self._first = {r.source.path: r for r in self.plan.reads.values() if r.live is None}
+        self._hash_only = {f.path for f in self.plan.hash_only}
         self._check_space(m.name)
 
     def check_fit(self, m: Manifest, headers: Mapping[str, SafetensorsInfo], read: Callable[[str, int], bytes]) -> None:
@@ -243,8 +244,7 @@ class _Staging(Sink):
             )
 
     def holds(self, entry: FileEntry) -> bool:
-        assert self.plan is not None
-        return entry.path not in self._first and entry not in self.plan.hash_only
+        return entry.path not in self._first and entry.path not in self._hash_only
 
     def open(self, entry: FileEntry) -> FileSink | None:
         r = self._first.get(entry.path)
@@ -303,20 +303,23 @@ def install(opts: InstallOptions) -> InstallResult:
 
 def _install(w: Writer, attempt: Attempt, opts: InstallOptions) -> InstallResult:
     w.reg.safe_dir(STAGING_DIR, create=True)
-    if opts.source is None and opts.bundle is None:
+    if opts.source is not None:
+        source = opts.source
+    elif opts.bundle is not None:
+        source = open_source(opts.bundle, policy=opts.policy, workers=opts.workers)
+    else:
         raise UsageError("install needs a bundle")
-    source = opts.source or open_source(Path(str(opts.bundle)), policy=opts.policy, workers=opts.workers)
     sink = _Staging(w, attempt, opts, source)
     try:
-        vb = verify_source(source, opts.policy, now=opts.now, sink=sink, keep=keep_for_fit, workers=opts.workers,
+        # A folder's fit is checked before copying (from its files); a stream's once it passed, from the small files kept.
+        keep = None if source.random_access else keep_for_fit
+        vb = verify_source(source, opts.policy, now=opts.now, sink=sink, keep=keep, workers=opts.workers,
                            sequence=SequenceCheck(high=w.conn.channel_high, allow_downgrade=opts.allow_downgrade),
                            progress=opts.progress)
-        if sink.txn is None:
-            raise RuntimeError("the pipeline returned without starting the install")  # a bug: begin always runs first
         return _commit(w, attempt, sink, vb)
     except _AlreadyInstalled as same:
-        t = same.trusted
-        return _reinstall(w, attempt, same.bundle_id, functools.partial(_Results(w.reg, sink).make, t.manifest, t.signers, t.downgrade))
+        trusted = same.trusted
+        return _reinstall(w, attempt, same.bundle_id, lambda kind, **kw: _result(w.reg, trusted, sink.fit, kind, **kw))
     except BaseException:
         if sink.txn is not None and not sink.txn.committed:
             sink.txn.abort()
@@ -342,26 +345,20 @@ def _commit(w: Writer, attempt: Attempt, sink: _Staging, vb: VerifiedBundle) -> 
     copied = sink.copy_bytes
     txn.finish({"models": [{"repo_id": x["repo_id"], "revision": x["ref"], "commit": x["commit"]} for x in plan.models],
                 "bytes_copied": copied, "bytes_shared": plan.shared_bytes})
-    return _Results(w.reg, sink).make(vb.manifest, vb.signers, vb.downgrade, "installed", models=plan.models, copied=copied,
-                                      shared=plan.shared_bytes, txn=txn.id)
+    return _result(w.reg, vb, sink.fit, "installed", models=plan.models, copied=copied, shared=plan.shared_bytes, txn=txn.id)
 
 
-class _Results:
-    """Builds the ``InstallResult`` of each outcome (installed, noop, reactivated) one way."""
-
-    def __init__(self, reg: Registry, sink: _Staging) -> None:
-        self.reg = reg
-        self.sink = sink
-
-    def make(self, m: Manifest, signers: tuple[TrustedKey, ...], downgrade: bool, kind: str, *, models: list[dict[str, Any]],
-             copied: int = 0, shared: int = 0, txn: str | None = None) -> InstallResult:
-        req = self.reg.path(f"{WHEELS_DIR}/{requirements_name(m.name)}") if m.wheels else None
-        return InstallResult(
-            result=kind, registry=self.reg.root, manifest=m, signers=tuple({"name": k.name, "keyid": k.keyid} for k in signers),
-            models=tuple({k: v for k, v in x.items() if k != "files"} | {"files": len(x["files"])} for x in models),
-            wheels=tuple(wheel_filename(x.path) for x in m.wheels), requirements=req, fit=self.sink.fit, bytes_copied=copied,
-            bytes_shared=shared, downgrade=downgrade, txn=txn,
-        )
+def _result(reg: Registry, bundle: Trusted | VerifiedBundle, fit: list[dict[str, Any]] | None, kind: str, *,
+            models: list[dict[str, Any]], copied: int = 0, shared: int = 0, txn: str | None = None) -> InstallResult:
+    """The ``InstallResult`` of each outcome (installed, noop, reactivated), built one way."""
+    m = bundle.manifest
+    req = reg.path(f"{WHEELS_DIR}/{requirements_name(m.name)}") if m.wheels else None
+    return InstallResult(
+        result=kind, registry=reg.root, manifest=m, signers=tuple({"name": k.name, "keyid": k.keyid} for k in bundle.signers),
+        models=tuple({k: v for k, v in x.items() if k != "files"} | {"files": len(x["files"])} for x in models),
+        wheels=tuple(wheel_filename(x.path) for x in m.wheels), requirements=req, fit=fit, bytes_copied=copied,
+        bytes_shared=shared, downgrade=bundle.downgrade, txn=txn,
+    )
 
 
 def _reinstall(w: Writer, attempt: Attempt, bundle_id: int, result: Callable[..., InstallResult]) -> InstallResult:

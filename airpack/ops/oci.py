@@ -152,7 +152,6 @@ def push(opts: PushOptions) -> PushResult:
 class OciSource(BundleSource):
     """An airpack artifact in an OCI registry, read through one client for the length of a verification."""
 
-    kind = "oci"
     random_access = True
 
     def __init__(self, ref: OciRef, access: OciAccess | None = None) -> None:
@@ -161,6 +160,7 @@ class OciSource(BundleSource):
         self.access = access or OciAccess()
         self._client: OciClient | None = None
         self._artifact: Artifact | None = None
+        self._layers: dict[str, Descriptor] = {}
 
     @property
     def envelope_where(self) -> str:
@@ -183,6 +183,7 @@ class OciSource(BundleSource):
         with OciClient(self.ref, self.access) as client:
             raw, digest = client.get_manifest()
             self._client, self._artifact = client, parse_artifact(raw, where=str(self.ref), digest=digest)
+            self._layers = {d.title or "": d for d in self._artifact.files}  # titles are unique once the entries are checked
             # What an install records as its source: the artifact pinned to the digest just read.
             self.location = str(OciRef(host=self.ref.host, repository=self.ref.repository, digest=digest))
             try:
@@ -212,8 +213,7 @@ class OciSource(BundleSource):
 
     @contextlib.contextmanager
     def open(self, entry: FileEntry) -> Iterator[BlobReader]:
-        desc = next(d for d in self.artifact.files if d.title == entry.path)
-        with self.client.open_blob(desc) as reader:
+        with self.client.open_blob(self._layers[entry.path]) as reader:
             yield reader
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..parts import PartsIndex, PartsReport, check_parts, load_index, repair
+from ..parts import PartsIndex, PartsReport, check_parts, load_index, parts_error, repair
 from ..progress import NULL_PROGRESS, Progress
-from ..sources import detect, parts_error, with_dir
+from ..sources import detect
 from ..trust import TrustedKey, TrustPolicy
 
 
@@ -72,7 +72,7 @@ def check_parts_folder(path: Path, policy: TrustPolicy, *, workers: int | None =
     """Every part intact, or a ``PartsError`` naming the lost ones and whether repair can rebuild them."""
     checked = _check(path, policy, workers=workers, progress=progress)
     if checked.report:
-        raise with_dir(parts_error(checked.index, checked.report), checked.index_path.parent)
+        raise parts_error(checked.index, checked.report, checked.index_path.parent)
     return checked
 
 

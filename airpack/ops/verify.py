@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,7 +36,6 @@ from ..errors import (
     EnvelopeError,
     FileMismatch,
     IntegrityError,
-    MalformedSafetensorsError,
     MismatchReport,
     PartsError,
     UnsafePathError,
@@ -46,7 +44,7 @@ from ..hashing import FileDigest, copy_then_hash, parallel_map, stream_and_hash
 from ..manifest import ENVELOPE_NAME, MANIFEST_NAME, FileEntry, Manifest, parse
 from ..progress import NULL_PROGRESS, Progress, ProgressTask
 from ..rules import ChannelHigh
-from ..safetensors_check import MAX_HEADER_BYTES, SafetensorsInfo, parse_header, read_header
+from ..safetensors_check import HeaderCollector, SafetensorsInfo, read_header
 from ..signing import PAYLOAD_TYPE, Envelope, parse_envelope
 from ..sources import BundleSource, LocalFile, Member, open_source
 from ..trust import TrustedKey, TrustPolicy, verify_envelope
@@ -104,7 +102,6 @@ class VerifiedBundle:
     downgrade: bool = False
     safetensors: Mapping[str, SafetensorsInfo] = field(repr=False, compare=False, default_factory=dict)
     kept: Mapping[str, bytes] = field(repr=False, compare=False, default_factory=dict)
-    skipped: tuple[str, ...] = ()  # files the sink already held, not read (install's shared blobs)
 
     @property
     def root(self) -> Path:
@@ -238,11 +235,9 @@ def _tree_report(members: list[Member], manifest: Manifest) -> MismatchReport:
     check_no_collisions([ENVELOPE_NAME, MANIFEST_NAME, *(e.path for e in members)])
     present = {e.path: e for e in members}
     expected = {f.path: f for f in manifest.files}
-    # Names equal to a signed one up to case or normalisation are collisions, not extras.
-    keys = {collision_key(p): p for p in expected}
+    aliases = _Aliases(expected, what="entry", where="in bundle")
     for p in present:
-        if p not in expected and collision_key(p) in keys:
-            raise UnsafePathError(f"unsafe entry {p} in bundle: collides with {keys[collision_key(p)]!r}", path=p)
+        aliases.refuse(p)
     changed = []
     for p, f in sorted(expected.items()):
         there = present.get(p)
@@ -253,6 +248,20 @@ def _tree_report(members: list[Member], manifest: Manifest) -> MismatchReport:
                           changed=tuple(changed))
 
 
+class _Aliases:
+    """A name equal to a signed one up to case or Unicode form, but not byte-equal, is a collision, not an extra file."""
+
+    def __init__(self, expected: Mapping[str, FileEntry], *, what: str, where: str) -> None:
+        self.expected = expected
+        self.keys = {collision_key(p): p for p in expected}
+        self.what, self.where = what, where
+
+    def refuse(self, name: str) -> None:
+        if name not in self.expected and collision_key(name) in self.keys:
+            raise UnsafePathError(f"unsafe {self.what} {name!r} {self.where}: collides with {self.keys[collision_key(name)]!r}",
+                                  path=name)
+
+
 def _mismatch(f: FileEntry, *, size: int, sha256: str | None = None, reason: str | None = None) -> FileMismatch:
     """The one way a changed file is described: what was signed against what is there."""
     why = reason or ("size differs" if size != f.size else "digest differs")
@@ -261,39 +270,6 @@ def _mismatch(f: FileEntry, *, size: int, sha256: str | None = None, reason: str
 
 
 # -- steps 7 and 8: every byte ------------------------------------------------------------------
-
-
-class _HeaderGrab:
-    """Keeps the first bytes of a safetensors file as they are hashed: the 8-byte length and the JSON header, capped."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.want = 8
-        self.error: str | None = None
-
-    def feed(self, view: memoryview) -> None:
-        pos = 0
-        while self.error is None and len(self.buf) < self.want and pos < len(view):
-            take = min(self.want - len(self.buf), len(view) - pos)
-            self.buf += view[pos : pos + take]
-            pos += take
-            if self.want == 8 and len(self.buf) == 8:
-                (n,) = struct.unpack("<Q", self.buf)
-                if n > MAX_HEADER_BYTES:
-                    self.error = f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit"
-                else:
-                    self.want = 8 + n
-
-    def info(self, size: int, name: str) -> SafetensorsInfo:
-        if self.error:
-            raise MalformedSafetensorsError(f"malformed safetensors {name}: {self.error}", path=name)
-        if len(self.buf) < 8:
-            raise MalformedSafetensorsError(f"malformed safetensors {name}: file is {size} bytes, shorter than the 8-byte header length",
-                                            path=name)
-        if len(self.buf) < self.want:
-            raise MalformedSafetensorsError(f"malformed safetensors {name}: header length runs past the end of the {size}-byte file",
-                                            path=name)
-        return parse_header(bytes(self.buf[8:]), size, display=name)
 
 
 class _Keep:
@@ -313,7 +289,6 @@ class _Outcome:
     header: SafetensorsInfo | None = None
     header_error: AirpackError | None = None
     kept: bytes | None = None
-    skipped: bool = False
     vanished: bool = False
 
 
@@ -328,7 +303,7 @@ class _Files:
     def check(self, f: FileEntry, read: Callable[[memoryview], int], *, src_fd: int | None = None,
               limit: int | None = None) -> _Outcome:
         out = self.sink.open(f) if self.sink is not None else None
-        grab = _HeaderGrab() if content.is_safetensors(f.path) else None
+        grab = HeaderCollector() if content.is_safetensors(f.path) else None
         kept = _Keep() if self.keep is not None and f.size <= MAX_KEPT_BYTES and self.keep(f.path) else None
         feeds: list[Callable[[memoryview], None]] = [x.feed for x in (grab, kept) if x is not None]
         try:
@@ -368,7 +343,7 @@ class _Files:
         return stream_and_hash(read, write=write if (feeds or out is not None) else None, on_bytes=on_bytes, limit=limit)
 
     @staticmethod
-    def _judge(f: FileEntry, d: FileDigest, grab: _HeaderGrab | None, kept: _Keep | None) -> _Outcome:
+    def _judge(f: FileEntry, d: FileDigest, grab: HeaderCollector | None, kept: _Keep | None) -> _Outcome:
         if d.size != f.size:
             return _Outcome(mismatch=_mismatch(f, size=d.size, sha256=d.sha256, reason="size changed while reading"))
         if d.sha256 != f.sha256:
@@ -376,7 +351,7 @@ class _Files:
         result = _Outcome(kept=bytes(kept.data) if kept is not None else None)
         if grab is not None:
             try:
-                result.header = grab.info(d.size, f.path)
+                result.header = grab.info(d.size, display=f.path)
             except AirpackError as e:
                 result.header_error = e
         return result
@@ -391,7 +366,7 @@ def _random_access_files(source: BundleSource, manifest: Manifest, files: _Files
 
     def one(f: FileEntry) -> tuple[str, _Outcome]:
         if sink is not None and sink.holds(f):
-            return f.path, _Outcome(skipped=True)
+            return f.path, _Outcome()  # the sink holds these bytes already: nothing to read
         try:
             with source.open(f) as reader:
                 src_fd = reader.fd if isinstance(reader, LocalFile) else None
@@ -416,6 +391,7 @@ def _stream_files(source: BundleSource, manifest: Manifest, files: _Files) -> tu
     """Tar and parts: each member once, in order, checked by name before a byte of it is used."""
     expected = {f.path: f for f in manifest.files}
     seen = NameSet([ENVELOPE_NAME, MANIFEST_NAME], what="member", where=f" in {source.label}")
+    aliases = _Aliases(expected, what="member", where=f"in {source.label}")
     names: list[str] = []
     extra: list[str] = []
     resized: list[FileMismatch] = []
@@ -423,6 +399,7 @@ def _stream_files(source: BundleSource, manifest: Manifest, files: _Files) -> tu
     for m, reader in source.stream():
         name = check_relpath(m.name)
         seen.add(name)
+        aliases.refuse(name)
         names.append(name)
         entry = expected.get(name)
         if entry is None:
@@ -436,15 +413,14 @@ def _stream_files(source: BundleSource, manifest: Manifest, files: _Files) -> tu
     return outcomes, report
 
 
-def _preread_headers(source: BundleSource, manifest: Manifest, report: MismatchReport) -> dict[str, SafetensorsInfo]:
+def _preread_headers(source: BundleSource, manifest: Manifest) -> dict[str, SafetensorsInfo]:
     """Headers a folder source can read before hashing (for a sink's plan); a header that fails now fails again later."""
     root = source.root
     if root is None:
         return {}
     out: dict[str, SafetensorsInfo] = {}
-    bad = {c.path for c in report.changed} | set(report.missing)
-    for f in manifest.files:
-        if content.is_safetensors(f.path) and f.path not in bad:
+    for f in manifest.files:  # only called once the entries are exactly as signed
+        if content.is_safetensors(f.path):
             try:
                 out[f.path] = read_header(root.joinpath(*f.path.split("/")), display=f.path)
             except (AirpackError, OSError):
@@ -472,8 +448,8 @@ def verify_source(source: BundleSource, policy: TrustPolicy | None, *, now: dt.d
                 report = _tree_report(source.members(), manifest)
                 if sink is not None and report:
                     raise BundleMismatchError(report)  # nothing is written for a bundle whose entries are not as signed
-                trusted = replace(trusted, headers=_preread_headers(source, manifest, report))
-                if sink is not None:
+                if sink is not None:  # the sink plans with the headers (install's fit check) before a byte is copied
+                    trusted = replace(trusted, headers=_preread_headers(source, manifest))
                     sink.begin(trusted)
                 outcomes = _random_access_files(source, manifest, files, report, workers=workers)
             else:
@@ -506,7 +482,6 @@ def _conclude(trusted: Trusted, report: MismatchReport, outcomes: dict[str, _Out
         source=trusted.source, manifest=trusted.manifest, signers=trusted.signers, payload=trusted.payload,
         envelope=trusted.envelope, verified=trusted.verified, downgrade=trusted.downgrade, safetensors=headers,
         kept={p: o.kept for p, o in outcomes.items() if o.kept is not None},
-        skipped=tuple(sorted(p for p, o in outcomes.items() if o.skipped)),
     )
 
 
