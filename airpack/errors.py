@@ -362,11 +362,6 @@ def as_airpack_error(e: BaseException) -> AirpackError:
     return InternalError.wrap(e)
 
 
-def exit_code_of(e: BaseException) -> int:
-    """The exit code ``e`` ends a command with: its own, 130 for an interrupt, 1 for a bug."""
-    return as_airpack_error(e).exit_code
-
-
 def error_record(e: BaseException) -> dict[str, Any]:
     """The JSON object of an error, as ``--json`` prints it under ``"error"``.
 

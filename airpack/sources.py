@@ -358,7 +358,12 @@ def detect(path: Path) -> tuple[str, Path]:
 
 
 def open_source(path: Path, *, policy: TrustPolicy | None = None, workers: int | None = None) -> BundleSource:
-    """The source for a local bundle in any form; ``policy`` checks a parts index's signature as it is opened."""
+    """The source for a local bundle in any form; ``policy`` checks a parts index's signature as it is opened.
+
+    A policy that can never be met is refused first (exit 2), before a parts index is read against it.
+    """
+    if policy is not None:
+        policy.check_usable()
     kind, p = detect(path)
     if kind == "dir":
         return DirSource(p)

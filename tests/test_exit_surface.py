@@ -23,8 +23,8 @@ from airpack.errors import (
     NotInstalledError,
     SignatureError,
     UsageError,
+    as_airpack_error,
     error_record,
-    exit_code_of,
 )
 
 
@@ -42,7 +42,7 @@ from airpack.errors import (
 )
 def test_error_record_and_exit_code(exc: BaseException, code: int, type_: str) -> None:
     rec = error_record(exc)
-    assert exit_code_of(exc) == code and rec["exit_code"] == code and rec["type"] == type_
+    assert as_airpack_error(exc).exit_code == code and rec["exit_code"] == code and rec["type"] == type_
     assert {"exit_code", "type", "message", "path"} <= set(rec)
     json.dumps(rec)  # JSON by construction
 

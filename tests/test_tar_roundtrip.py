@@ -49,7 +49,7 @@ def test_verify_good_tar_passes(tmp_path: Path, bundle: Path, policy: Path) -> N
     tar = export_to(bundle, tmp_path / "b.tar", policy).tar
     vb = verify(tar, policy)
     assert vb.manifest.digest == hashlib.sha256((bundle / MANIFEST_NAME).read_bytes()).hexdigest()
-    assert any(p.endswith(".safetensors") for p in vb.safetensors)
+    assert any(p.endswith(".safetensors") for p in vb.headers)
     r = run_cli("verify", tar, "--trust", policy, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["verified"] is True
@@ -144,3 +144,12 @@ def test_install_from_a_tampered_tar_changes_nothing(tmp_path: Path, bundle: Pat
     assert r.returncode == 3, r.stdout + r.stderr
     assert not list((reg / "hub").rglob("*.safetensors")) if (reg / "hub").exists() else True
     assert [p.name for p in (reg / ".staging").iterdir()] == []
+
+
+def test_push_of_a_tar_is_a_usage_error_before_any_connection(tmp_path: Path, bundle: Path, policy: Path) -> None:
+    """Blobs are uploaded from a folder's files: a tar is refused by name, before the registry is reached."""
+    tar = export_to(bundle, tmp_path / "b.tar", policy).tar
+    r = run_cli("push", tar, "oci://127.0.0.1:9/acme/tiny:v1", "--trust", policy, "--plain-http", "--json")
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = json.loads(r.stdout)["error"]
+    assert err["type"] == "UsageError" and "bundle folder" in err["message"]

@@ -168,8 +168,7 @@ class Output:
     def result_then_fail(self, data: dict[str, Any], text: Callable[[], list[str]] | list[str] | None, error: AirpackError) -> NoReturn:
         """A result that is also a failure (``fit`` that does not fit): the text, or the JSON with ``error`` added, then the exit."""
         if self.as_json:
-            _dumps(data)  # the result alone must be JSON too
-            self.partial = data
+            self.partial = data  # printed by ``fail``, with the error added
         else:
             self._text(text)
         raise error

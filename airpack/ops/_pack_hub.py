@@ -38,11 +38,6 @@ def select_files(model: ModelSpec, snap: HubSnapshot) -> list[HubFile]:
     return [f for f in chosen if f.path in keep]
 
 
-def human(n: int) -> str:
-    """Bytes for a message: the one formatter (units.format_bytes)."""
-    return format_bytes(n)
-
-
 def _existing_ancestor(path: Path) -> Path:
     p = path.absolute()
     while not p.exists() and p != p.parent:
@@ -59,8 +54,8 @@ def disk_preflight(out: Path, needed: int, what: str) -> None:
         raise oserror_to_airpack(e, "cannot check free space on", str(where)) from None
     if needed + DISK_RESERVE > free:
         raise DiskSpaceError(
-            f"{what} needs {human(needed)} more (plus {human(DISK_RESERVE)} reserve) but {where} has only "
-            f"{human(free)} free",
+            f"{what} needs {format_bytes(needed)} more (plus {format_bytes(DISK_RESERVE)} reserve) but {where} has only "
+            f"{format_bytes(free)} free",
             path=str(out),
         )
 

@@ -251,7 +251,6 @@ def export(opts: ExportOptions) -> ExportResult:
     folder = tar.parent if str(tar.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"folder {folder} for --tar does not exist", path=str(folder))
-    opts.policy.check_usable()
     if opts.split is None:
         return _export(opts, _OneTar(tar, folder))
     assert opts.signer is not None

@@ -6,8 +6,9 @@ config.json and the safetensors headers are read; no tensor is loaded. GPUs
 come from ``--gpu`` (catalog name or size, ``:COUNT``) or from NVML.
 
 ``estimate_bundle`` is install's gate (``check_bundle_fit`` runs it on a
-``VerifiedBundle``): it estimates every model of a bundle on the given (or detected) GPUs and raises ``FitError``
-(exit 5) naming the model, the GPUs and the numbers when one does not fit.
+``VerifiedBundle``): it estimates every model of a bundle on the given (or
+detected) GPUs and raises ``FitError`` (exit 5) naming the model, the GPUs and
+the numbers when one does not fit.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..manifest import ENVELOPE_NAME, Manifest, ModelEntry
 from ..safetensors_check import SafetensorsInfo, TensorInfo, read_header_fd
 from ..sources import DirSource, open_source
 from ..trust import TrustPolicy
+from ..units import format_bytes
 from ..vram import (
     FitResult,
     GpuBudget,
@@ -356,13 +358,6 @@ def fit_model(opts: FitOptions) -> list[FitReport]:
     return [estimate_source(src, run, gpu) for src in load_models(opts.model, opts.registry, opts.policy)]
 
 
-def _gib(n: int) -> str:
-    """Bytes for a message: the one formatter (units.format_bytes)."""
-    from ..units import format_bytes
-
-    return format_bytes(n)
-
-
 def fit_error(report: FitReport) -> FitError:
     """The one-line refusal: model, GPUs, what it needs against what there is, and the longest context that fits."""
     r = report.result
@@ -370,9 +365,9 @@ def fit_error(report: FitReport) -> FitError:
     ctx = (f"; the longest context that fits is {r.max_context} tokens" if r.max_context
            else "; it does not fit at any context length")
     return FitError(
-        f"{report.model} does not fit {r.gpu.count} x {r.gpu.name} ({r.estimate.runtime}): needs {_gib(r.per_gpu_bytes)} per GPU "
-        f"at context {r.estimate.context} x batch {r.estimate.batch} (weights {_gib(b.weights)}, KV cache {_gib(b.kv_cache)}, "
-        f"activations {_gib(b.activations)}, overhead {_gib(b.overhead)}) but {_gib(r.limit_bytes)} is usable{ctx}",
+        f"{report.model} does not fit {r.gpu.count} x {r.gpu.name} ({r.estimate.runtime}): needs {format_bytes(r.per_gpu_bytes)} per GPU "
+        f"at context {r.estimate.context} x batch {r.estimate.batch} (weights {format_bytes(b.weights)}, KV cache {format_bytes(b.kv_cache)}, "
+        f"activations {format_bytes(b.activations)}, overhead {format_bytes(b.overhead)}) but {format_bytes(r.limit_bytes)} is usable{ctx}",
         path=report.location,
     )
 
@@ -424,7 +419,7 @@ def load_stream(path: Path, policy: TrustPolicy | None) -> list[ModelSource]:
                          path=str(path), hint="Pass --trust POLICY (or set AIRPACK_TRUST), or fit the bundle folder instead.")
     vb = verify_source(open_source(path, policy=policy), policy, keep=keep_for_fit)
     read = bundle_reader(None, vb.kept)
-    return [_bundle_model(vb.manifest, m, headers=vb.safetensors, read=read, location=str(path)) for m in vb.manifest.models]
+    return [_bundle_model(vb.manifest, m, headers=vb.headers, read=read, location=str(path)) for m in vb.manifest.models]
 
 
 def _unknown(model: str, why: str) -> dict[str, Any]:
@@ -434,7 +429,7 @@ def _unknown(model: str, why: str) -> dict[str, Any]:
 def check_bundle_fit(verified: VerifiedBundle, *, gpu: str | None, context: int | None, runtime: str | None,
                      ignore: bool) -> list[dict[str, Any]]:
     """Install's gate on a verified bundle: ``estimate_bundle`` over the headers and small files the pipeline verified."""
-    return estimate_bundle(verified.manifest, headers=verified.safetensors, read=bundle_reader(verified.source.root, verified.kept),
+    return estimate_bundle(verified.manifest, headers=verified.headers, read=bundle_reader(verified.source.root, verified.kept),
                            location=verified.source.label, gpu=gpu, context=context, runtime=runtime, ignore=ignore)
 
 

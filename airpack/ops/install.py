@@ -331,7 +331,7 @@ def _commit(w: Writer, attempt: Attempt, sink: _Staging, vb: VerifiedBundle) -> 
     txn, plan = sink.txn, sink.plan
     assert txn is not None and plan is not None
     if sink.fit is None:  # a tar, parts or an artifact: the headers were known only once they streamed past
-        sink.check_fit(vb.manifest, vb.safetensors, bundle_reader(None, vb.kept))
+        sink.check_fit(vb.manifest, vb.headers, bundle_reader(None, vb.kept))
     sink.link_copies()
     crash_point("staged")
     txn.plan_creates(plan.leaves)
@@ -348,7 +348,7 @@ def _commit(w: Writer, attempt: Attempt, sink: _Staging, vb: VerifiedBundle) -> 
     return _result(w.reg, vb, sink.fit, "installed", models=plan.models, copied=copied, shared=plan.shared_bytes, txn=txn.id)
 
 
-def _result(reg: Registry, bundle: Trusted | VerifiedBundle, fit: list[dict[str, Any]] | None, kind: str, *,
+def _result(reg: Registry, bundle: Trusted, fit: list[dict[str, Any]] | None, kind: str, *,
             models: list[dict[str, Any]], copied: int = 0, shared: int = 0, txn: str | None = None) -> InstallResult:
     """The ``InstallResult`` of each outcome (installed, noop, reactivated), built one way."""
     m = bundle.manifest

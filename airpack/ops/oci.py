@@ -47,7 +47,7 @@ from ..oci_artifact import (
 from ..oci_ref import OciRef
 from ..progress import NULL_PROGRESS, Progress
 from ..signing import MAX_ENVELOPE_BYTES
-from ..sources import BundleSource, Member
+from ..sources import BundleSource, Member, detect
 from ..trust import TrustedKey, TrustPolicy
 from .install import InstallOptions, InstallResult, install
 from .verify import FileSink, Sink, Trusted, VerifyOptions, verify_bundle, verify_source
@@ -91,8 +91,11 @@ def push(opts: PushOptions) -> PushResult:
         raise UsageError(f"push needs a tag and no digest: oci://HOST/REPOSITORY:TAG (got {opts.target})")
     if opts.chunk_size is not None and opts.chunk_size < 1024 * 1024:
         raise UsageError("--chunk-size must be at least 1 MiB")
-    opts.policy.check_usable()
+    if detect(opts.bundle)[0] != "dir":  # blobs are uploaded from the folder's files
+        raise UsageError(f"push takes a bundle folder; {opts.bundle} is a tar or parts folder", path=str(opts.bundle),
+                         hint="Push the bundle folder the tar was exported from (`airpack pull` recreates one from a registry).")
     vb = verify_bundle(VerifyOptions(bundle=opts.bundle, policy=opts.policy, now=opts.now, workers=opts.workers, progress=opts.progress))
+    root = Path(opts.bundle)
     m = vb.manifest
     env_bytes = vb.envelope  # the envelope sent is the one just verified, byte for byte
 
@@ -128,7 +131,7 @@ def push(opts: PushOptions) -> PushResult:
             elif d.size == 0:
                 client.upload_bytes(b"", d)
             else:
-                client.upload_file(vb.root.joinpath(*(d.title or "").split("/")), d, chunk_size=opts.chunk_size, on_bytes=task.advance)
+                client.upload_file(root.joinpath(*(d.title or "").split("/")), d, chunk_size=opts.chunk_size, on_bytes=task.advance)
 
         try:
             parallel_map(send, to_send, workers=workers)

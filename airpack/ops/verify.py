@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .. import content, rules
@@ -90,23 +90,14 @@ class Trusted:
 
 
 @dataclass(frozen=True)
-class VerifiedBundle:
-    """A bundle whose every check held; ``verified`` is False only in the unverified mode (no policy given)."""
+class VerifiedBundle(Trusted):
+    """A bundle whose every check held; ``verified`` is False only in the unverified mode (no policy given).
 
-    source: BundleSource = field(repr=False, compare=False)
-    manifest: Manifest
-    signers: tuple[TrustedKey, ...]
-    payload: bytes = field(repr=False)
-    envelope: bytes = field(repr=False)
-    verified: bool = True
-    downgrade: bool = False
-    safetensors: Mapping[str, SafetensorsInfo] = field(repr=False, compare=False, default_factory=dict)
+    ``headers`` are now the safetensors headers parsed from the very bytes that
+    were hashed; ``kept`` the verified bytes of the small files the caller asked for.
+    """
+
     kept: Mapping[str, bytes] = field(repr=False, compare=False, default_factory=dict)
-
-    @property
-    def root(self) -> Path:
-        """The bundle folder for a folder source; otherwise where the bundle came from."""
-        return self.source.root or Path(self.source.location)
 
     @property
     def signer_names(self) -> list[str]:
@@ -478,15 +469,11 @@ def _conclude(trusted: Trusted, report: MismatchReport, outcomes: dict[str, _Out
     for p, early in trusted.headers.items():
         if p in headers and headers[p] != early:
             raise IntegrityError(f"safetensors header of {p} changed while the bundle was being read", path=p)
-    return VerifiedBundle(
-        source=trusted.source, manifest=trusted.manifest, signers=trusted.signers, payload=trusted.payload,
-        envelope=trusted.envelope, verified=trusted.verified, downgrade=trusted.downgrade, safetensors=headers,
-        kept={p: o.kept for p, o in outcomes.items() if o.kept is not None},
-    )
+    head = {f.name: getattr(trusted, f.name) for f in fields(Trusted)}
+    return VerifiedBundle(**{**head, "headers": headers}, kept={p: o.kept for p, o in outcomes.items() if o.kept is not None})
 
 
 def verify_bundle(opts: VerifyOptions) -> VerifiedBundle:
     """``airpack verify``: any local form, every check, nothing written."""
-    opts.policy.check_usable()
     source = open_source(opts.bundle, policy=opts.policy, workers=opts.workers)
     return verify_source(source, opts.policy, now=opts.now, workers=opts.workers, progress=opts.progress)
