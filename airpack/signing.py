@@ -44,6 +44,11 @@ def spki_der(public_key: PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def public_pem(public_key: PublicKey) -> str:
+    """The SPKI PEM of a public key: what NAME.pub and a trust policy hold."""
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+
+
 def key_id(public_key: PublicKey) -> str:
     return hashlib.sha256(spki_der(public_key)).hexdigest()
 
@@ -96,9 +101,8 @@ def write_keypair(
     )
     pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
     pub = private_key.public_key()
-    pub_pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     atomic_write(key_path, pem, mode=0o600)
-    atomic_write(pub_path, pub_pem, mode=0o644)
+    atomic_write(pub_path, public_pem(pub).encode("ascii"), mode=0o644)
     return key_id(pub)
 
 

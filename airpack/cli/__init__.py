@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - the one place any exception becomes an exit code
-        from ._common import fail
+        from ._common import fail  # only on the way out: `airpack --help` loads no command machinery
 
         verbose = any(a == "--verbose" or (len(a) > 1 and a[0] == "-" and set(a[1:]) == {"v"}) for a in args)
         fail(e, as_json="--json" in args, verbose=int(verbose))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .._fs import atomic_write
 from ..errors import UsageError
 from ..units import format_bytes, parse_size
 from . import cli
@@ -213,7 +214,6 @@ def _registry_text(d: DiffRegistryResult) -> list[str]:
 @click.option("--trust", "policy", type=PathArg, help="Verify the bundle first (otherwise the manifest is read UNVERIFIED).")
 def sbom_cmd(out: Output, bundle: Path, fmt: str, out_file: Path | None, policy: Path | None) -> None:
     """Write BUNDLE's CycloneDX 1.6 SBOM (JSON): the model, each file and wheel with its SHA-256."""
-    from .._fs import atomic_write
     from ..ops.audit import SbomOptions, sbom
 
     r = sbom(SbomOptions(bundle=bundle, policy=_policy(policy) if policy is not None else None, progress=out.progress))

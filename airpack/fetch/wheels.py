@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from packaging.version import InvalidVersion, Version
+
 from .._urls import redact_url
 from ..errors import ContentPolicyError, FetchError, IntegrityError, SpecError
 from ..hashing import hash_file
@@ -127,13 +129,8 @@ def parse_wheel_filename(filename: str) -> tuple[str, str, tuple[str, ...], tupl
 
 def _same_version(a: str, b: str) -> bool:
     try:
-        from packaging.version import InvalidVersion, Version
-
-        try:
-            return Version(a) == Version(b)
-        except InvalidVersion:
-            return a == b
-    except ImportError:  # pragma: no cover - packaging ships with huggingface_hub
+        return Version(a) == Version(b)
+    except InvalidVersion:
         return a == b
 
 

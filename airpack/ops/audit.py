@@ -15,6 +15,7 @@ from typing import Any
 
 from ..manifest import Manifest, format_time
 from ..progress import NULL_PROGRESS, Progress
+from ..registry import Registry, ref_name
 from ..rules import MAX_SEQUENCE_JUMP, ChannelHigh, Sequence, classify_sequence
 from ..sbom import SBOM_NAME, build_sbom
 from ..sources import open_source
@@ -300,7 +301,6 @@ class DiffRegistryResult:
 
 def diff_registry(opts: DiffRegistryOptions) -> DiffRegistryResult:
     """What installing ``opts.bundle`` into ``opts.registry`` would change; reads the registry, never writes it."""
-    from ..registry import Registry, ref_name
 
     side = load_side(opts.bundle, opts.policy, now=opts.now, progress=opts.progress)
     m = side.manifest

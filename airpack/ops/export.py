@@ -26,10 +26,10 @@ from ..hashing import write_all
 from ..manifest import ENVELOPE_NAME, MANIFEST_NAME, FileEntry, Manifest
 from ..parts import BackgroundSink, Layout, PartInfo, PartsWriter, build_statement, index_name, part_names, plan_layout, sign_index
 from ..progress import NULL_PROGRESS, Progress
-from ..signing import Signer
+from ..signing import Signer, public_pem
 from ..sources import open_source
 from ..tarball import TarWriter, archive_size
-from ..trust import TrustedKey, TrustPolicy
+from ..trust import TrustedKey, TrustPolicy, new_policy
 from .pack import PARTIAL_MARKER
 from .verify import FileSink, Sink, Trusted, VerifiedBundle, verify_source
 
@@ -267,10 +267,6 @@ def pack_as_tar(pack_fn: Callable[[Path], R], tar: Path, signer: Signer, *, spli
     export is verified against the packer's own key (it just signed), so a
     file changed mid-pack is still caught.
     """
-    from cryptography.hazmat.primitives import serialization
-
-    from ..signing import algorithm_of
-
     folder = tar.parent if str(tar.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"folder {folder} for the tar does not exist", path=str(folder))
@@ -289,9 +285,7 @@ def pack_as_tar(pack_fn: Callable[[Path], R], tar: Path, signer: Signer, *, spli
     result = pack_fn(out)  # on failure the work folder stays: the next run resumes in it
     try:
         pub = signer.private_key.public_key()
-        pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
-        own = TrustPolicy(keys=(TrustedKey(name="packer", keyid=signer.keyid, algorithm=algorithm_of(pub), public_key=pub, pem=pem),),
-                          threshold=1, source="<the packing key>")
+        own = new_policy(1, source="<the packing key>").with_key("packer", pub, public_pem(pub))
         exported = export(ExportOptions(bundle=out, tar=tar, policy=own, split=split, parity=parity,
                                         signer=signer if split else None, progress=progress))
     finally:

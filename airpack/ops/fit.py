@@ -26,6 +26,7 @@ from .._json import StrictJSONError, loads_strict
 from ..errors import FitError, IntegrityError, ModelConfigError, UsageError
 from ..gpus import parse_gpu, resolve_gpus, try_detect
 from ..manifest import ENVELOPE_NAME, Manifest, ModelEntry
+from ..registry import Registry
 from ..safetensors_check import SafetensorsInfo, TensorInfo, read_header_fd
 from ..sources import DirSource, open_source
 from ..trust import TrustPolicy
@@ -262,12 +263,7 @@ def load_bundle(path: Path) -> list[ModelSource]:
 
 def _registry_snapshot(registry: Path, repo_id: str) -> tuple[Path, Path]:
     """(snapshot folder, repo folder) of an installed model, from the Hugging Face cache layout."""
-    try:
-        from ..registry import Registry
-
-        Registry.open(registry)  # refuses a folder that is not a registry, with its own named error
-    except ImportError:
-        pass
+    Registry.open(registry)  # refuses a folder that is not a registry, with its own named error
     repo_dir = registry / "hub" / ("models--" + repo_id.replace("/", "--"))
     if not repo_dir.is_dir() or repo_dir.is_symlink():
         raise UsageError(f"{repo_id} is not a folder, a bundle, or a model installed in {registry}", path=repo_id,
