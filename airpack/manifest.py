@@ -391,3 +391,36 @@ def _parse_targets(targets: object) -> list[dict[str, Any]]:
     if not isinstance(targets, list) or not all(isinstance(t, dict) for t in targets):
         raise MalformedManifestError("manifest: predicate.targets must be a list of objects")
     return targets
+
+
+def summary(m: Manifest) -> dict[str, Any]:
+    """The manifest as the ``--json`` documents of pack, verify and inspect show it."""
+    return {
+        "name": m.name,
+        "channel": m.channel,
+        "sequence": m.sequence,
+        "created": format_time(m.created),
+        "expires": format_time(m.expires) if m.expires else None,
+        "manifest_sha256": m.digest,
+        "models": [
+            {
+                "repo_id": x.repo_id,
+                "source": x.source,
+                "revision": x.revision,
+                "commit": x.commit,
+                "license": x.license,
+                "parameters": x.raw.get("parameters"),
+                "dtypes": x.raw.get("dtypes"),
+                "files": len(m.model_files(x)),
+                "bytes": sum(f.size for f in m.model_files(x)),
+                "pickles": list(x.pickles),
+                "code": list(x.code),
+            }
+            for x in m.models
+        ],
+        "wheels": [{"name": w.name, "version": w.version, "path": w.path, "sha256": w.sha256} for w in m.wheels],
+        "policy": {"allow_pickle": m.allow_pickle, "allow_code": m.allow_code},
+        "targets": list(m.targets),
+        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in m.files],
+        "total_bytes": m.total_bytes,
+    }

@@ -49,7 +49,7 @@ from .errors import (
 )
 from .hashing import hash_fd, parallel_map
 from .manifest import STATEMENT_TYPE
-from .signing import PAYLOAD_TYPE, Signer, envelope_bytes, parse_envelope
+from .signing import PAYLOAD_TYPE, Envelope, Signer, envelope_bytes, parse_envelope
 from .trust import TrustPolicy, VerifiedPayload, verify_envelope
 
 PARTS_PREDICATE = "https://airpack.dev/parts/v1"
@@ -338,12 +338,8 @@ def _parse_parts(plist: list[Any], digests: dict[str, str], layout: Layout, tar_
     return parts
 
 
-def load_index(path: Path, policy: TrustPolicy) -> tuple[PartsIndex, VerifiedPayload]:
-    """Read, cap and verify the index: at least one key of the host's policy must have signed it.
-
-    One trusted signer is enough (not the policy's threshold): the index only
-    locates damage; the bundle inside is verified against the full threshold.
-    """
+def read_index_envelope(path: Path) -> Envelope:
+    """The parts index's envelope, capped and parsed; not trusted yet (``load_index`` checks who signed it)."""
     shown = str(path)
     try:
         raw = read_capped(Path(path), MAX_INDEX_BYTES, display=shown, what="parts index")
@@ -351,7 +347,17 @@ def load_index(path: Path, policy: TrustPolicy) -> tuple[PartsIndex, VerifiedPay
         raise EnvelopeError(f"no parts index at {shown}", path=shown) from None
     except AirpackError as e:
         raise EnvelopeError(f"cannot read parts index {shown}: {e}", path=shown) from None
-    env = parse_envelope(raw, where=shown)
+    return parse_envelope(raw, where=shown)
+
+
+def load_index(path: Path, policy: TrustPolicy) -> tuple[PartsIndex, VerifiedPayload]:
+    """Read, cap and verify the index: at least one key of the host's policy must have signed it.
+
+    One trusted signer is enough (not the policy's threshold): the index only
+    locates damage; the bundle inside is verified against the full threshold.
+    """
+    shown = str(path)
+    env = read_index_envelope(path)
     one = TrustPolicy(keys=policy.keys, threshold=1, source=policy.source)
     verified = verify_envelope(env, one, expected_type=PAYLOAD_TYPE, where=shown)
     return parse_index(verified.payload), verified

@@ -25,7 +25,6 @@ from .errors import AirpackError, EnvelopeError, IntegrityError, PartsError, Tru
 from .manifest import ENVELOPE_NAME, MANIFEST_NAME, RESERVED, FileEntry
 from .parts import (
     INDEX_SUFFIX,
-    MAX_INDEX_BYTES,
     PartsIndex,
     PartsReader,
     PartsReport,
@@ -34,8 +33,9 @@ from .parts import (
     load_index,
     parse_index,
     parts_error,
+    read_index_envelope,
 )
-from .signing import MAX_ENVELOPE_BYTES, parse_envelope
+from .signing import MAX_ENVELOPE_BYTES
 from .tarball import MemberHeader, ReadableStream, TarReader
 from .trust import TrustPolicy
 
@@ -297,8 +297,7 @@ class PartsSource(_StreamSource):
     def _load_index(self) -> PartsIndex:
         if self.policy is not None:
             return load_index(self.index_path, self.policy)[0]
-        raw = read_capped(self.index_path, MAX_INDEX_BYTES, what="parts index")
-        return parse_index(parse_envelope(raw, where=str(self.index_path)).payload)
+        return parse_index(read_index_envelope(self.index_path).payload)  # unverified mode: inspect, diff, sbom
 
     def bound_manifest_sha256(self) -> str | None:
         return self.index.manifest_sha256

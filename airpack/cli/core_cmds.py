@@ -11,6 +11,7 @@ import click
 
 from .._fs import oserror_to_airpack, read_capped
 from ..errors import KeyFileError, PolicyError, UsageError
+from ..manifest import summary
 from ..signing import ALGORITHMS
 from ..units import format_bytes
 from . import cli
@@ -170,19 +171,6 @@ def _pack_text(r: PackResult) -> list[str]:
     return lines
 
 
-def _pack_json(r: PackResult) -> dict[str, Any]:
-    if r.dry_run:
-        return {
-            "dry_run": True,
-            "out": str(r.out),
-            "files": [{"path": p.bundle_path, "size": p.size} for p in r.planned],
-            "total_bytes": r.total_bytes,
-            **r.details,
-        }
-    assert r.manifest is not None
-    return {"dry_run": False, "out": str(r.out), "keyid": r.keyid, **manifest_summary(r.manifest)}
-
-
 @airpack_command(cli, "pack")
 @click.argument("spec", type=PathArg)
 @click.option("--out", "out_dir", type=PathArg, required=True, help="The bundle folder to write.")
@@ -223,12 +211,11 @@ def pack_cmd(
 
         assert signer is not None
         r0, ex = pack_as_tar(run, out_dir, signer, progress=out.progress)
-        r = dataclasses.replace(r0, out=out_dir)
-        out.result({**_pack_json(r), "tar_size": ex.tar_size, "tar_sha256": ex.tar_sha256},
-                   lambda: [*_pack_text(r), f"  tar: {format_bytes(ex.tar_size)}, sha256 {ex.tar_sha256}"])
+        r = dataclasses.replace(r0, out=out_dir, tar_size=ex.tar_size, tar_sha256=ex.tar_sha256)
+        out.result(r.to_json(), lambda: [*_pack_text(r), f"  tar: {format_bytes(ex.tar_size)}, sha256 {ex.tar_sha256}"])
         return
     r = run(out_dir)
-    out.result(_pack_json(r), lambda: _pack_text(r))
+    out.result(r.to_json(), lambda: _pack_text(r))
 
 
 @airpack_command(cli, "sign")
@@ -240,44 +227,13 @@ def sign_cmd(out: Output, bundle: Path, key: Path, passphrase_file: Path | None)
     from ..ops.pack import add_signature
 
     signer = _signer(key, passphrase_file)
-    added, m = add_signature(bundle, signer, progress=out.progress)
-    msg = f"added signature by {signer.keyid} to {m.name}" if added else f"{signer.keyid} had already signed {m.name}; nothing changed"
-    out.result({"bundle": str(bundle), "keyid": signer.keyid, "added": added, "manifest_sha256": m.digest}, [msg])
+    r = add_signature(bundle, signer, progress=out.progress)
+    name = r.manifest.name
+    msg = f"added signature by {r.keyid} to {name}" if r.added else f"{r.keyid} had already signed {name}; nothing changed"
+    out.result(r.to_json(), [msg])
 
 
 # -- verify and inspect ------------------------------------------------------------------
-
-
-def manifest_summary(m: Manifest) -> dict[str, Any]:
-    return {
-        "name": m.name,
-        "channel": m.channel,
-        "sequence": m.sequence,
-        "created": f"{m.created:%Y-%m-%dT%H:%M:%SZ}",
-        "expires": f"{m.expires:%Y-%m-%dT%H:%M:%SZ}" if m.expires else None,
-        "manifest_sha256": m.digest,
-        "models": [
-            {
-                "repo_id": x.repo_id,
-                "source": x.source,
-                "revision": x.revision,
-                "commit": x.commit,
-                "license": x.license,
-                "parameters": x.raw.get("parameters"),
-                "dtypes": x.raw.get("dtypes"),
-                "files": len(m.model_files(x)),
-                "bytes": sum(f.size for f in m.model_files(x)),
-                "pickles": list(x.pickles),
-                "code": list(x.code),
-            }
-            for x in m.models
-        ],
-        "wheels": [{"name": w.name, "version": w.version, "path": w.path, "sha256": w.sha256} for w in m.wheels],
-        "policy": {"allow_pickle": m.allow_pickle, "allow_code": m.allow_code},
-        "targets": list(m.targets),
-        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in m.files],
-        "total_bytes": m.total_bytes,
-    }
 
 
 def _manifest_lines(m: Manifest, *, verbose: int) -> list[str]:
@@ -340,7 +296,7 @@ def verify_cmd(out: Output, bundle: Path, policy: Path, parts_only: bool = False
 
     out.result(
         {"verified": True, "bundle": str(bundle), "signers": [{"name": k.name, "keyid": k.keyid} for k in vb.signers],
-         "threshold": p.threshold, **manifest_summary(m)},
+         "threshold": p.threshold, **summary(m)},
         text,
     )
 
@@ -357,7 +313,7 @@ def inspect_cmd(out: Output, bundle: Path) -> None:
     sigs = [s.keyid for s in env.signatures]
     out.result(
         {"verified": False, "warning": "UNVERIFIED: run `airpack verify` before trusting any of this",
-         "signature_keyids": sigs, "payload_type": env.payload_type, **manifest_summary(m)},
+         "signature_keyids": sigs, "payload_type": env.payload_type, **summary(m)},
         lambda: [
             "UNVERIFIED: this is what the bundle claims; run `airpack verify --trust POLICY` before trusting it",
             f"  signatures: {len(sigs)} (key ids claimed: {', '.join(k[:12] for k in sigs)})",

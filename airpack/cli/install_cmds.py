@@ -90,9 +90,9 @@ def install_cmd(out: Output, bundle: str, registry: Path, policy: Path, gpu: str
         res = install_from_oci(OciInstallOptions(source=ref, install=opts,
                                                  access=access_from(plain_http, username, password_file, ca_file)))
         out.info(f"fetched {ref} ({res.digest}): signatures checked before download, every blob digest while streaming")
-        r = res.install
-    else:
-        r = install(opts)
+        out.result(res.to_json(), lambda: _install_text(res.install))
+        return
+    r = install(opts)
     out.result(r.to_json(), lambda: _install_text(r))
 
 

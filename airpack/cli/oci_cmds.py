@@ -58,10 +58,6 @@ def access_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _signers(signers: Any) -> list[dict[str, str]]:
-    return [{"name": k.name, "keyid": k.keyid} for k in signers]
-
-
 # -- push ----------------------------------------------------------------------------------
 
 
@@ -86,9 +82,7 @@ def push_cmd(out: Output, bundle: Path, target: str, policy: Path, plain_http: b
                                      chunk_size=parse_size(chunk_size) if chunk_size else None))
     m = r.manifest
     out.result(
-        {"pushed": True, "target": str(ref), "digest": r.digest, "pinned": r.pinned, "name": m.name, "channel": m.channel,
-         "sequence": m.sequence, "manifest_sha256": m.digest, "signers": _signers(r.signers), "uploaded": list(r.uploaded),
-         "skipped": list(r.skipped), "bytes_uploaded": r.bytes_uploaded, "total_bytes": m.total_bytes},
+        r.to_json(),
         [f"pushed {m.name} (channel {m.channel}, sequence {m.sequence}) to {ref}",
          f"  verified: signed by {', '.join(k.name for k in r.signers)}",
          f"  sent {len(r.uploaded)} blob(s), {format_bytes(r.bytes_uploaded)}; {len(r.skipped)} already in the registry",
@@ -127,10 +121,4 @@ def pull_cmd(out: Output, source: str, out_dir: Path, policy: Path | None, plain
     access = access_from(plain_http, username, password_file, ca_file)
     p = load_policy(policy) if policy is not None else None
     r = pull(PullOptions(source=ref, out=out_dir, policy=p, access=access, workers=workers, progress=out.progress))
-    m = r.manifest
-    out.result(
-        {"pulled": True, "source": str(ref), "out": str(r.out), "digest": r.digest, "verified": r.verified,
-         "signers": _signers(r.signers), "name": m.name, "channel": m.channel, "sequence": m.sequence,
-         "manifest_sha256": m.digest, "files": len(m.files), "bytes": r.bytes_received},
-        lambda: _pull_text(r),
-    )
+    out.result(r.to_json(), lambda: _pull_text(r))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -28,19 +28,6 @@ def _policy(path: Path) -> TrustPolicy:
     p = load_policy(path)
     p.check_usable()
     return p
-
-
-def _export_json(r: ExportResult) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "bundle": r.manifest.name, "sequence": r.manifest.sequence, "manifest_sha256": r.manifest.digest,
-        "signers": [k.name for k in r.signers], "tar": str(r.tar), "tar_size": r.tar_size, "tar_sha256": r.tar_sha256,
-    }
-    if r.layout is not None:
-        doc.update({
-            "index": str(r.index), "layout": r.layout.to_json(),
-            "parts": [p.to_json() for p in r.parts],
-        })
-    return doc
 
 
 def _export_text(r: ExportResult) -> list[str]:
@@ -89,7 +76,7 @@ def export_cmd(out: Output, bundle: Path, tar: Path, split: str | None, parity: 
     signer = load_signer(key, passphrase=passphrase_from(passphrase_file)) if key is not None else None
     r = export(ExportOptions(bundle=bundle, tar=tar, policy=_policy(policy), split=size, parity=parity, signer=signer,
                              progress=out.progress))
-    out.result(_export_json(r), lambda: _export_text(r))
+    out.result(r.to_json(), lambda: _export_text(r))
 
 
 def verify_parts(out: Output, path: Path, policy: TrustPolicy) -> None:

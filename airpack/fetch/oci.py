@@ -48,36 +48,10 @@ from .._fs import open_regular_nofollow
 from .._json import StrictJSONError, loads_strict
 from ..errors import FetchError, IntegrityError, UsageError
 
-# The artifact format and references live in pure modules (airpack.oci_artifact, airpack.oci_ref);
-# they are re-exported here (see __all__) for callers that still import them from the transport.
-from ..oci_artifact import (
-    ARTIFACT_TYPE,
-    EMPTY_BYTES,
-    EMPTY_CONFIG,
-    EMPTY_DIGEST,
-    EMPTY_MEDIA_TYPE,
-    ENVELOPE_MEDIA_TYPE,
-    FILE_MEDIA_TYPE,
-    MANIFEST_COPY_MEDIA_TYPE,
-    MAX_LAYERS,
-    MAX_OCI_MANIFEST_BYTES,
-    OCI_MANIFEST_MEDIA_TYPE,
-    TITLE,
-    Artifact,
-    Descriptor,
-    blob_descriptor,
-    build_manifest,
-    file_descriptor,
-    parse_artifact,
-)
-from ..oci_ref import OciRef, is_oci_ref, parse_ref
+# The artifact format and references are pure modules (airpack.oci_artifact, airpack.oci_ref); this is the transport.
+from ..oci_artifact import MAX_OCI_MANIFEST_BYTES, OCI_MANIFEST_MEDIA_TYPE, Descriptor
+from ..oci_ref import OciRef
 
-__all__ = [  # the client, and the re-exported format names
-    "ARTIFACT_TYPE", "EMPTY_BYTES", "EMPTY_CONFIG", "EMPTY_DIGEST", "EMPTY_MEDIA_TYPE", "ENVELOPE_MEDIA_TYPE",
-    "FILE_MEDIA_TYPE", "MANIFEST_COPY_MEDIA_TYPE", "MAX_LAYERS", "MAX_OCI_MANIFEST_BYTES", "OCI_MANIFEST_MEDIA_TYPE",
-    "TITLE", "Artifact", "Descriptor", "OciAccess", "OciClient", "OciRef", "blob_descriptor", "build_manifest",
-    "file_descriptor", "is_oci_ref", "parse_artifact", "parse_ref",
-]
 MAX_ERROR_BODY = 4096
 CHUNK = 4 * 1024 * 1024  # one read of a blob stream: large enough for hashlib to drop the GIL
 

@@ -164,7 +164,7 @@ class _Planner:
             self.plan.wheels.append(WheelRow(filename=fn, name=wh.name, version=wh.version, sha256=wh.sha256, size=entry.size))
             self.covered.add(wh.sha256)
             live_rel = f"{WHEELS_DIR}/{fn}"
-            have = self.w.wheel_sha(fn)
+            have = self.w.conn.wheel_sha(fn)
             if have == wh.sha256 and self.reg.check_plain_file(live_rel):
                 self.plan.shared_bytes += entry.size
                 continue

@@ -1,11 +1,10 @@
 """What every registry-writing operation shares: one audit line per attempt, txn steps, ref switches.
 
-It exists because install, remove, rollback (and the OCI install's early
-refusals) all promise the same thing: every attempt leaves exactly one audit
-line, a refusal changes nothing else, and a failure before the commit takes
-back whatever reached the live tree. ``log_refusal`` is the one
-refusal-audit helper; ``logged_run`` and ``run_txn`` wrap the two places a
-refusal can happen (before the writer is held, and inside a txn).
+It exists because install (from any form, OCI included), remove and rollback
+all promise the same thing: every attempt leaves exactly one audit line, a
+refusal changes nothing else, and a failure before the commit takes back
+whatever reached the live tree. ``logged_run`` writes the one refusal line;
+``abort_unless_committed`` (and ``run_txn`` over it) takes a txn back.
 """
 
 from __future__ import annotations
@@ -26,34 +25,38 @@ class Attempt:
     logged: bool = False
 
 
-def log_refusal(reg: Registry, record: dict[str, Any], e: BaseException) -> None:
-    """Append the refusal line of ``record`` for ``e``; if even that fails, say so in the original error rather than hide it."""
-    try:
-        reg.audit_append({**record, "result": "refused" if isinstance(e, AirpackError) else "failed", "error": error_record(e)})
-    except AirpackError as log_err:
-        if isinstance(e, AirpackError):
-            e.message = f"{e.message} (and the audit line could not be written: {log_err.message})"
-
-
 def logged_run(reg: Registry, attempt: Attempt, body: Callable[[Writer], Any]) -> Any:
-    """Run ``body`` with the writer; any refusal (the lock held included) leaves one audit line."""
+    """Run ``body`` with the writer; any refusal (the lock held included) leaves one audit line.
+
+    If even that line cannot be written, the original error says so rather than hide it.
+    """
     try:
         with reg.writer() as w:
             return body(w)
     except BaseException as e:
         if not attempt.logged:
             attempt.logged = True
-            log_refusal(reg, attempt.record, e)
+            try:
+                reg.audit_append({**attempt.record, "result": "refused" if isinstance(e, AirpackError) else "failed",
+                                  "error": error_record(e)})
+            except AirpackError as log_err:
+                if isinstance(e, AirpackError):
+                    e.message = f"{e.message} (and the audit line could not be written: {log_err.message})"
         raise
 
 
+def abort_unless_committed(txn: Txn | None) -> None:
+    """Before its commit, a failed txn takes back whatever reached the live tree; after it, recovery finishes it."""
+    if txn is not None and not txn.committed:
+        txn.abort()
+
+
 def run_txn(txn: Txn, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run a txn's steps; before its commit any failure takes back what reached the live tree."""
+    """Run a txn's steps, taking the txn back if they fail before its commit."""
     try:
         return body()
     except BaseException:
-        if not txn.committed:
-            txn.abort()
+        abort_unless_committed(txn)
         raise
 
 

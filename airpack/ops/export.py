@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .._fs import atomic_write, fsync_dir, oserror_to_airpack
 from ..errors import IntegrityError, UsageError
@@ -50,6 +50,8 @@ class ExportOptions:
 
 @dataclass(frozen=True)
 class ExportResult:
+    """The tar written (or its parts and their signed index); ``to_json``: ``export --json``."""
+
     tar: Path
     tar_size: int
     tar_sha256: str
@@ -58,6 +60,17 @@ class ExportResult:
     layout: Layout | None = None
     parts: tuple[PartInfo, ...] = ()
     index: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.manifest
+        doc: dict[str, Any] = {
+            "bundle": m.name, "sequence": m.sequence, "manifest_sha256": m.digest,
+            "signers": [k.name for k in self.signers], "tar": str(self.tar), "tar_size": self.tar_size,
+            "tar_sha256": self.tar_sha256,
+        }
+        if self.layout is not None:
+            doc.update({"index": str(self.index), "layout": self.layout.to_json(), "parts": [p.to_json() for p in self.parts]})
+        return doc
 
 
 class _TarFile(FileSink):

@@ -51,7 +51,7 @@ from ..safetensors_check import SafetensorsInfo
 from ..sources import BundleSource, open_source
 from ..trust import TrustedKey, TrustPolicy
 from ._install_plan import Plan, Read, make_plan, wheel_filename
-from ._registry_ops import Attempt, logged_run, run_txn, switch_refs
+from ._registry_ops import Attempt, abort_unless_committed, logged_run, run_txn, switch_refs
 from .fit import bundle_reader, estimate_bundle, keep_for_fit
 from .verify import FileSink, SequenceCheck, Sink, Trusted, VerifiedBundle, verify_source
 
@@ -321,8 +321,7 @@ def _install(w: Writer, attempt: Attempt, opts: InstallOptions) -> InstallResult
         trusted = same.trusted
         return _reinstall(w, attempt, same.bundle_id, lambda kind, **kw: _result(w.reg, trusted, sink.fit, kind, **kw))
     except BaseException:
-        if sink.txn is not None and not sink.txn.committed:
-            sink.txn.abort()
+        abort_unless_committed(sink.txn)
         raise
 
 

@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from .._fs import fsync_dir, oserror_to_airpack
 from ..errors import EnvelopeError, IntegrityError, UsageError
@@ -70,6 +71,10 @@ class PushOptions:
     progress: Progress = NULL_PROGRESS
 
 
+def _signers(signers: tuple[TrustedKey, ...]) -> list[dict[str, str]]:
+    return [{"name": k.name, "keyid": k.keyid} for k in signers]
+
+
 @dataclass(frozen=True)
 class PushResult:
     target: OciRef
@@ -83,6 +88,13 @@ class PushResult:
     @property
     def pinned(self) -> str:
         return str(OciRef(host=self.target.host, repository=self.target.repository, digest=self.digest))
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.manifest
+        return {"pushed": True, "target": str(self.target), "digest": self.digest, "pinned": self.pinned, "name": m.name,
+                "channel": m.channel, "sequence": m.sequence, "manifest_sha256": m.digest, "signers": _signers(self.signers),
+                "uploaded": list(self.uploaded), "skipped": list(self.skipped), "bytes_uploaded": self.bytes_uploaded,
+                "total_bytes": m.total_bytes}
 
 
 def push(opts: PushOptions) -> PushResult:
@@ -317,6 +329,12 @@ class PullResult:
     def verified(self) -> bool:
         return bool(self.signers)
 
+    def to_json(self) -> dict[str, Any]:
+        m = self.manifest
+        return {"pulled": True, "source": str(self.source), "out": str(self.out), "digest": self.digest, "verified": self.verified,
+                "signers": _signers(self.signers), "name": m.name, "channel": m.channel, "sequence": m.sequence,
+                "manifest_sha256": m.digest, "files": len(m.files), "bytes": self.bytes_received}
+
 
 def pull(opts: PullOptions) -> PullResult:
     """Recreate the bundle folder ``out`` from the registry, all or nothing."""
@@ -361,9 +379,14 @@ class OciInstallOptions:
 
 @dataclass(frozen=True)
 class OciInstallResult:
+    """The file install's result and the OCI manifest digest it came from; ``to_json``: ``install oci://... --json``."""
+
     source: OciRef
     digest: str
     install: InstallResult
+
+    def to_json(self) -> dict[str, Any]:
+        return self.install.to_json()
 
 
 def install_from_oci(opts: OciInstallOptions) -> OciInstallResult:

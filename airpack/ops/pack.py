@@ -26,7 +26,7 @@ from ..errors import (
 )
 from ..gpus import parse_gpu
 from ..hashing import parallel_map
-from ..manifest import ENVELOPE_NAME, FileEntry, Manifest, build_statement, encode, model_slug, now_utc, parse
+from ..manifest import ENVELOPE_NAME, FileEntry, Manifest, build_statement, encode, model_slug, now_utc, parse, summary
 from ..progress import NULL_PROGRESS, Progress
 from ..rules import is_expired
 from ..sbom import write_sbom
@@ -47,16 +47,51 @@ SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
 
 @dataclass(frozen=True)
 class PackResult:
+    """The bundle packed (or, for a dry run, what would be); ``to_json``: ``pack --json``.
+
+    ``tar_size`` and ``tar_sha256`` are set by ``pack --format tar`` (``out`` then names the tar).
+    """
+
     out: Path
     manifest: Manifest | None
     planned: tuple[PlannedFile, ...]
     keyid: str | None
     dry_run: bool
     details: dict[str, Any] = field(default_factory=dict)
+    tar_size: int | None = None
+    tar_sha256: str | None = None
 
     @property
     def total_bytes(self) -> int:
         return sum(p.size for p in self.planned)
+
+    def to_json(self) -> dict[str, Any]:
+        if self.dry_run:
+            return {
+                "dry_run": True,
+                "out": str(self.out),
+                "files": [{"path": p.bundle_path, "size": p.size} for p in self.planned],
+                "total_bytes": self.total_bytes,
+                **self.details,
+            }
+        assert self.manifest is not None
+        doc = {"dry_run": False, "out": str(self.out), "keyid": self.keyid, **summary(self.manifest)}
+        if self.tar_sha256 is not None:
+            doc.update({"tar_size": self.tar_size, "tar_sha256": self.tar_sha256})
+        return doc
+
+
+@dataclass(frozen=True)
+class SignResult:
+    """A co-signature added to ``bundle`` (or not: ``keyid`` had already signed); ``to_json``: ``sign --json``."""
+
+    bundle: Path
+    keyid: str
+    added: bool
+    manifest: Manifest
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bundle": str(self.bundle), "keyid": self.keyid, "added": self.added, "manifest_sha256": self.manifest.digest}
 
 
 # -- sources -------------------------------------------------------------------------
@@ -270,19 +305,19 @@ def check_targets(spec: PackSpec) -> None:
             raise SpecError(f"spec [[targets]] #{i + 1}: {e.message}") from None
 
 
-def add_signature(bundle: Path, signer: Signer, *, progress: Progress = NULL_PROGRESS) -> tuple[bool, Manifest]:
+def add_signature(bundle: Path, signer: Signer, *, progress: Progress = NULL_PROGRESS) -> SignResult:
     """Co-sign: check the content matches the (still untrusted) payload, then append a signature.
 
     The co-signer vouches for the bytes, so the whole pipeline runs first in
-    its unverified mode (every check but whose signatures are there). Returns
-    (added, manifest); a key that already signed adds nothing.
+    its unverified mode (every check but whose signatures are there). A key
+    that already signed adds nothing (``added`` is False).
     """
     source = DirSource.existing(bundle)
     vb = verify_source(source, None, progress=progress)
     env = parse_envelope(vb.envelope, where=source.envelope_where)
     if any(s.keyid == signer.keyid for s in env.signatures):
-        return False, vb.manifest
+        return SignResult(bundle=bundle, keyid=signer.keyid, added=False, manifest=vb.manifest)
     sigs = [{"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")} for s in env.signatures]
     sigs.append(signer.sign(PAYLOAD_TYPE, env.payload))
     atomic_write(source.folder / ENVELOPE_NAME, envelope_bytes(PAYLOAD_TYPE, env.payload, sigs))
-    return True, vb.manifest
+    return SignResult(bundle=bundle, keyid=signer.keyid, added=True, manifest=vb.manifest)

@@ -130,9 +130,6 @@ class Registry(Layout):
         """Append one hash-chained line (``audit_log.append_record``)."""
         return audit_log.append_record(self, record)
 
-    def audit_has_txn(self, txn: str, *, window: int = 4 << 20) -> bool:
-        return audit_log.has_txn(self, txn, window=window)
-
     def verify_log(self) -> LogReport:
         """Check every line's own hash and its link to the line before; name the first broken line."""
         return audit_log.verify_chain(self)
@@ -151,9 +148,6 @@ class Writer:
 
     def audit(self, record: dict[str, Any]) -> dict[str, Any]:
         return self.reg.audit_append(record)
-
-    def committed(self, txn: str) -> bool:
-        return self.conn.txn_committed(txn)
 
     def recover(self) -> list[str]:
         """Finish committed writes and undo the others (``transactions.recover``)."""
@@ -177,6 +171,3 @@ class Writer:
         if not self.conn.repo_holds(repo_id, sha256):
             return False
         return self.reg.plain_file_under(f"{HUB_DIR}/{repo_folder(repo_id)}/blobs/{sha256}")
-
-    def wheel_sha(self, filename: str) -> str | None:
-        return self.conn.wheel_sha(filename)
