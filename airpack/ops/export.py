@@ -87,7 +87,14 @@ class _TarFile(FileSink):
 
 
 class _Target:
-    """Where the tar's bytes go: opened once its size is known, made final only after every file verified."""
+    """Where the tar's bytes go: opened once its size is known, made final only after every file verified.
+
+    The tar is written on a thread of its own; ``hash_on_writer`` says whether that thread also
+    hashes the tar (a plain file: it has time to spare) or the verifying thread does (parts: the
+    writer thread codes parity), so the two cores stay balanced.
+    """
+
+    hash_on_writer = False
 
     def open(self, total: int) -> Callable[[bytes], None]:
         """Refuse names in the way, create the output, return what writes the tar's next bytes."""
@@ -102,6 +109,8 @@ class _Target:
 
 class _OneTar(_Target):
     """A temporary file beside ``tar``, renamed to it at the end."""
+
+    hash_on_writer = True
 
     def __init__(self, tar: Path, folder: Path) -> None:
         self.tar, self.folder = tar, folder
@@ -203,13 +212,19 @@ class _TarSink(Sink):
         m = trusted.manifest
         members = [(ENVELOPE_NAME, len(trusted.envelope)), (MANIFEST_NAME, len(trusted.payload))] + [(f.path, f.size) for f in m.files]
         self.total = archive_size(members)
-        bg = self._bg = BackgroundSink(self.target.open(self.total))
+        write, tar_hash = self.target.open(self.total), self.tar_hash
 
-        def emit(data: bytes) -> None:
-            self.tar_hash.update(data)
+        def hash_and_write(data: bytes) -> None:
+            tar_hash.update(data)
+            write(data)
+
+        bg = self._bg = BackgroundSink(hash_and_write if self.target.hash_on_writer else write)
+
+        def hash_then_queue(data: bytes) -> None:
+            tar_hash.update(data)
             bg(data)
 
-        self.writer = TarWriter(emit, mtime=int(m.created.timestamp()))
+        self.writer = TarWriter(bg if self.target.hash_on_writer else hash_then_queue, mtime=int(m.created.timestamp()))
         self.writer.add_bytes(ENVELOPE_NAME, trusted.envelope)
         self.writer.add_bytes(MANIFEST_NAME, trusted.payload)
 
