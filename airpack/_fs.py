@@ -15,7 +15,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import AccessDeniedError, DiskSpaceError, IntegrityError, ResourceError, UnsafePathError
+from .errors import AirpackError, IntegrityError, UnsafePathError, from_oserror
 
 MAX_PATH_BYTES = 1024
 MAX_COMPONENT_BYTES = 255
@@ -101,9 +101,7 @@ def open_regular_nofollow(path: Path, *, display: str | None = None) -> int:
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UnsafePathError(f"unsafe path {shown!r}: symbolic link", path=shown) from None
-        if e.errno in (errno.EACCES, errno.EPERM):
-            raise AccessDeniedError(f"cannot read {shown}: permission denied", path=shown) from None
-        raise ResourceError(f"cannot open {shown}: {e.strerror}", path=shown) from None
+        raise from_oserror(e, "cannot read", shown) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -171,13 +169,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def oserror_to_airpack(e: OSError, what: str, path: str) -> ResourceError:
-    """Turn a disk-full or permission OSError into the named resource error."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskSpaceError(f"{what} {path}: no space left on device", path=path)
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return AccessDeniedError(f"{what} {path}: {e.strerror}", path=path)
-    return ResourceError(f"{what} {path}: {e.strerror}", path=path)
+def oserror_to_airpack(e: OSError, what: str, path: str) -> AirpackError:
+    """The named error for an OSError at ``path`` (the one mapping is ``errors.from_oserror``)."""
+    return from_oserror(e, what, path)
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:

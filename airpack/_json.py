@@ -1,8 +1,16 @@
-"""Strict JSON for untrusted input, canonical JSON for what we sign.
+"""Strict JSON for untrusted input, canonical JSON for what we sign, valid Unicode for what we print.
 
 Untrusted documents are refused when they repeat a key, nest too deep, or
 (for signed manifests) hold floats or NaN; the caller picks the error class so
 a bad envelope is a trust failure and a bad payload an integrity failure.
+
+A file name that is not UTF-8 (a folder named with byte 0xff) reaches Python as
+a string with lone surrogates (``os.fsdecode``'s surrogateescape), which no
+UTF-8 writer, JSON parser or SQLite accepts. ``printable`` is the one place
+such a name becomes text: each undecodable byte is written as a backslash
+escape, ``\\xff`` (four characters), and every valid character is left alone.
+``--json`` output, the text a command prints and what the registry records all
+pass through it (docs/index.md, "Names that are not UTF-8").
 """
 
 from __future__ import annotations
@@ -82,6 +90,43 @@ def _reject_floats(obj: Any) -> None:
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             _reject_floats(v)
+
+
+def printable(text: str) -> str:
+    """``text`` with each undecodable byte (a lone surrogate from surrogateescape) as ``\\xNN``; valid text unchanged.
+
+    A surrogate that did not come from surrogateescape (``\\ud800``, from a JSON escape) is
+    escaped as ``\\ud800``. The result always encodes as UTF-8.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape" if _only_escaped(text) else "backslashreplace").decode(
+            "utf-8", "backslashreplace")
+    return text
+
+
+def _only_escaped(text: str) -> bool:
+    """True when every surrogate in ``text`` stands for one byte (U+DC80..U+DCFF), as surrogateescape writes them."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
+def scrub(obj: Any) -> Any:
+    """A JSON-ready value with every string (keys too) passed through ``printable``; other values as they are."""
+    if isinstance(obj, str):
+        return printable(obj)
+    if isinstance(obj, dict):
+        return {printable(k) if isinstance(k, str) else k: scrub(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+def dumps_output(doc: Any) -> str:
+    """The one ``--json`` document a command prints: sorted keys, 2-space indent, never invalid Unicode."""
+    return json.dumps(scrub(doc), indent=2, sort_keys=True)
 
 
 def dumps_canonical(obj: Any) -> bytes:

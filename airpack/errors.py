@@ -14,6 +14,7 @@ and local resource failures, so a script can tell them apart by exit code.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,10 +86,37 @@ class ModelConfigError(UsageError):
     default_hint = "`airpack fit` needs a config.json and safetensors weights; see docs/fit.md for what it reads."
 
 
+class ContextTooLongError(ModelConfigError):
+    """A requested context longer than the model's own maximum (``max_position_embeddings`` in config.json).
+
+    No fit verdict is given for it: the model cannot run at that length on any GPU. A
+    ``ModelConfigError``, so install's gate reports the model's fit as ``unknown`` with this
+    reason rather than "fits".
+    """
+
+    default_hint = "Ask for at most the model's maximum context (--context), or leave --context out to use it."
+
+
 class GpuSpecError(UsageError):
     """A --gpu value (or a spec target) that names no known GPU or size."""
 
     default_hint = "Give a GPU name like H100-80GB:2, a size like 24GiB:1, or see docs/fit.md for the catalog."
+
+
+class NotABundleError(UsageError):
+    """What the operator named is no bundle at all (a model folder, an unfinished pack, parts without their index, a plain file).
+
+    A usage error, not a trust failure: nothing was signed, so there is no signature to doubt; the
+    message says what the thing is, and the hint what to do with it.
+    """
+
+    default_hint = "Give a bundle folder (with envelope.dsse.json), a bundle tar, or a parts folder with its *.index.dsse.json."
+
+
+class PathTooLongError(UsageError):
+    """A path (or one of its names) longer than the operating system allows (ENAMETOOLONG)."""
+
+    default_hint = "Choose a shorter path: most filesystems allow 255 bytes per name and 4096 per path."
 
 
 class NoGpuError(UsageError):
@@ -117,6 +145,10 @@ class MalformedManifestError(IntegrityError):
 
 class MalformedSafetensorsError(IntegrityError):
     """A safetensors header that is not well formed."""
+
+
+class MalformedWeightsError(IntegrityError):
+    """A weight file of another header-checked format (GGUF) whose header is not well formed."""
 
 
 class ContentPolicyError(IntegrityError):
@@ -223,6 +255,22 @@ class AuditLogError(IntegrityError):
         return out
 
 
+class RegistryDamageError(IntegrityError):
+    """``airpack check``: installed files, links, refs, kept envelopes or the audit log differ from the database."""
+
+    default_hint = ("Do not load models from this registry until you know why; reinstall the named bundles "
+                    "from their media (remove, then install) and keep the audit log as evidence.")
+
+    def __init__(self, message: str, *, report: MismatchReport, path: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, path=path, hint=hint)
+        self.report = report
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        out["mismatch"] = self.report.to_json()
+        return out
+
+
 class PartsError(IntegrityError):
     """Parts of a split export that are missing, damaged, or belong to another export; named one by one."""
 
@@ -273,6 +321,12 @@ class SequenceJumpError(TrustError):
     default_hint = "Ask the packer why the sequence jumped; a channel may grow by at most 1,000,000 per install."
 
 
+class NoLongerTrustedError(TrustError):
+    """``airpack check --trust``: installed bundles whose kept envelope today's policy no longer accepts."""
+
+    default_hint = "Re-sign those bundles with keys of the current policy and reinstall them, or remove them."
+
+
 # -- 5: fit ----------------------------------------------------------------------
 
 
@@ -280,7 +334,7 @@ class FitError(AirpackError):
     """The model does not fit the target GPUs."""
 
     exit_code = 5
-    default_hint = "Use more or larger GPUs, a shorter --context, or --ignore-fit if you know better."
+    default_hint = "Use more or larger GPUs, a higher --gpu-memory-utilization, or a shorter --context."
 
 
 # -- 6: registry -----------------------------------------------------------------
@@ -300,6 +354,12 @@ class NotInstalledError(RegistryError):
 
 class ConflictError(RegistryError):
     pass
+
+
+class SnapshotMissingError(RegistryError):
+    """An installed revision whose snapshot (or a file of it) is gone from ``hub/``: deleted by hand or by a cache tool."""
+
+    default_hint = "Remove that revision (`airpack remove REPO --revision COMMIT`), then install its bundle again from the medium."
 
 
 class UnsafeRegistryError(RegistryError):
@@ -330,7 +390,10 @@ class GatedRepoError(FetchError):
 
 
 class ResourceError(AirpackError):
+    """The host refused what the command needed: disk space, a permission, a device that failed."""
+
     exit_code = 8
+    default_hint = "Check the named path's filesystem and medium (free space, permissions, read errors), then run the command again."
 
 
 class DiskSpaceError(ResourceError):
@@ -339,6 +402,19 @@ class DiskSpaceError(ResourceError):
 
 class AccessDeniedError(ResourceError):
     default_hint = "Check the permissions of the folder airpack writes to."
+
+
+# -- 141: stdout closed ----------------------------------------------------------------
+
+
+class BrokenPipe(AirpackError):
+    """Whoever read stdout went away (``airpack list | head``): the command stops quietly, as a SIGPIPE would stop it.
+
+    Nothing is printed for it (there is no reader left); the record exists for the audit log.
+    """
+
+    exit_code = 141  # 128 + SIGPIPE, what a shell reports for git or coreutils in the same pipe
+    default_hint = "Nothing is wrong: the reader of the output (head, a closed terminal) stopped; run without it for all of it."
 
 
 # -- 130: interrupted ----------------------------------------------------------------
@@ -353,12 +429,47 @@ class Interrupted(AirpackError):
 # -- the one mapping ----------------------------------------------------------------
 
 
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_DENIED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def from_oserror(e: OSError, what: str = "cannot access", path: str | None = None) -> AirpackError:
+    """The one mapping of an operating-system error to the named airpack error (``what path: reason``).
+
+    A full disk or quota is ``DiskSpaceError``, a refused permission or a read-only filesystem
+    ``AccessDeniedError`` (both exit 8), a name over the OS limit ``PathTooLongError`` (exit 2,
+    the user picks another path); every other errno is a ``ResourceError`` (exit 8). ``path``
+    defaults to the file the error names.
+    """
+    if path is None:
+        path = e.filename if isinstance(e.filename, str) else (None if e.filename is None else str(e.filename))
+    where = f"{what} {path}" if path else f"{what} a file (the operating system did not say which)"
+    reason = e.strerror or type(e).__name__
+    if e.errno in _DISK_FULL:
+        return DiskSpaceError(f"{where}: no space left on device", path=path)
+    if e.errno in _DENIED:
+        return AccessDeniedError(f"{where}: {reason}", path=path)
+    if e.errno == errno.ENAMETOOLONG:
+        return PathTooLongError(f"{where}: the name is longer than the operating system allows", path=path)
+    return ResourceError(f"{where}: {reason}", path=path)
+
+
 def as_airpack_error(e: BaseException) -> AirpackError:
-    """``e`` itself when airpack raised it on purpose; an interrupt as ``Interrupted``; anything else as an ``InternalError``."""
+    """``e`` itself when airpack raised it on purpose; an interrupt as ``Interrupted``; anything else as an ``InternalError``.
+
+    An ``OSError`` that carries an errno (the OS refused: a permission, a full disk, a name too long)
+    is the named error of ``from_oserror`` wherever it was raised, so no call site needs its own
+    try/except to avoid exit 1; a closed pipe on stdout is ``BrokenPipe``. An ``OSError`` without
+    an errno was raised by code, not by the OS, and stays a bug.
+    """
     if isinstance(e, AirpackError):
         return e
     if isinstance(e, KeyboardInterrupt):
         return Interrupted("interrupted")
+    if isinstance(e, BrokenPipeError):
+        return BrokenPipe("stdout was closed")
+    if isinstance(e, OSError) and e.errno is not None:
+        return from_oserror(e)
     return InternalError.wrap(e)
 
 

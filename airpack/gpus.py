@@ -146,12 +146,21 @@ def size_or_none(text: str) -> int | None:
         return None
 
 
+_COUNT = re.compile(r"[0-9]{1,5}")
+
+
 def split_count(spec: str) -> tuple[str, int]:
-    """``NAME:COUNT`` → (NAME, COUNT); no ``:COUNT`` means one GPU."""
+    """``NAME:COUNT`` → (NAME, COUNT); no ``:COUNT`` means one GPU.
+
+    Strict, because a misread count is a wrong fit verdict: one ``:`` at most (``H100:2:3`` is
+    refused, not read as 3 GPUs of "H100:2"), and the count is ASCII digits only.
+    """
     text = spec.strip()
+    if text.count(":") > 1:
+        raise GpuSpecError(f"GPU spec {spec!r} has more than one ':'; write NAME:COUNT, e.g. H100-80GB:2")
     if ":" in text:
-        name, _, count_s = text.rpartition(":")
-        if not count_s.strip().isdigit():
+        name, _, count_s = text.partition(":")
+        if not _COUNT.fullmatch(count_s.strip()):
             raise GpuSpecError(f"GPU spec {spec!r}: the count after ':' must be a whole number")
         count = int(count_s)
         if not 1 <= count <= MAX_COUNT:
@@ -164,6 +173,10 @@ def parse_gpu(spec: str, *, count: int | None = None) -> GpuBudget:
     """A ``--gpu`` value (catalog name or size, optional ``:COUNT``) as a ``GpuBudget`` of empty GPUs."""
     if not isinstance(spec, str) or not spec.strip() or len(spec) > 200:
         raise GpuSpecError(f"invalid GPU spec {spec!r}")
+    if count is not None and ":" in spec:
+        # A spec target names the count in its own field: "H100:4" with count = 1 would silently mean 1 GPU.
+        raise GpuSpecError(f"GPU {spec!r} carries a count; in a spec write gpu = \"{spec.partition(':')[0].strip()}\" "
+                           f"and count = {spec.partition(':')[2].strip() or 'N'}")
     name, n = split_count(spec)
     if count is not None:
         n = count

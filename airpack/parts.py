@@ -21,6 +21,7 @@ of two exports cannot be mixed), and everything repair needs.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import hashlib
@@ -48,7 +49,7 @@ from .errors import (
     UsageError,
 )
 from .hashing import hash_fd, parallel_map
-from .manifest import STATEMENT_TYPE
+from .manifest import ENVELOPE_NAME, STATEMENT_TYPE
 from .signing import PAYLOAD_TYPE, Envelope, Signer, envelope_bytes, parse_envelope
 from .trust import TrustPolicy, VerifiedPayload, verify_envelope
 
@@ -171,6 +172,13 @@ def part_names(tar_name: str, layout: Layout) -> list[str]:
 
 def index_name(tar_name: str) -> str:
     return tar_name + INDEX_SUFFIX
+
+
+def check_tar_name(tar_name: str) -> None:
+    """Refuse (exit 2), before anything is written, a tar name the signed parts index could not hold."""
+    if not _PART_NAME.fullmatch(tar_name):
+        raise UsageError(f"--tar name {tar_name!r} cannot name a split export: its parts index allows only letters, digits, "
+                         "'.', '_', '+' and '-' (at most 255, starting with a letter or digit)", path=tar_name)
 
 
 # -- the index -------------------------------------------------------------------------
@@ -652,18 +660,131 @@ class PartsReport:
 
 
 def parts_error(index: PartsIndex, report: PartsReport, folder: Path) -> PartsError:
-    """Name every lost part in ``folder``, and say whether ``airpack repair`` can rebuild them."""
+    """Name every lost part in ``folder`` (data and parity), and say whether ``airpack repair`` can rebuild them.
+
+    The repair hint counts only the parity parts that are intact: ``k + N`` parts rebuild any
+    ``k``, so repair works while no more than ``N`` parts (of either kind) are lost. What can be
+    shown to come from another export says so: data part 1 starts with the bundle's envelope,
+    whose bundle name and sequence (or, when it is whole, manifest digest) are compared with the
+    ones the index is signed for; part files of another tar name in the folder are named too.
+    """
+    roles = {p.name: p.role for p in index.parts}
+    why = dict(report.bad)
+    first = index.data[0].name
+    foreign = _foreign_first_part(folder, index) if first in why else None
+    if foreign is not None:
+        why[first] = foreign
+    bad = tuple((n, why[n]) for n, _ in report.bad)
+    what = [f"{n} ({roles.get(n, 'data')}, missing)" for n in report.missing] + [f"{n} ({roles.get(n, 'data')}, {r})" for n, r in bad]
     lost = report.lost
-    what = [f"{n} (missing)" for n in report.missing] + [f"{n} ({why})" for n, why in report.bad]
+    strangers = _strangers(folder, index)
+    others = (f"; {', '.join(strangers[:3])}{' and more' if len(strangers) > 3 else ''} in {folder} belong to another "
+              f"export (not in the parts index {index_name(index.tar_name)})") if strangers else ""
+    if foreign is not None and 2 * len(lost) > len(index.parts):
+        b = index.bundle
+        return PartsError(
+            f"{len(lost)} of the {len(index.parts)} parts in {folder} do not match the parts index "
+            f"{index_name(index.tar_name)} (bundle {b.get('name')} sequence {b.get('sequence')}): the parts and the index "
+            f"belong to different exports; {first} {foreign}{others}", missing=report.missing, bad=bad,
+            hint="Keep each export's parts in a folder with its own index; copy the parts that belong to this index.")
+    return PartsError(f"{len(lost)} part(s) missing or damaged: {', '.join(what)}{others}", missing=report.missing, bad=bad,
+                      hint=_repair_hint(index, lost, roles, folder))
+
+
+_PART_FILE = re.compile(r"\.(part|parity)[0-9]{4}$")
+
+
+def _strangers(folder: Path, index: PartsIndex) -> list[str]:
+    """Part files in ``folder`` that this index does not name (another export's, by their tar name)."""
+    mine = {p.name for p in index.parts}
+    try:
+        return sorted(e.name for e in os.scandir(folder) if _PART_FILE.search(e.name) and e.name not in mine)
+    except OSError:
+        return []
+
+
+def _repair_hint(index: PartsIndex, lost: tuple[str, ...], roles: dict[str, str], folder: Path) -> str:
+    """What to do about ``lost``: repair when the intact parity parts suffice, else copy the named parts again."""
     n = index.layout.parity_parts
-    if n and len(lost) <= n:
-        hint = f"Run `airpack repair {folder}`: {n} parity part(s) can rebuild {len(lost)} lost part(s)."
-    elif n:
-        hint = f"Only {n} parity part(s): copy the named parts again, then run `airpack repair`."
-    else:
-        hint = "This export has no parity parts: copy the named parts again from the source media."
-    return PartsError(f"{len(lost)} part(s) missing or damaged: {', '.join(what)}", missing=report.missing, bad=report.bad,
-                      hint=hint)
+    if not n:
+        return "This export has no parity parts: copy the named parts again from the source media."
+    lost_data = sum(1 for name in lost if roles.get(name) == "data")
+    lost_parity = len(lost) - lost_data
+    intact = n - lost_parity
+    if len(lost) <= n:
+        if not lost_data:
+            return f"Run `airpack repair {folder}`: it codes the {lost_parity} lost parity part(s) again from the data parts."
+        again = f", and codes the {lost_parity} lost parity part(s) again" if lost_parity else ""
+        return (f"Run `airpack repair {folder}`: the {intact} intact parity part(s) rebuild the {lost_data} lost data "
+                f"part(s){again}.")
+    return (f"Only {intact} of {n} parity part(s) are intact, too few for {lost_data} lost data part(s) "
+            f"({len(lost)} parts lost, repair rebuilds at most {n}): copy the named parts again, then run `airpack repair {folder}`.")
+
+
+_TAR_HEADER = 512
+
+
+def _foreign_first_part(folder: Path, index: PartsIndex) -> str | None:
+    """Why data part 1 belongs to another export, when the envelope it starts with proves it; else None.
+
+    Reads only the part's first block: the tar header, then as much of the envelope as is there.
+    A whole envelope gives the manifest digest; else the start of its payload (base64 of the
+    manifest, whose ``bundle`` object comes first) gives the bundle's name and sequence. It is
+    a diagnosis for the message only, never trusted: the part has already failed its digest.
+    """
+    p = index.data[0]
+    span = index.layout.block_size if index.layout.kind == "striped" else p.size  # where tar bytes run unbroken
+    try:
+        fd = _open_part(folder / p.name, p.name)
+    except AirpackError:
+        return None
+    try:
+        head = os.pread(fd, min(span, MAX_INDEX_BYTES), 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(head) < _TAR_HEADER or head[:100].rstrip(b"\0") != ENVELOPE_NAME.encode():
+        return None
+    try:
+        size = int(head[124:136].rstrip(b"\0 ").decode("ascii") or "0", 8)
+    except ValueError:
+        return None
+    body = head[_TAR_HEADER:_TAR_HEADER + size]
+    ours = f"the index {index_name(index.tar_name)} is for"
+    if len(body) == size:
+        with contextlib.suppress(AirpackError):
+            digest = hashlib.sha256(parse_envelope(body, where=p.name).payload).hexdigest()
+            if digest == index.manifest_sha256:
+                return None
+            return (f"belongs to another export: it holds the bundle with manifest sha256 {digest[:16]}…, "
+                    f"{ours} {index.manifest_sha256[:16]}…")
+    claimed = _bundle_prefix(body)
+    if claimed is None:
+        return None
+    name, seq = claimed
+    if (name, seq) == (index.bundle.get("name"), index.bundle.get("sequence")):
+        return None
+    return (f"belongs to another export: it starts bundle {name} sequence {seq}, "
+            f"{ours} {index.bundle.get('name')} sequence {index.bundle.get('sequence')}")
+
+
+_PAYLOAD_START = re.compile(rb'"payload":\s*"([A-Za-z0-9+/]*)')
+_BUNDLE_FIELDS = re.compile(r'"bundle":\s*\{[^}]*?"name":\s*"([^"\\]{1,200})"[^}]*?"sequence":\s*([0-9]{1,20})')
+
+
+def _bundle_prefix(envelope_start: bytes) -> tuple[str, int] | None:
+    """(bundle name, sequence) from the first bytes of an envelope, or None when they are not there."""
+    m = _PAYLOAD_START.search(envelope_start)
+    if m is None:
+        return None
+    b64 = m.group(1)[: len(m.group(1)) // 4 * 4]
+    try:
+        text = base64.b64decode(b64, validate=True).decode("utf-8", "replace")
+    except ValueError:
+        return None
+    f = _BUNDLE_FIELDS.search(text)
+    return (f.group(1), int(f.group(2))) if f else None
 
 
 def _check_one(folder: Path, p: PartInfo, on_bytes: Callable[[int], None]) -> tuple[str, str | None]:

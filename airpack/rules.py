@@ -17,6 +17,10 @@ from enum import Enum
 from .errors import ExpiredError, PolicyError, RollbackError, SequenceJumpError, SignatureError
 
 MAX_SEQUENCE_JUMP = 1_000_000  # a leaked key cannot jump a channel to the end of the sequence space
+# The highest sequence a bundle may carry: 2^53 - 1, the largest integer every JSON reader holds exactly
+# (RFC 7493, I-JSON; JavaScript's Number.MAX_SAFE_INTEGER), so an auditor's tool never sees two
+# sequences as one. A bundle a second for 285 million years; pack refuses more (exit 2), verify exit 4.
+MAX_SEQUENCE = 2**53 - 1
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,19 @@ class Sequence(Enum):
     SAME = "same"  # the very bundle installed last (same sequence, same manifest)
     CONFLICT = "conflict"  # the same sequence with other content: a rollback in disguise
     OLDER = "older"  # below the highest: a rollback
-    JUMP = "jump"  # more than MAX_SEQUENCE_JUMP above the highest
+    JUMP = "jump"  # more than MAX_SEQUENCE_JUMP above the highest (above 0 for a channel's first bundle)
 
 
 def classify_sequence(high: ChannelHigh | None, *, sequence: int, manifest_sha256: str) -> Sequence:
-    """Where ``sequence`` stands on its channel; the single comparison every rollback rule uses."""
+    """Where ``sequence`` stands on its channel; the single comparison every rollback rule uses.
+
+    A channel with nothing installed counts as standing at 0, so its first
+    bundle may not start beyond ``MAX_SEQUENCE_JUMP`` either: otherwise a
+    leaked key's first bundle on a fresh host could sit at the top of the
+    sequence space and leave the channel no room to be updated.
+    """
     if high is None:
-        return Sequence.NEW
+        return Sequence.JUMP if sequence > MAX_SEQUENCE_JUMP else Sequence.NEW
     if sequence > high.sequence + MAX_SEQUENCE_JUMP:
         return Sequence.JUMP
     if sequence > high.sequence:
@@ -55,6 +65,9 @@ def classify_sequence(high: ChannelHigh | None, *, sequence: int, manifest_sha25
 def describe_sequence(verdict: Sequence, high: ChannelHigh | None, *, name: str, sequence: int, channel: str) -> str | None:
     """Why an install of this bundle would be refused (the text of the refusal), or None when it would not."""
     if high is None:
+        if verdict is Sequence.JUMP:
+            return (f"bundle {name} has sequence {sequence}, more than {MAX_SEQUENCE_JUMP:,}, and is the first of channel "
+                    f"{channel} on this host: a channel's first bundle counts from 0")
         return None
     if verdict is Sequence.JUMP:
         return (f"bundle {name} has sequence {sequence}, more than {MAX_SEQUENCE_JUMP:,} beyond {high.sequence}, "
@@ -77,12 +90,22 @@ def check_sequence(high: ChannelHigh | None, *, name: str, channel: str, sequenc
     verdict = classify_sequence(high, sequence=sequence, manifest_sha256=manifest_sha256)
     why = describe_sequence(verdict, high, name=name, sequence=sequence, channel=channel)
     if verdict is Sequence.JUMP:
-        raise SequenceJumpError(str(why))
+        first = f"a channel's first bundle may carry at most {MAX_SEQUENCE_JUMP:,}; " if high is None else ""
+        raise SequenceJumpError(str(why), hint=f"Ask the packer why the sequence jumped; {first}a channel may grow by at most "
+                                f"{MAX_SEQUENCE_JUMP:,} per install.")
     if verdict in (Sequence.OLDER, Sequence.CONFLICT):
         if not allow_downgrade:
             raise RollbackError(f"{why}: refusing a rollback")
         return True
     return False
+
+
+def check_sequence_range(*, name: str, sequence: int) -> None:
+    """A signed sequence above ``MAX_SEQUENCE`` is refused (exit 4) on every host, whatever the registry holds."""
+    if not 0 <= sequence <= MAX_SEQUENCE:
+        raise SequenceJumpError(f"bundle {name} has sequence {sequence}, above the highest airpack accepts ({MAX_SEQUENCE:,}, "
+                                "2^53 - 1)", hint="airpack pack never writes such a sequence: ask the packer how this bundle "
+                                "was made, and do not install it.")
 
 
 def is_expired(expires: dt.datetime | None, now: dt.datetime | None = None) -> bool:
@@ -106,16 +129,27 @@ def check_policy_usable(*, threshold: int, keys: int, source: str) -> None:
         )
 
 
-def check_threshold(signers: list[str], *, threshold: int, where: str, source: str) -> None:
+def check_threshold(signers: list[str], *, threshold: int, where: str, source: str, missing: list[str] | None = None) -> None:
     """Enough *distinct* trusted keys made a valid signature over the exact payload, or exit 4.
 
-    ``signers`` names each distinct policy key whose signature verified.
+    ``signers`` names each distinct policy key whose signature verified;
+    ``missing`` the policy keys that did not sign, so the refusal can say who
+    still has to co-sign.
     """
     if len(signers) >= threshold:
         return
+    absent = ", ".join(missing) if missing else "none"
+    need = f"{threshold} of {len(signers) + len(missing)} keys" if missing is not None else f"{threshold} keys"
     if not signers:
-        raise SignatureError(f"envelope {where}: no valid signature by a key in the trust policy {source}", path=where)
+        raise SignatureError(
+            f"envelope {where}: no valid signature by a key in the trust policy {source}",
+            path=where,
+            hint=(f"{need} must sign, and none did (policy keys: {absent}): check that this is the bundle you expect "
+                  "and that it was signed by keys in this host's trust policy."),
+        )
     raise SignatureError(
         f"envelope {where}: {len(signers)} distinct trusted signer(s) ({', '.join(signers)}), the policy requires {threshold}",
         path=where,
+        hint=(f"{need} must sign; signed by: {', '.join(signers)}; not signed by: {absent}. "
+              "Have one of them co-sign with `airpack sign BUNDLE --key KEY`."),
     )

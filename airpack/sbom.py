@@ -2,8 +2,12 @@
 
 Each model is a ``machine-learning-model`` component (repo id, commit, licence,
 parameters, dtypes, and a SHA-256 over its file list) with its files nested
-as ``file`` components; each wheel is a ``library`` with its PyPI purl; every
-file carries its SHA-256. The document is deterministic: the serial number
+as ``file`` components; a model from the Hub has its ``pkg:huggingface`` purl,
+a model from a local folder none (its commit is derived from its bytes and
+names nothing on the Hub; ``airpack:source`` says where it came from). Each
+wheel is a ``library`` with its PyPI purl and the licence its own METADATA
+declares (recorded at pack time, from the verified copy). Every file carries
+its SHA-256. The document is deterministic: the serial number
 is derived from the content and the timestamp is the bundle's created time,
 so packing the same inputs gives the same bytes, and the SBOM written into a
 bundle at pack time is covered by the signature like any other file.
@@ -12,10 +16,13 @@ bundle at pack time is covered by the signature like any other file.
 from __future__ import annotations
 
 import datetime as dt
+import email.parser
 import hashlib
 import json
 import uuid
 import warnings
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,42 @@ from .manifest import FileEntry, format_time
 SBOM_NAME = "sbom.cdx.json"
 SPEC_VERSION = "1.6"
 _NAMESPACE = uuid.UUID("6f1b7c1e-4a57-4c44-9a55-61727061636b")  # fixed: "airpack" serial numbers
+MAX_METADATA_BYTES = 1 << 20  # a wheel's METADATA (long descriptions included) is far smaller
+MAX_LICENSE_CHARS = 100  # a ``License:`` field longer than this (or on several lines) is the licence text, not its name
+
+
+def wheel_licenses(wheel: Path) -> list[str]:
+    """The licence a wheel declares in its ``*.dist-info/METADATA``: ``License-Expression``, else a short ``License``,
+    else the names of its ``Classifier: License ::`` entries; ``[]`` when it declares none (or the file cannot say).
+
+    Call it only on a wheel whose bytes were verified (pack: after the copy's
+    hash matched pip's). The read is capped, and a wheel that is not a
+    readable zip simply declares nothing here: install checks it fully.
+    """
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            infos = [i for i in zf.infolist() if i.filename.count("/") == 1 and i.filename.endswith(".dist-info/METADATA")]
+            if len(infos) != 1 or infos[0].file_size > MAX_METADATA_BYTES:
+                return []
+            with zf.open(infos[0]) as f:
+                raw = f.read(MAX_METADATA_BYTES + 1)
+    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, ValueError, zlib.error):
+        return []
+    if len(raw) > MAX_METADATA_BYTES:
+        return []
+    headers = email.parser.HeaderParser().parsestr(raw.decode("utf-8", errors="replace"), headersonly=True)
+    expression = str(headers.get("License-Expression") or "").strip()
+    if expression:
+        return [expression]
+    text = str(headers.get("License") or "").strip()
+    if text and "\n" not in text and len(text) <= MAX_LICENSE_CHARS and text.upper() != "UNKNOWN":
+        return [text]
+    names = []
+    for c in headers.get_all("Classifier") or []:
+        parts = [p.strip() for p in str(c).split("::")]
+        if len(parts) >= 2 and parts[0] == "License" and parts[-1] and parts[-1] != "OSI Approved":
+            names.append(parts[-1])
+    return sorted(set(names))
 
 
 def model_digest(files: Sequence[FileEntry], prefix: str) -> str:
@@ -94,6 +137,8 @@ def build_sbom(*, name: str, channel: str, sequence: int, created: dt.datetime, 
         if m.get("code"):
             props.append(Property(name="airpack:code", value=", ".join(m["code"])))
         lic = m.get("license")
+        # only the Hub gives a repo id and commit an identity a purl can name; a local folder's commit is derived
+        hub = m.get("source") == "hub"
         top.append(Component(
             name=repo_id,
             type=ComponentType.MACHINE_LEARNING_MODEL,
@@ -102,7 +147,8 @@ def build_sbom(*, name: str, channel: str, sequence: int, created: dt.datetime, 
             group=org or None,
             hashes=sha(model_digest(mfiles, prefix)),
             licenses=[licenses.make_from_string(lic)] if isinstance(lic, str) and lic else None,
-            purl=PackageURL(type="huggingface", namespace=org or None, name=short, version=m.get("commit") or None),
+            purl=PackageURL(type="huggingface", namespace=org or None, name=short, version=m.get("commit") or None)
+            if hub else None,
             properties=props,
             components=[file_component(f) for f in mfiles],
         ))
@@ -116,6 +162,7 @@ def build_sbom(*, name: str, channel: str, sequence: int, created: dt.datetime, 
             type=ComponentType.LIBRARY,
             bom_ref=f"wheel:{path}",
             hashes=sha(str(w.get("sha256", ""))),
+            licenses=_licenses(licenses, w.get("licenses")),
             purl=PackageURL(type="pypi", name=str(w.get("name", "")).lower(), version=str(w.get("version", "")) or None),
             properties=[Property(name="airpack:file", value=path)],
             components=[file_component(wf)] if wf is not None else None,
@@ -138,6 +185,19 @@ def build_sbom(*, name: str, channel: str, sequence: int, created: dt.datetime, 
         text = JsonV1Dot6(bom).output_as_string()
     # Canonical JSON on top of the library's output: the bytes depend only on the content.
     return dumps_canonical(json.loads(text))
+
+
+def _licenses(factory: Any, declared: object) -> list[Any] | None:
+    """CycloneDX ``licenses`` for a wheel's declared licences: one expression, or one licence (SPDX id or name) each."""
+    if not isinstance(declared, list) or not declared or not all(isinstance(x, str) and x for x in declared):
+        return None
+    if len(declared) == 1:
+        return [factory.make_from_string(declared[0])]
+    from cyclonedx.model.license import LicenseExpression
+
+    # several names (classifiers): CycloneDX takes a list of licences, but an expression only on its own
+    made = [factory.make_from_string(x) for x in declared]
+    return [factory.make_with_name(x) if isinstance(m, LicenseExpression) else m for x, m in zip(declared, made, strict=True)]
 
 
 def write_sbom(out: Path, *, name: str, channel: str, sequence: int, created: dt.datetime, files: Sequence[FileEntry],

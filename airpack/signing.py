@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from ._fs import atomic_write, read_capped
 from ._json import StrictJSONError, loads_strict
+from ._perms import refuse_shared_write, shared_read_warning, warn_stderr
 from .errors import EnvelopeError, KeyFileError, UsageError
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -106,13 +108,21 @@ def write_keypair(
     return key_id(pub)
 
 
-def load_signer(path: Path, *, passphrase: bytes | None = None) -> Signer:
-    """Load a PKCS#8 PEM private key; a wrong passphrase or a corrupt file is a KeyFileError."""
+def load_signer(path: Path, *, passphrase: bytes | None = None, warn: Callable[[str], None] = warn_stderr) -> Signer:
+    """Load a PKCS#8 PEM private key; a wrong passphrase or a corrupt file is a KeyFileError.
+
+    A key file that group or others can write (or replace) is refused: whoever
+    can swap it signs in its owner's name. One they can only read is
+    ``warn``-ed about (the secret may already be out) and still used.
+    """
     shown = str(path)
     try:
+        refuse_shared_write(Path(path), what="private key", error=KeyFileError, display=shown)
         data = read_capped(Path(path), MAX_KEY_FILE_BYTES, display=shown, what="key file")
     except FileNotFoundError:
         raise KeyFileError(f"key file {shown} not found", path=shown) from None
+    except KeyFileError:
+        raise
     except Exception as e:  # noqa: BLE001 - any refusal of the key file is a key-file error
         raise KeyFileError(f"cannot read key file {shown}: {e}", path=shown) from None
     if b"-----BEGIN PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:
@@ -134,6 +144,9 @@ def load_signer(path: Path, *, passphrase: bytes | None = None) -> Signer:
         alg = "ecdsa-p256"
     else:
         raise KeyFileError(f"key file {shown}: unsupported key type (use Ed25519 or ECDSA P-256)", path=shown)
+    leak = shared_read_warning(Path(path), what="private key", display=shown)
+    if leak is not None:
+        warn(leak)
     return Signer(private_key=key, keyid=key_id(key.public_key()), algorithm=alg)
 
 
@@ -145,15 +158,29 @@ def load_public_pem(data: bytes, *, where: str) -> PublicKey:
     return _check_public(key, where)
 
 
-def load_public_file(path: Path) -> PublicKey:
+def read_public_file(path: Path) -> tuple[PublicKey, str]:
+    """A public key file (SPKI PEM) and its PEM text; anything wrong with it is a ``KeyFileError`` (exit 2).
+
+    A folder, an unreadable or oversized file, a private key or garbage in
+    its place is a key file the user must fix: configuration, not integrity.
+    """
     shown = str(path)
+    if Path(path).is_dir():
+        raise KeyFileError(f"public key {shown} is a folder; give the NAME.pub file", path=shown)
     try:
         data = read_capped(Path(path), MAX_KEY_FILE_BYTES, display=shown, what="public key")
     except FileNotFoundError:
         raise KeyFileError(f"public key {shown} not found", path=shown) from None
-    except Exception as e:  # noqa: BLE001
-        raise KeyFileError(f"cannot read public key {shown}: {e}", path=shown) from None
-    return load_public_pem(data, where=shown)
+    except Exception as e:  # noqa: BLE001 - any refusal of the key file is a key-file error
+        raise KeyFileError(f"cannot read public key: {e}", path=shown) from None
+    if b"PRIVATE KEY" in data:
+        raise KeyFileError(f"{shown} is a private key; give the .pub file", path=shown)
+    key = load_public_pem(data, where=shown)
+    return key, public_pem(key)  # the canonical SPKI PEM: nothing but the key reaches the policy
+
+
+def load_public_file(path: Path) -> PublicKey:
+    return read_public_file(path)[0]
 
 
 def verify_sig(public_key: PublicKey, payload_type: str, payload: bytes, sig: bytes) -> bool:
@@ -213,10 +240,20 @@ def _b64(value: Any, what: str, where: str) -> bytes:
     return raw
 
 
+def oversized_envelope(where: str, size: int | None) -> EnvelopeError:
+    """The refusal of an envelope over the cap: it says so, with its size, and names the file once."""
+    got = f"{size:,} bytes, " if size is not None else ""
+    return EnvelopeError(
+        f"envelope {where} is too large: {got}larger than the {MAX_ENVELOPE_BYTES:,}-byte limit",
+        path=where,
+        hint="An airpack envelope holds one manifest and a few signatures; this file is not one. Get a fresh copy from the packer.",
+    )
+
+
 def parse_envelope(data: bytes, *, where: str) -> Envelope:
     """Parse envelope bytes strictly; the size cap is applied by the caller's read."""
     if len(data) > MAX_ENVELOPE_BYTES:
-        raise EnvelopeError(f"envelope {where} is larger than {MAX_ENVELOPE_BYTES} bytes", path=where)
+        raise oversized_envelope(where, len(data))
     try:
         doc = loads_strict(data, allow_floats=False, max_depth=4)
     except StrictJSONError as e:
@@ -249,8 +286,11 @@ def parse_envelope(data: bytes, *, where: str) -> Envelope:
     return Envelope(payload_type=ptype, payload=payload, signatures=tuple(out))
 
 
-def passphrase_from(file: Path | None) -> bytes | None:
-    """The passphrase from a file (first line) or AIRPACK_PASSPHRASE; None when neither is set."""
+def passphrase_from(file: Path | None, *, warn: Callable[[str], None] = warn_stderr) -> bytes | None:
+    """The passphrase from a file (first line) or AIRPACK_PASSPHRASE; None when neither is set.
+
+    A passphrase file that group or others can read is ``warn``-ed about.
+    """
     if file is not None:
         try:
             raw = read_capped(Path(file), 4096, what="passphrase file")
@@ -261,6 +301,9 @@ def passphrase_from(file: Path | None) -> bytes | None:
         line = raw.splitlines()[0] if raw.splitlines() else b""
         if not line:
             raise KeyFileError(f"passphrase file {file} is empty", path=str(file))
+        leak = shared_read_warning(Path(file), what="passphrase file")
+        if leak is not None:
+            warn(leak)
         return line
     env = os.environ.get("AIRPACK_PASSPHRASE")
     return env.encode("utf-8") if env else None

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import stat
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -21,13 +23,21 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 from ._fs import describe_mode, open_regular_nofollow, oserror_to_airpack, read_capped, walk_bundle
-from .errors import AirpackError, EnvelopeError, IntegrityError, PartsError, TrustError, UsageError
+from ._json import printable
+from .errors import (
+    EnvelopeError,
+    IntegrityError,
+    NotABundleError,
+    ResourceError,
+    TrustError,
+    UnsafePathError,
+    UsageError,
+)
 from .manifest import ENVELOPE_NAME, MANIFEST_NAME, RESERVED, FileEntry
 from .parts import (
     INDEX_SUFFIX,
     PartsIndex,
     PartsReader,
-    PartsReport,
     check_parts,
     find_index,
     load_index,
@@ -35,7 +45,7 @@ from .parts import (
     parts_error,
     read_index_envelope,
 )
-from .signing import MAX_ENVELOPE_BYTES
+from .signing import MAX_ENVELOPE_BYTES, oversized_envelope
 from .tarball import MemberHeader, ReadableStream, TarReader
 from .trust import TrustPolicy
 
@@ -83,7 +93,8 @@ class BundleSource:
 
     def __init__(self, label: str, location: str | None = None) -> None:
         self.label = label  # how messages name the bundle (a folder, a tar's name, an OCI reference)
-        self.location = location or label  # where it is, in full (what an install records as its source)
+        # Where it is, in full: what an install records as its source, so a name that is not UTF-8 is escaped (\xff).
+        self.location = printable(location or label)
 
     @property
     def root(self) -> Path | None:
@@ -129,6 +140,16 @@ class BundleSource:
 
 # -- a folder -------------------------------------------------------------------------------------
 
+_UNREADABLE_HINT = "The envelope's bytes could not be read: check the file's permissions and the medium, or copy the bundle again."
+
+
+def _size_of(path: Path) -> int | None:
+    """A file's size for a message, or None when it cannot be had."""
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return None
+
 
 class DirSource(BundleSource):
     random_access = True
@@ -166,8 +187,16 @@ class DirSource(BundleSource):
             raise EnvelopeError(f"no signature envelope at {shown}", path=shown) from None
         except EnvelopeError:
             raise
-        except (AirpackError, OSError) as e:  # the size cap, a link, a device, an unreadable file: all envelope refusals
-            raise EnvelopeError(f"cannot read envelope {shown}: {e}", path=shown) from None
+        except ResourceError as e:  # permission denied, EIO on open: the bytes could not be read, no trust verdict (exit 8)
+            raise type(e)(e.message, path=shown, hint=_UNREADABLE_HINT) from None
+        except OSError as e:  # EIO (or a permission change) while reading
+            err = oserror_to_airpack(e, "cannot read envelope", shown)
+            err.hint = _UNREADABLE_HINT
+            raise err from None
+        except UnsafePathError as e:  # a link, a device, a hard link in the envelope's place
+            raise EnvelopeError(f"cannot use envelope: {e.message}", path=shown) from None
+        except IntegrityError:  # read_capped's size cap
+            raise oversized_envelope(shown, _size_of(self.folder / ENVELOPE_NAME)) from None
 
     def manifest_copy(self) -> bytes | None:
         shown = f"{self.folder}/{MANIFEST_NAME}"
@@ -238,7 +267,7 @@ class _StreamSource(BundleSource):
             found = first.name if first else "no member"
             raise EnvelopeError(f"{self.tar_name}: the first member must be {ENVELOPE_NAME}, found {found}", path=ENVELOPE_NAME)
         if first.size > MAX_ENVELOPE_BYTES:
-            raise EnvelopeError(f"{self.tar_name}: {ENVELOPE_NAME} is larger than {MAX_ENVELOPE_BYTES} bytes", path=ENVELOPE_NAME)
+            raise oversized_envelope(self.envelope_where, first.size)
         return self.reader.read(first.size)  # the whole body (capped above), or a named truncation
 
     def manifest_copy(self) -> bytes | None:
@@ -314,19 +343,23 @@ class PartsSource(_StreamSource):
             try:
                 yield
             except (IntegrityError, TrustError) as e:
-                if isinstance(e, PartsError):
-                    raise
-                report = check_parts(self.folder, self.index, parts=self.index.data, workers=self.workers)
+                # Name every lost part, parity ones too (they decide whether repair can help), not just the first.
+                report = check_parts(self.folder, self.index, workers=self.workers)
                 if report:
                     raise parts_error(self.index, report, self.folder) from e
                 raise
 
 
 def check_data_present(folder: Path, index: PartsIndex) -> None:
-    """Before streaming: every data part is there at its signed size (a cheap stat; hashes come later)."""
+    """Before streaming: every data part is there at its signed size (a cheap stat; hashes come later).
+
+    Parity parts are looked at too, and on a refusal every part is hashed, so that the error names
+    every lost part and the repair hint counts only the parity parts still intact; a lost parity
+    part alone refuses nothing (the bundle reads from the data parts).
+    """
     missing: list[str] = []
     bad: list[tuple[str, str]] = []
-    for p in index.data:
+    for p in index.parts:
         try:
             st = os.stat(folder / p.name, follow_symlinks=False)
         except FileNotFoundError:
@@ -334,15 +367,30 @@ def check_data_present(folder: Path, index: PartsIndex) -> None:
             continue
         if st.st_size != p.size:
             bad.append((p.name, f"size {st.st_size}, expected {p.size}"))
-    if missing or bad:
-        raise parts_error(index, PartsReport(ok=(), missing=tuple(missing), bad=tuple(bad)), folder)
+    data = {p.name for p in index.data}
+    if data & ({*missing} | {n for n, _ in bad}):
+        # Refused: now hash every part, so that the error names damaged parity parts as well (their size held).
+        raise parts_error(index, check_parts(folder, index), folder)
 
 
 # -- telling the forms apart ----------------------------------------------------------------------
 
 
+UNFINISHED_MARKER = ".airpack-partial"  # ops.pack.PARTIAL_MARKER (a test keeps the two equal): a pack still under way
+_PART_FILE = re.compile(r"\.(part|parity)\d{4}$")
+_WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt")
+_BUNDLE_LAYOUT = (MANIFEST_NAME, "models", "wheels", "sbom.cdx.json")  # what a bundle folder holds besides its envelope
+
+
 def detect(path: Path) -> tuple[str, Path]:
-    """(kind, path) for what the operator pointed at: a bundle folder, one tar, or a parts folder (or its index file)."""
+    """(kind, path) for what the operator pointed at: a bundle folder, one tar, or a parts folder (or its index file).
+
+    The one place that tells the forms apart, so it is also the one place that says what a thing
+    is when it is no bundle at all: a model folder, an unfinished pack, parts without their
+    index, an empty folder, a plain file. Those are ``NotABundleError`` (exit 2) naming what was
+    found. A folder laid out as a bundle (``manifest.json``, ``models/``) whose envelope is missing
+    stays a bundle, whose verification then fails on the envelope (exit 4).
+    """
     p = Path(path)
     if not p.exists():
         raise UsageError(f"bundle {p} does not exist", path=str(p))
@@ -350,10 +398,80 @@ def detect(path: Path) -> tuple[str, Path]:
         if os.path.lexists(p / ENVELOPE_NAME):
             return "dir", p
         idx = find_index(p)
-        return ("parts", idx) if idx is not None else ("dir", p)
+        if idx is not None:
+            return "parts", idx
+        _refuse_folder(p)
+        return "dir", p
     if p.name.endswith(INDEX_SUFFIX):
         return "parts", p
+    _refuse_file(p)
     return "tar", p
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(folder))
+    except OSError as e:
+        raise oserror_to_airpack(e, "cannot read", str(folder)) from None
+
+
+def _refuse_folder(p: Path) -> None:
+    """A folder with no envelope and no parts index: raise ``NotABundleError`` unless it is laid out as a bundle."""
+    names = _names(p)
+    if UNFINISHED_MARKER in names:
+        raise NotABundleError(
+            f"{p} looks like an unfinished pack ({UNFINISHED_MARKER} is there, {ENVELOPE_NAME} is not), not a bundle",
+            path=str(p), hint=f"Run the same `airpack pack SPEC --out {p}` again: it resumes and signs the bundle last.")
+    if any(n in names for n in _BUNDLE_LAYOUT):
+        return  # a bundle whose envelope is gone: the pipeline refuses it as a trust failure
+    parts = [n for n in names if _PART_FILE.search(n)]
+    if parts:
+        tar = _PART_FILE.sub("", parts[0])
+        raise NotABundleError(
+            f"{p} holds parts ({_few(parts)}) but no parts index ({tar}{INDEX_SUFFIX})", path=str(p),
+            hint=f"Copy {tar}{INDEX_SUFFIX} from the export into {p} too; it is written last, beside the parts.")
+    model = [n for n in names if n == "config.json"] + [f"*{ext}" for ext in _WEIGHTS if any(n.endswith(ext) for n in names)]
+    if model:
+        raise NotABundleError(
+            f"{p} is a model folder ({', '.join(model)}), not a bundle: it has no {ENVELOPE_NAME}", path=str(p),
+            hint="Pack it first: name it as `path` under [[models]] in a spec, then run `airpack pack SPEC --out BUNDLE --key KEY`.")
+    what = "an empty folder" if not names else f"a folder without {ENVELOPE_NAME} ({_few(names)})"
+    raise NotABundleError(f"{p} is {what}, not a bundle", path=str(p))
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _refuse_file(p: Path) -> None:
+    """A file that is not a parts index: raise ``NotABundleError`` unless it could be a tar (ustar magic, or named .tar)."""
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise oserror_to_airpack(e, "cannot read", str(p)) from None
+    if not stat.S_ISREG(st.st_mode):
+        what = {"device": "a device", "FIFO": "a FIFO", "socket": "a socket"}.get(describe_mode(st) or "", "not a regular file")
+        raise NotABundleError(f"{p} is {what}, not a bundle", path=str(p))
+    if p.name == ENVELOPE_NAME:
+        raise NotABundleError(f"{p} is a bundle's envelope, not the bundle", path=str(p),
+                              hint=f"Give the folder that holds it: {p.parent}")
+    if _PART_FILE.search(p.name):
+        raise NotABundleError(f"{p} is one part of a split export, not the whole bundle", path=str(p),
+                              hint=f"Give the folder that holds every part and the *{INDEX_SUFFIX} index: {p.parent}")
+    if st.st_size == 0:
+        raise NotABundleError(f"{p} is an empty file, not a bundle", path=str(p))
+    if p.name.endswith(".tar"):
+        return  # named as a tar: damage inside it is an integrity failure the tar reader names
+    try:
+        with open(p, "rb") as f:
+            head = f.read(_TAR_BLOCK)
+    except OSError:
+        return  # the tar source reports why it cannot be read
+    if head[257:262] != b"ustar":
+        raise NotABundleError(f"{p} is a plain file (not a tar, and not a folder), not a bundle", path=str(p))
+
+
+_TAR_BLOCK = 512
 
 
 def open_source(path: Path, *, policy: TrustPolicy | None = None, workers: int | None = None) -> BundleSource:

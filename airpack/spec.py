@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._fs import collision_key
 from .errors import SpecError
-from .manifest import valid_name, valid_repo_id
+from .manifest import model_slug, valid_name, valid_repo_id
+from .rules import MAX_SEQUENCE
+from .vram import RUNTIMES
 
 MAX_SPEC_BYTES = 1024 * 1024
 
@@ -161,8 +164,11 @@ def _bundle_table(bundle: object, src: str) -> tuple[str, str, int, dt.datetime 
     if not valid_name(channel):
         raise SpecError(f"spec {src}: bundle.channel: letters, digits, '.', '_' and '-' only", path=src)
     sequence = _typed(bundle, "sequence", int, "bundle", src)
-    if sequence is None or sequence < 0 or sequence >= 2**63:
+    if sequence is None or sequence < 0:
         raise SpecError(f"spec {src}: bundle.sequence is required (a non-negative integer)", path=src)
+    if sequence > MAX_SEQUENCE:  # verify would refuse it (exit 4): say so before anything is fetched
+        raise SpecError(f"spec {src}: bundle.sequence {sequence} is above the highest airpack accepts ({MAX_SEQUENCE:,}, "
+                        "2^53 - 1)", path=src)
     return name, channel, sequence, _to_utc(bundle.get("expires"), src)
 
 
@@ -171,8 +177,20 @@ def _models(models_doc: object, base: Path, src: str) -> tuple[ModelSpec, ...]:
     if not isinstance(models_doc, list) or not models_doc:
         raise SpecError(f"spec {src}: at least one [[models]] entry is required", path=src)
     models = tuple(_model(m, f"models[{i}]", base, src) for i, m in enumerate(models_doc))
-    if len({m.repo_id for m in models}) != len(models):
-        raise SpecError(f"spec {src}: a repo_id appears twice in [[models]]", path=src)
+    seen: dict[str, int] = {}
+    for i, m in enumerate(models):
+        # each model lands in a folder named after its repo id (bundle and registry): equal up to case, they collide
+        j = seen.setdefault(collision_key(model_slug(m.repo_id)), i)
+        if j == i:
+            continue
+        if models[j].repo_id == m.repo_id:
+            raise SpecError(f"spec {src}: repo_id {m.repo_id!r} appears twice in [[models]] (models[{j}] and models[{i}])",
+                            path=src)
+        raise SpecError(
+            f"spec {src}: models[{i}].repo_id {m.repo_id!r} and models[{j}].repo_id {models[j].repo_id!r} differ only in "
+            "case (or Unicode form): their folders would collide on case-insensitive file systems", path=src,
+            hint="Give each model a repo_id that differs by more than case; see docs/spec.md.",
+        )
     return models
 
 
@@ -264,6 +282,6 @@ def _target(t: object, where: str, src: str) -> TargetSpec:
     runtime = _typed(t, "runtime", str, where, src, default="vllm")
     if count < 1 or batch < 1 or (context is not None and context < 1):
         raise SpecError(f"spec {src}: {where}: count, batch and context must be positive", path=src)
-    if runtime not in ("vllm", "transformers", "llamacpp"):
-        raise SpecError(f"spec {src}: {where}.runtime must be vllm, transformers or llamacpp", path=src)
+    if runtime not in RUNTIMES:  # the runtimes the fit estimate models (as ``airpack fit --runtime``); not llama.cpp yet
+        raise SpecError(f"spec {src}: {where}.runtime must be one of {', '.join(RUNTIMES)} (got {runtime!r})", path=src)
     return TargetSpec(gpu=gpu, count=count, context=context, runtime=runtime, batch=batch)

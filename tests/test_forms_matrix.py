@@ -140,6 +140,29 @@ def pickle_not_allowed(b: Path, c: Ctx) -> None:
     resign(b, st, c.alice.signer)
 
 
+def pickle_named_as_json(b: Path, c: Ctx) -> None:
+    """A pickle whose name betrays nothing: judged by the first bytes that were hashed, in every form."""
+    data = b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00}\x94."
+    (b / "models/acme--tiny/chat_template.json").write_bytes(data)
+    st = statement(b)
+    add_file_to_statement(st, "models/acme--tiny/chat_template.json", data)
+    resign(b, st, c.alice.signer)
+
+
+def malformed_gguf(b: Path, c: Ctx) -> None:
+    data = b"GGUF" + (3).to_bytes(4, "little") + (10**6).to_bytes(8, "little") + (0).to_bytes(8, "little")
+    (b / "models/acme--tiny/model.gguf").write_bytes(data)
+    st = statement(b)
+    add_file_to_statement(st, "models/acme--tiny/model.gguf", data)
+    resign(b, st, c.alice.signer)
+
+
+def sequence_above_max(b: Path, c: Ctx) -> None:
+    st = statement(b)
+    st["predicate"]["bundle"]["sequence"] = 2**53
+    resign(b, st, c.alice.signer)
+
+
 def traversal_in_manifest(b: Path, c: Ctx) -> None:
     st = statement(b)
     add_file_to_statement(st, "models/acme--tiny/../../evil.txt", b"x")
@@ -175,6 +198,9 @@ THREATS: list[tuple[Callable[[Path, Ctx], None], int, str, tuple[str, ...]]] = [
     (wrong_payload_type, 4, "EnvelopeError", ()),
     (malformed_safetensors, 3, "MalformedSafetensorsError", ()),
     (pickle_not_allowed, 3, "ContentPolicyError", ()),
+    (pickle_named_as_json, 3, "ContentPolicyError", ()),
+    (malformed_gguf, 3, "MalformedWeightsError", ()),
+    (sequence_above_max, 4, "SequenceJumpError", ()),
     (traversal_in_manifest, 3, "UnsafePathError", ()),
     (case_collision_in_manifest, 3, "UnsafePathError", ()),
     (duplicate_subject, 3, "IntegrityError", ()),

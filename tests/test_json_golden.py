@@ -84,6 +84,9 @@ def _scenario(root: Path) -> World:
     w.run("trust_init", "trust", "init", pol)
     w.run("trust_add", "trust", "add", pol, keys / "alice.pub", "--name", "alice")
     w.run("trust_list", "trust", "list", pol)
+    w.run(None, "trust", "add", pol, keys / "bob.pub", "--name", "bob")
+    w.run("trust_set_threshold", "trust", "set-threshold", pol, "1")
+    w.run("trust_remove", "trust", "remove", pol, "bob")
     key = keys / "alice.key"
 
     model = small_model(root / "src" / "tiny")
@@ -125,6 +128,7 @@ def _scenario(root: Path) -> World:
     w.run("show", "show", "acme/tiny", "--registry", reg)
     w.run("rollback", "rollback", "acme/tiny", "--registry", reg)
     w.run("log_verify", "log", "verify", "--registry", reg)
+    w.run("check", "check", "--registry", reg, "--trust", pol)
     w.run("remove", "remove", "acme/tiny", "--registry", reg)
 
     w.run("fit", "fit", model, "--gpu", GPU, "--context", "512")
@@ -155,9 +159,10 @@ def _stranger_policy(root: Path) -> Path:
 
 
 CASES = [
-    "keygen", "trust_init", "trust_add", "trust_list", "pack", "pack_dry_run", "pack_tar", "sign", "verify", "inspect",
+    "keygen", "trust_init", "trust_add", "trust_list", "trust_set_threshold", "trust_remove",
+    "pack", "pack_dry_run", "pack_tar", "sign", "verify", "inspect",
     "diff", "sbom", "sbom_out", "export_tar", "verify_tar", "export_split", "verify_parts", "repair",
-    "install", "diff_registry", "list", "show", "rollback", "log_verify", "remove", "fit", "fit_does_not_fit",
+    "install", "diff_registry", "list", "show", "rollback", "log_verify", "check", "remove", "fit", "fit_does_not_fit",
     "error_integrity", "error_usage", "error_registry", "error_trust",
 ]
 OCI_CASES = ["push", "pull"]

@@ -312,7 +312,7 @@ def test_trust_policy_from_airpack_trust(tmp_path: Path, bundle: Path, policy: P
         (lambda d: d["keys"][0].update(keyid="0" * 64), "does not match"),
         (lambda d: d["keys"][0].update(public_key="-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"),
          "not a valid PEM public key"),
-        (lambda d: d["keys"][0].pop("name"), "needs a name"),
+        (lambda d: d["keys"][0].pop("name"), "lacks required field(s): name"),
     ],
 )
 def test_malformed_trust_policy(tmp_path: Path, bundle: Path, policy: Path,

@@ -50,7 +50,7 @@ def test_real_manifests_validate(tmp_path: Path, make_bundle: Callable[..., Path
         make_bundle(extra="[policy]\nallow_pickle = true\nallow_code = true\n"
                           '[[targets]]\ngpu = "H100-80GB"\ncount = 2\ncontext = 8192\n'
                           '[[targets]]\ngpu = "L4"\nruntime = "transformers"\nbatch = 4\n'),
-        make_bundle(signer=carol, repo_id="single", name="n.1", channel="c-2", sequence=2**63 - 1,
+        make_bundle(signer=carol, repo_id="single", name="n.1", channel="c-2", sequence=2**53 - 1,
                     extra="[policy]\nallow_pickle = true\nallow_code = true\n"),
     ]
     for b in bundles:

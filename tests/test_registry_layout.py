@@ -58,7 +58,7 @@ def test_huggingface_hub_sees_a_clean_cache(bundle: Path, policy: Path, tmp_path
     (repo,) = info.repos
     assert repo.repo_id == "acme/tiny"
     (rev,) = repo.revisions
-    assert rev.refs == frozenset({"main"})
+    assert rev.refs == frozenset({"main", f"airpack/kept-{rev.commit_hash}"})  # the kept ref: see test_hf_cache_prune.py
     assert rev.nb_files == len(list((bundle / "models" / "acme--tiny").iterdir()))
 
 

@@ -37,7 +37,8 @@ def test_sbom_command_writes_a_valid_cyclonedx_1_6_document(tmp_path: Path, bund
     assert model["name"] == "acme/tiny" and model["version"] == m.models[0].commit
     assert model["licenses"] == [{"license": {"id": "Apache-2.0"}}]
     assert model["hashes"][0]["alg"] == "SHA-256" and len(model["hashes"][0]["content"]) == 64
-    assert model["purl"].startswith("pkg:huggingface/acme/tiny@")
+    assert "purl" not in model  # a local folder: its commit is derived, nothing on the Hub has that identity
+    assert {"name": "airpack:source", "value": "local"} in model["properties"]
     listed = {c["name"]: c["hashes"][0]["content"] for c in model["components"]}
     assert listed == {f.path: f.sha256 for f in m.files if f.path != SBOM_NAME}
     assert doc["metadata"]["timestamp"].startswith(f"{m.created:%Y-%m-%dT%H:%M:%S}")

@@ -6,17 +6,40 @@ and short help, so ``airpack --help`` lists every command without importing
 any of them, and ``airpack verify`` imports the one module that defines it
 (and that module imports the operations it runs inside the command). A test
 checks that the short help here matches each command's own.
+
+Ctrl-C must never print a traceback, even in the first tenth of a second,
+while click and this module are still being imported (before ``main`` runs
+and can catch anything): until this module's imports are done, SIGINT ends
+the process at once with exit 130 and one line, as nothing has been written
+yet; then the default handler is back and ``main`` catches the interrupt.
 """
 
 from __future__ import annotations
 
-import importlib
+import os
+import signal
 import sys
-from typing import NamedTuple
 
-import click
 
-from .. import __version__
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+try:  # only the main thread may set handlers; an embedding program that set its own keeps it
+    _STARTING = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if _STARTING:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+except ValueError:
+    _STARTING = False
+
+import importlib  # noqa: E402 - after the start-up SIGINT handler, on purpose
+from typing import Any, NamedTuple  # noqa: E402
+
+import click  # noqa: E402
+
+from .. import __version__  # noqa: E402
+from ..errors import BrokenPipe, Interrupted  # noqa: E402
 
 
 class CommandEntry(NamedTuple):
@@ -41,6 +64,9 @@ COMMANDS: dict[str, CommandEntry] = {
     "remove": CommandEntry("install_cmds", "Remove an installed model (repo id) or bundle (bundle name); files still used elsewhere stay."),
     "rollback": CommandEntry("install_cmds", "Point NAME back at the revision installed before the current one."),
     "log": CommandEntry("install_cmds", "The registry's audit log."),
+    "check": CommandEntry(
+        "check_cmds", "Re-hash every installed file and check refs, links, kept envelopes and the audit log against the database.",
+    ),
     "fit": CommandEntry(
         "fit_cmds",
         "Estimate whether MODEL (a model folder, a bundle folder, tar or parts folder, or an installed repo id) fits. Exit 5 if not.",
@@ -58,7 +84,30 @@ def _import_module(module: str) -> None:
 
 
 class LazyGroup(click.Group):
-    """A group whose commands are imported when they are run (or their own help is shown)."""
+    """A group whose commands are imported when they are run (or their own help is shown).
+
+    Help and usage text printed into a closed pipe (``airpack --help | head -1``) raise
+    ``BrokenPipe``, which ``main`` ends with exit 141 like any command's output; left as an
+    OSError, click itself would turn it into exit 1. Ctrl-C while click parses or a command
+    module imports is ``Interrupted`` (exit 130, one line), not click's "Aborted!".
+    """
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except BrokenPipeError:
+            raise BrokenPipe("stdout was closed") from None
+        except KeyboardInterrupt:  # left to click, it would print an empty line and "Aborted!"
+            raise Interrupted("interrupted") from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # a subcommand's --help or usage text
+            raise BrokenPipe("stdout was closed") from None
+        except KeyboardInterrupt:  # while a command module is still being imported
+            raise Interrupted("interrupted") from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(COMMANDS) | set(self.commands))
@@ -95,15 +144,31 @@ def _load_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The console script: run one command; every way out goes through ``_common.fail``."""
+    """The console script: run one command; every way out goes through ``_common.fail``.
+
+    From here on Ctrl-C is a ``KeyboardInterrupt`` again, which every command turns into exit
+    130 with one line (after its own clean-up); a reader that closes stdout early
+    (``airpack list | head -1``) ends the command with exit 141 and nothing more printed.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        cli.main(args=args, prog_name="airpack", standalone_mode=False)
-    except SystemExit:
-        raise
-    except BaseException as e:  # noqa: BLE001 - the one place any exception becomes an exit code
-        from ._common import fail  # only on the way out: `airpack --help` loads no command machinery
+        try:
+            cli.main(args=args, prog_name="airpack", standalone_mode=False)
+            sys.stdout.flush()  # --help or --version into a closed pipe fails here, not at interpreter exit
+        except SystemExit:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the one place any exception becomes an exit code
+            from ._common import fail  # only on the way out: `airpack --help` loads no command machinery
 
-        verbose = any(a == "--verbose" or (len(a) > 1 and a[0] == "-" and set(a[1:]) == {"v"}) for a in args)
-        fail(e, as_json="--json" in args, verbose=int(verbose))
+            verbose = any(a == "--verbose" or (len(a) > 1 and a[0] == "-" and set(a[1:]) == {"v"}) for a in args)
+            fail(e, as_json="--json" in args, verbose=int(verbose))
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one was being reported
+        os.write(2, b"interrupted\n")
+        os._exit(130)
     sys.exit(0)
+
+
+# The imports are done: from here Ctrl-C is a KeyboardInterrupt again, which ``main`` (or a
+# program that imported this module) handles.
+if _STARTING and signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
-import json
+import os
 import sys
 import threading
 import traceback
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from ..errors import AirpackError, BundleMismatchError, InternalError, Interrupted, UsageError, as_airpack_error
+from .._json import dumps_output, printable
+from ..errors import AirpackError, BrokenPipe, BundleMismatchError, InternalError, Interrupted, UsageError, as_airpack_error
 from ..progress import NULL_PROGRESS, Progress, ProgressTask
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class TqdmProgress:
 
         with self._lock:
             bar = tqdm(
-                total=total, desc=label, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
+                total=total, desc=printable(label), unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
                 file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.2,
             )
         return _TqdmTask(bar, self._lock)
@@ -66,7 +67,7 @@ class TqdmProgress:
         from tqdm import tqdm
 
         with self._lock:
-            tqdm.write(text, file=sys.stderr)
+            tqdm.write(printable(text), file=sys.stderr)
 
 
 # -- the exit surface ------------------------------------------------------------------
@@ -102,13 +103,17 @@ def describe(e: BaseException, *, verbose: int = 0) -> Failure:
 
     An ``AirpackError`` leaves with its own exit code and record; a click usage error is a
     ``UsageError`` (exit 2); Ctrl-C is exit 130 (text only, as an interrupted command has no
-    result); anything else is a bug, an ``InternalError`` (exit 1).
+    result); stdout closed by its reader (``| head``) is exit 141 with nothing printed, as a
+    command killed by SIGPIPE ends; an OSError the OS raised is its named error
+    (``errors.from_oserror``); anything else is a bug, an ``InternalError`` (exit 1).
     """
     if isinstance(e, click.exceptions.Exit):  # --help, --version: not an error
         return Failure(e.exit_code, None, "")
+    if isinstance(e, (BrokenPipeError, BrokenPipe)):
+        return Failure(BrokenPipe.exit_code, None, "")
     if isinstance(e, click.exceptions.Abort):  # Ctrl-C or end of input while click parsed or prompted
         return Failure(Interrupted.exit_code, None, "aborted")
-    if isinstance(e, KeyboardInterrupt):
+    if isinstance(e, (KeyboardInterrupt, Interrupted)):
         return Failure(Interrupted.exit_code, None, "interrupted")
     if isinstance(e, click.ClickException):
         buf = io.StringIO()
@@ -121,17 +126,41 @@ def describe(e: BaseException, *, verbose: int = 0) -> Failure:
 
 
 def _dumps(doc: Any) -> str:
-    """One JSON document: the result must be JSON by construction (a Path or a datetime here is a bug)."""
-    return json.dumps(doc, indent=2, sort_keys=True)
+    """One JSON document: the result must be JSON by construction (a Path or a datetime here is a bug).
+
+    Names that are not UTF-8 are escaped (``_json.printable``), so the document is always valid Unicode.
+    """
+    return dumps_output(doc)
+
+
+def echo(text: str, *, err: bool = False) -> None:
+    """Print one line of text, with names that are not UTF-8 escaped as ``\\xNN`` (never a UnicodeEncodeError)."""
+    click.echo(printable(text), err=err)
+
+
+def stdout_gone() -> NoReturn:
+    """The reader of stdout went away: point stdout at /dev/null (so the exit flush cannot fail) and exit 141."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):  # stdout is no real file (a test's buffer): nothing to flush
+        pass
+    sys.exit(BrokenPipe.exit_code)
 
 
 def fail(e: BaseException, *, as_json: bool, verbose: int = 0, partial: dict[str, Any] | None = None) -> NoReturn:
     """End the command for ``e``: print its ``--json`` error (merged into ``partial``, the result so far) or its text."""
     f = describe(e, verbose=verbose)
-    if as_json and f.record is not None:
-        click.echo(_dumps({**(partial or {}), "error": f.record}))
-    elif f.text:
-        click.echo(f.text, err=True)
+    if f.exit_code == BrokenPipe.exit_code:
+        stdout_gone()
+    try:
+        if as_json and f.record is not None:
+            click.echo(_dumps({**(partial or {}), "error": f.record}))
+        elif f.text:
+            echo(f.text, err=True)
+    except BrokenPipeError:
+        stdout_gone()
     sys.exit(f.exit_code)
 
 
@@ -157,7 +186,7 @@ class Output:
         if self.quiet or text is None:
             return
         for line in text() if callable(text) else text:
-            click.echo(line)
+            echo(line)
 
     def result(self, data: Any, text: Callable[[], list[str]] | list[str] | None = None) -> None:
         if self.as_json:
@@ -176,7 +205,7 @@ class Output:
     def info(self, text: str) -> None:
         """A log line on stderr (never in --json or -q mode)."""
         if not self.as_json and not self.quiet:
-            click.echo(text, err=True)
+            echo(text, err=True)
 
 
 def airpack_command(group: click.Group, name: str, **kwargs: Any) -> Callable[[F], click.Command]:
@@ -192,6 +221,10 @@ def airpack_command(group: click.Group, name: str, **kwargs: Any) -> Callable[[F
                 raise  # main() maps these, with the same function
             except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one place a bug becomes exit 1
                 fail(e, as_json=as_json, verbose=verbose, partial=out.partial)
+            try:
+                sys.stdout.flush()  # a closed pipe shows here, while it can still become exit 141
+            except BrokenPipeError:
+                stdout_gone()
 
         wrapper = click.option("-v", "--verbose", count=True, help="More detail on stderr.")(wrapper)
         wrapper = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(wrapper)

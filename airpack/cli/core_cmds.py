@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from .._fs import oserror_to_airpack, read_capped
-from ..errors import KeyFileError, PolicyError, UsageError
+from ..errors import PolicyError, UsageError
 from ..manifest import summary
 from ..signing import ALGORITHMS
 from ..units import format_bytes
@@ -19,7 +20,7 @@ from ._common import Output, airpack_command
 
 if TYPE_CHECKING:
     from ..manifest import Manifest
-    from ..ops.pack import PackResult
+    from ..ops.pack import PackResult, SignResult
     from ..trust import TrustPolicy
 
 # Each command imports the operations it runs inside its body, so that `airpack verify`
@@ -28,10 +29,21 @@ if TYPE_CHECKING:
 PathArg = click.Path(path_type=Path)
 
 
-def _signer(key: Path, passphrase_file: Path | None) -> Any:
+def _warner(out: Output) -> Callable[[str], None]:
+    """Warnings (a private key others can read) go to stderr, in every mode but -q: --json keeps stdout."""
+
+    def warn(message: str) -> None:
+        if not out.quiet:
+            click.echo(f"warning: {message}", err=True)
+
+    return warn
+
+
+def _signer(key: Path, passphrase_file: Path | None, out: Output) -> Any:
     from ..signing import load_signer, passphrase_from
 
-    return load_signer(key, passphrase=passphrase_from(passphrase_file))
+    warn = _warner(out)
+    return load_signer(key, passphrase=passphrase_from(passphrase_file, warn=warn), warn=warn)
 
 
 # -- keygen ----------------------------------------------------------------------------
@@ -59,7 +71,7 @@ def keygen_cmd(out: Output, name: str, directory: Path, algorithm: str, passphra
     for p in (key_path, pub_path):
         if p.exists() and not force:
             raise UsageError(f"{p} already exists; pass --force to replace it", path=str(p))
-    passphrase = passphrase_from(passphrase_file)
+    passphrase = passphrase_from(passphrase_file, warn=_warner(out))
     kid = write_keypair(generate(algorithm), key_path, pub_path, passphrase=passphrase)
     out.result(
         {"keyid": kid, "algorithm": algorithm, "private_key": str(key_path), "public_key": str(pub_path), "encrypted": bool(passphrase)},
@@ -104,21 +116,42 @@ def trust_init(out: Output, policy: Path, threshold: int, force: bool) -> None:
 @click.option("--name", required=True, help="A human name for the key (shown in verify reports).")
 def trust_add(out: Output, policy: Path, pubkey: Path, name: str) -> None:
     """Trust the public key PUBKEY (SPKI PEM) under NAME."""
-    from ..signing import MAX_KEY_FILE_BYTES, load_public_pem
+    from ..signing import read_public_file
     from ..trust import load_policy, save_policy
 
     p = load_policy(policy)
-    try:
-        pem = read_capped(pubkey, MAX_KEY_FILE_BYTES, what="public key")
-    except FileNotFoundError:
-        raise KeyFileError(f"public key {pubkey} not found", path=str(pubkey)) from None
-    if b"PRIVATE KEY" in pem:
-        raise KeyFileError(f"{pubkey} is a private key; give the .pub file", path=str(pubkey))
-    pub = load_public_pem(pem, where=str(pubkey))
-    p = p.with_key(name, pub, pem.decode("ascii").strip() + "\n")
+    pub, pem = read_public_file(pubkey)
+    p = p.with_key(name, pub, pem)
     save_policy(p, policy)
     k = p.keys[-1]
     out.result(_policy_json(p), [f"trusted {name}: {k.algorithm} {k.keyid}", f"policy {policy}: {len(p.keys)} key(s), threshold {p.threshold}"])
+
+
+@airpack_command(trust_group, "remove")
+@click.argument("policy", type=PathArg)
+@click.argument("key", metavar="NAME|KEYID")
+def trust_remove(out: Output, policy: Path, key: str) -> None:
+    """Stop trusting one key (by its name or key id); refused if the keys left could not meet the threshold."""
+    from ..trust import load_policy, save_policy
+
+    p, gone = load_policy(policy).without_key(key)
+    save_policy(p, policy)
+    out.result({**_policy_json(p), "removed": {"name": gone.name, "keyid": gone.keyid, "algorithm": gone.algorithm}},
+               [f"no longer trusted: {gone.name} ({gone.keyid})", f"policy {policy}: {len(p.keys)} key(s), threshold {p.threshold}"])
+
+
+@airpack_command(trust_group, "set-threshold")
+@click.argument("policy", type=PathArg)
+@click.argument("threshold", type=click.IntRange(min=1), metavar="N")
+def trust_set_threshold(out: Output, policy: Path, threshold: int) -> None:
+    """Require N distinct trusted signers; refused if the policy lists fewer than N keys."""
+    from ..trust import load_policy, save_policy
+
+    old = load_policy(policy)
+    p = old.with_threshold(threshold)
+    save_policy(p, policy)
+    out.result({**_policy_json(p), "previous_threshold": old.threshold},
+               [f"policy {policy}: threshold {old.threshold} -> {p.threshold} of {len(p.keys)} key(s)"])
 
 
 @airpack_command(trust_group, "list")
@@ -151,6 +184,7 @@ def _pack_text(r: PackResult) -> list[str]:
         for w in r.details.get("wheels", []):
             lines.append(f"  wheel {w['name']} {w['version']} ({w['filename']})")
         lines += [f"  {p.bundle_path}  {format_bytes(p.size)}" for p in r.planned]
+        lines += [f"  left out: {s.path} ({s.reason})" for s in r.skipped]
         return lines
     m = r.manifest
     assert m is not None
@@ -192,7 +226,7 @@ def pack_cmd(
     s = load_spec(spec)
     if not dry_run and key is None:
         raise UsageError("pack needs --key KEY to sign the bundle (or --dry-run)")
-    signer = _signer(key, passphrase_file) if key is not None and not dry_run else None
+    signer = _signer(key, passphrase_file, out) if key is not None and not dry_run else None
     token = None
     if token_file is not None:
         try:
@@ -213,24 +247,42 @@ def pack_cmd(
         r0, ex = pack_as_tar(run, out_dir, signer, progress=out.progress)
         r = dataclasses.replace(r0, out=out_dir, tar_size=ex.tar_size, tar_sha256=ex.tar_sha256)
         out.result(r.to_json(), lambda: [*_pack_text(r), f"  tar: {format_bytes(ex.tar_size)}, sha256 {ex.tar_sha256}"])
-        return
-    r = run(out_dir)
-    out.result(r.to_json(), lambda: _pack_text(r))
+    else:
+        r = run(out_dir)
+        out.result(r.to_json(), lambda: _pack_text(r))
+    for skipped in r.skipped:  # never silent: what the folder holds and the bundle does not
+        out.info(f"note: left out {skipped.path}: {skipped.reason}")
+
+
+def _sign_text(r: SignResult, policy: Path | None) -> list[str]:
+    name = r.manifest.name
+    lines = [f"added signature by {r.keyid} to {name}" if r.added else f"{r.keyid} had already signed {name}; nothing changed"]
+    if policy is not None and r.threshold is not None:
+        names = ", ".join(k.name for k in r.signers) or "none"
+        state = "met: verify will accept the signatures" if len(r.signers) >= r.threshold else "not met yet"
+        lines.append(f"  every signature checked against {policy}; policy keys that signed: {names} "
+                     f"({len(r.signers)} of the {r.threshold} required: {state})")
+    return lines
 
 
 @airpack_command(cli, "sign")
 @click.argument("bundle", type=PathArg)
 @click.option("--key", type=PathArg, required=True, help="Private key of the co-signer.")
 @click.option("--passphrase-file", type=PathArg, help="Passphrase of an encrypted key (or AIRPACK_PASSPHRASE).")
-def sign_cmd(out: Output, bundle: Path, key: Path, passphrase_file: Path | None) -> None:
+@click.option("--trust", "policy", type=PathArg, envvar="AIRPACK_TRUST",
+              help="Check first that every signature already there is by a key of this policy (or AIRPACK_TRUST).")
+def sign_cmd(out: Output, bundle: Path, key: Path, passphrase_file: Path | None, policy: Path | None) -> None:
     """Add a signature to BUNDLE (co-signing) after checking every file against its manifest."""
     from ..ops.pack import add_signature
+    from ..trust import load_policy
 
-    signer = _signer(key, passphrase_file)
-    r = add_signature(bundle, signer, progress=out.progress)
-    name = r.manifest.name
-    msg = f"added signature by {r.keyid} to {name}" if r.added else f"{r.keyid} had already signed {name}; nothing changed"
-    out.result(r.to_json(), [msg])
+    p = load_policy(policy) if policy is not None else None
+    signer = _signer(key, passphrase_file, out)
+    r = add_signature(bundle, signer, policy=p, progress=out.progress)
+    if p is None and not out.quiet:
+        click.echo("note: the signatures already on the bundle were NOT checked (no --trust POLICY or AIRPACK_TRUST); "
+                   "only its files were checked against the manifest", err=True)
+    out.result(r.to_json(), _sign_text(r, policy))
 
 
 # -- verify and inspect ------------------------------------------------------------------

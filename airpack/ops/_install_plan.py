@@ -18,7 +18,7 @@ from typing import Any
 from .._fs import check_relpath, oserror_to_airpack
 from ..errors import ConflictError, IntegrityError, MalformedManifestError
 from ..manifest import FileEntry, Manifest, ModelEntry
-from ..registry import HUB_DIR, WHEELS_DIR, Txn, WheelRow, Writer, link_target, ref_name, repo_folder, requirements_name
+from ..registry import HUB_DIR, WHEELS_DIR, Txn, WheelRow, Writer, kept_ref, link_target, ref_name, repo_folder, requirements_name
 
 _WHEEL_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,200}[A-Za-z0-9])?$")
 _WHEEL_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]{0,100}$")
@@ -117,6 +117,9 @@ class _Planner:
         snap = f"{base}/snapshots/{model.commit}"
         self._stage_links(snap, files)
         self.plan.refs[f"{base}/refs/{ref}"] = model.commit
+        # One ref per installed commit keeps it safe from `hf cache prune` (layout.kept_ref); older installs get theirs too.
+        for commit in sorted({model.commit, *(x.commit for x in self.w.conn.models(repo_id=model.repo_id))}):
+            self.plan.refs[f"{base}/refs/{kept_ref(commit)}"] = commit
         self.plan.models.append({
             "repo_id": model.repo_id, "ref": ref, "commit": model.commit, "revision": model.revision, "source": model.source,
             "license": model.license, "files": [(rel, f.sha256, f.size) for rel, f in files],

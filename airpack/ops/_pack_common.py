@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import stat
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import content
 from .._fs import oserror_to_airpack
 from .._json import StrictJSONError, loads_strict
-from ..errors import ContentPolicyError, IntegrityError
+from ..errors import AirpackError, IntegrityError, MalformedSafetensorsError, MalformedWeightsError, UnsafePathError
+from ..formats import SNIFF_BYTES, Risk
 from ..hashing import copy_and_hash
 from ..manifest import FileEntry
 from ..progress import NULL_PROGRESS, Progress
@@ -26,6 +29,7 @@ from ..signing import Signer
 from ..spec import PackSpec
 
 STAGING_DIR = ".airpack-staging"  # partial downloads of an unfinished pack; removed before signing
+PICKLE_DUPLICATE = "pickled weights left out: the model has safetensors weights"
 CONFIG_SUMMARY_KEYS = (
     "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
@@ -58,17 +62,105 @@ class PlannedFile:
     source: str
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A source file the pack leaves out although the spec did not exclude it, and why: reported, never silent."""
+
+    path: str  # where it would have landed in the bundle
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
+
+
+@dataclass
+class ModelPlan:
+    """One model, decided before anything is written: its record so far, the files it brings, what it leaves out.
+
+    ``fetch`` writes the files into the bundle folder and completes the record;
+    it is called only once every model of the spec has been planned, so a spec
+    that cannot be packed is refused before the output folder exists.
+    """
+
+    record: dict[str, Any]
+    planned: list[PlannedFile]
+    fetch: Callable[[], list[FileEntry]]
+    skipped: list[Skipped] = field(default_factory=list)
+    hints: dict[type[AirpackError], str] = field(default_factory=dict)
+
+
+@contextmanager
+def packer_hints(hints: dict[type[AirpackError], str]) -> Iterator[None]:
+    """Give a pack-time error a hint for the packer instead of its class's receiver-side default.
+
+    The integrity classes are shared with verify and install, whose default
+    hint ("get a fresh copy from the packer") is wrong advice to the packer
+    himself. A raise site that chose its own hint keeps it; otherwise the first
+    class in ``hints`` the error is an instance of gives the hint.
+    """
+    try:
+        yield
+    except AirpackError as e:
+        if e.hint == type(e).default_hint:
+            for cls, hint in hints.items():
+                if isinstance(e, cls):
+                    e.hint = hint
+                    break
+        raise
+
+
+def source_hints(source: str) -> dict[type[AirpackError], str]:
+    """The packer's hints for a problem found in ``source`` (a model folder, or a repo on the Hub)."""
+    return {
+        MalformedSafetensorsError: f"{source} has a safetensors file that is not well formed; save it again, or exclude it "
+                                   "in the spec's include/exclude.",
+        UnsafePathError: f"{source} has a file whose name or kind cannot go into a bundle; rename or remove it there, or "
+                         "exclude it in the spec's include/exclude.",
+        IntegrityError: f"{source} has a file airpack cannot pack as it is; fix it there, or exclude it in the spec's "
+                        "include/exclude, then run pack again.",
+    }
+
+
 def apply_content_policy(repo_id: str, rels: list[str], *, allow_pickle: bool, allow_code: bool) -> tuple[list[str], list[str]]:
-    """Return (pickles, code) among ``rels``, refusing them when the spec does not allow them."""
-    pickles = sorted(r for r in rels if content.is_pickle(r))
-    code = sorted(r for r in rels if content.is_code(r))
-    if pickles and not allow_pickle:
-        raise ContentPolicyError(
-            f"{repo_id}: pickled weights are not allowed by the spec: {', '.join(pickles[:5])}", path=pickles[0]
-        )
-    if code and not allow_code:
-        raise ContentPolicyError(f"{repo_id}: code files are not allowed by the spec: {', '.join(code[:5])}", path=code[0])
-    return pickles, code
+    """Return (pickles, code) among ``rels`` by their names, refusing them when the spec does not allow them.
+
+    This runs before a byte is fetched; ``check_copied_content`` judges the
+    same files again by their first bytes once they are in the bundle.
+    """
+    policy = content.Policy.spec(allow_pickle=allow_pickle, allow_code=allow_code, label=repo_id)
+    found: dict[Risk, list[str]] = {Risk.PICKLE: [], Risk.CODE: []}
+    for rel in sorted(rels):
+        risk = content.check_file(policy, rel, None, 0).risk
+        if risk is not None:
+            found[risk].append(rel)
+    return found[Risk.PICKLE], found[Risk.CODE]
+
+
+def check_copied_content(record: dict[str, Any], entries: list[FileEntry], out: Path, prefix: str, spec: PackSpec) -> None:
+    """The content policy over the first bytes of every file copied into the bundle (a pickle named config.json, a GGUF header).
+
+    What the bytes reveal and the spec allows is added to the model's
+    ``pickles`` / ``code`` lists, so the signed manifest flags it and verify,
+    which judges the same bytes with the same ``content.check_file``, agrees.
+    """
+    policy = content.Policy.spec(allow_pickle=spec.allow_pickle, allow_code=spec.allow_code, label=record["repo_id"])
+    found = {Risk.PICKLE: set(record["pickles"]), Risk.CODE: set(record["code"])}
+    for e in entries:
+        rel = e.path[len(prefix) + 1:]
+        path = out.joinpath(*e.path.split("/"))
+        try:
+            with open(path, "rb") as f:
+                head = f.read(SNIFF_BYTES)
+        except OSError as err:
+            raise oserror_to_airpack(err, "cannot read", str(path)) from None
+        try:
+            risk = content.check_file(policy, rel, head, e.size).risk
+        except MalformedWeightsError as err:  # the packer's own file: the receiver's "get a fresh copy" is no advice here
+            err.hint = f"{rel} is not a well-formed GGUF file; convert it again, or exclude it in the spec's include/exclude."
+            raise
+        if risk is not None:
+            found[risk].add(rel)
+    record["pickles"], record["code"] = sorted(found[Risk.PICKLE]), sorted(found[Risk.CODE])
 
 
 def config_summary(config_bytes: bytes | None) -> dict[str, Any]:
@@ -102,8 +194,10 @@ def copy_into(src: Path, out: Path, bundle_path: str, on_bytes: Callable[[int], 
     tmp = None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        sfd = os.open(src, os.O_RDONLY)
+        sfd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         try:
+            if not stat.S_ISREG(os.fstat(sfd).st_mode):  # swapped for a FIFO or device since it was listed
+                raise UnsafePathError(f"{src} is no longer a regular file", path=str(src))
             fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
             try:
                 d = copy_and_hash(sfd, fd, on_bytes=on_bytes)
@@ -126,8 +220,9 @@ def copy_into(src: Path, out: Path, bundle_path: str, on_bytes: Callable[[int], 
     return FileEntry(path=bundle_path, size=d.size, sha256=d.sha256)
 
 
-def finish_model_record(record: dict[str, Any], entries: list[FileEntry], out: Path, prefix: str) -> None:
+def finish_model_record(record: dict[str, Any], entries: list[FileEntry], out: Path, prefix: str, *, spec: PackSpec) -> None:
     """Validate safetensors headers on the copies; record parameters, dtypes and the config summary."""
+    check_copied_content(record, entries, out, prefix, spec)
     infos = []
     for e in entries:
         if content.is_safetensors(e.path):

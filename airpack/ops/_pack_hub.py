@@ -14,20 +14,31 @@ from typing import Any
 
 from .. import content
 from .._fs import check_no_collisions, oserror_to_airpack
-from ..errors import DiskSpaceError, GatedRepoError, SpecError
+from ..errors import DiskSpaceError, GatedRepoError, IntegrityError, SpecError
 from ..fetch.hub import HubClient, HubFile, HubSnapshot, whole_file_matches
 from ..hashing import parallel_map
 from ..manifest import FileEntry, model_slug
 from ..spec import ModelSpec
 from ..units import format_bytes
-from ._pack_common import STAGING_DIR, PackOptions, PlannedFile, apply_content_policy, finish_model_record
+from ._pack_common import (
+    PICKLE_DUPLICATE,
+    STAGING_DIR,
+    ModelPlan,
+    PackOptions,
+    PlannedFile,
+    Skipped,
+    apply_content_policy,
+    finish_model_record,
+    packer_hints,
+    source_hints,
+)
 
 # Kept free beyond the files themselves: the manifest, temp files, the filesystem's own needs.
 DISK_RESERVE = 64 * 1024 * 1024
 
 
-def select_files(model: ModelSpec, snap: HubSnapshot) -> list[HubFile]:
-    """The spec's include/exclude, then safetensors over pickled duplicates (without being asked)."""
+def select_files(model: ModelSpec, snap: HubSnapshot) -> tuple[list[HubFile], list[str]]:
+    """The spec's include/exclude, then safetensors over pickled duplicates (without being asked): (kept, left out)."""
     chosen = [f for f in snap.files if content.matches(f.path, model.include, model.exclude)]
     if not chosen:
         raise SpecError(
@@ -35,7 +46,7 @@ def select_files(model: ModelSpec, snap: HubSnapshot) -> list[HubFile]:
             f"({len(snap.files)} file(s) in the repo)"
         )
     keep = set(content.prefer_safetensors([f.path for f in chosen]))
-    return [f for f in chosen if f.path in keep]
+    return [f for f in chosen if f.path in keep], [f.path for f in chosen if f.path not in keep]
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -76,7 +87,8 @@ def _bytes_still_needed(files: list[HubFile], root: Path, staging: Path) -> int:
     return need
 
 
-def pack_hub_model(model: ModelSpec, opts: PackOptions) -> tuple[dict[str, Any], list[FileEntry], list[PlannedFile]]:
+def plan_hub_model(model: ModelSpec, opts: PackOptions) -> ModelPlan:
+    """Resolve the revision, choose the files, check the policy and the disk; its ``fetch`` downloads (resuming)."""
     assert model.revision is not None
     client = HubClient(endpoint=opts.endpoint, token=opts.token)
     snap = client.resolve(model.repo_id, model.revision)
@@ -84,12 +96,16 @@ def pack_hub_model(model: ModelSpec, opts: PackOptions) -> tuple[dict[str, Any],
         raise GatedRepoError(
             f"{model.repo_id} is gated: pass a token (HF_TOKEN or --token-file) from an account that accepted its licence"
         )
-    files = select_files(model, snap)
-    pickles, code = apply_content_policy(
-        model.repo_id, [f.path for f in files], allow_pickle=opts.spec.allow_pickle, allow_code=opts.spec.allow_code
-    )
-    prefix = model_slug(model.repo_id)
-    check_no_collisions(f"{prefix}/{f.path}" for f in files)  # before writing: on some disks they would overwrite
+    hints = source_hints(f"{model.repo_id}@{snap.commit[:12]} on the Hub")
+    hints[IntegrityError] = (f"The Hub's copy of {model.repo_id}@{snap.commit[:12]} does not match its own listing; "
+                             "run pack again (it resumes), or check --endpoint if a mirror serves it.")
+    with packer_hints(hints):
+        files, left_out = select_files(model, snap)
+        pickles, code = apply_content_policy(
+            model.repo_id, [f.path for f in files], allow_pickle=opts.spec.allow_pickle, allow_code=opts.spec.allow_code
+        )
+        prefix = model_slug(model.repo_id)
+        check_no_collisions(f"{prefix}/{f.path}" for f in files)  # before writing: on some disks they would overwrite
     planned = [
         PlannedFile(bundle_path=f"{prefix}/{f.path}", size=f.size, source=f"{client.endpoint}/{model.repo_id}@{snap.commit}/{f.path}")
         for f in files
@@ -113,10 +129,20 @@ def pack_hub_model(model: ModelSpec, opts: PackOptions) -> tuple[dict[str, Any],
     total = sum(f.size for f in files)
     needed = _bytes_still_needed(files, root, staging) if not opts.dry_run else total
     disk_preflight(opts.out, needed, f"{model.repo_id}@{snap.commit[:12]}")
-    if opts.dry_run:
-        return record, [], planned
 
-    overall = opts.progress.task(f"{model.repo_id} @ {snap.commit[:12]}", total)
+    def fetch() -> list[FileEntry]:
+        entries = _download(client, snap, files, root, prefix, staging, opts)
+        finish_model_record(record, entries, opts.out, prefix, spec=opts.spec)
+        return entries
+
+    skipped = [Skipped(path=f"{prefix}/{p}", reason=PICKLE_DUPLICATE) for p in left_out]
+    return ModelPlan(record=record, planned=planned, fetch=fetch, skipped=skipped, hints=hints)
+
+
+def _download(client: HubClient, snap: HubSnapshot, files: list[HubFile], root: Path, prefix: str, staging: Path,
+              opts: PackOptions) -> list[FileEntry]:
+    """Fetch every file not already whole in ``root`` (judged by hash), in parallel, resuming partial downloads."""
+    overall = opts.progress.task(f"{snap.repo_id} @ {snap.commit[:12]}", sum(f.size for f in files))
 
     def one(f: HubFile) -> FileEntry:
         dest = root.joinpath(*f.path.split("/"))
@@ -143,8 +169,6 @@ def pack_hub_model(model: ModelSpec, opts: PackOptions) -> tuple[dict[str, Any],
         return FileEntry(path=bundle_path, size=d.size, sha256=d.sha256)
 
     try:
-        entries = parallel_map(one, files, workers=opts.workers)
+        return parallel_map(one, files, workers=opts.workers)
     finally:
         overall.close()
-    finish_model_record(record, entries, opts.out, prefix)
-    return record, entries, planned

@@ -16,6 +16,7 @@ from .._fs import atomic_write
 from ..errors import IntegrityError
 from ..fetch.wheels import Wheel, compatible_platforms, download_wheels, index_args, requirements_text, resolve_wheels, target_args
 from ..manifest import FileEntry
+from ..sbom import wheel_licenses
 from ..spec import WheelSpec
 from ._pack_common import STAGING_DIR, PackOptions, PlannedFile, copy_into
 
@@ -35,6 +36,12 @@ def _staging_key(spec: WheelSpec) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _with_licenses(record: dict[str, Any], opts: PackOptions) -> dict[str, Any]:
+    """The wheel's record with the licence its METADATA declares (read from the bundle's copy, whose hash was checked)."""
+    declared = wheel_licenses(opts.out.joinpath(*record["path"].split("/")))
+    return {**record, "licenses": declared} if declared else record
+
+
 def pack_wheels(spec: WheelSpec, opts: PackOptions) -> tuple[list[dict[str, Any]], list[FileEntry], list[PlannedFile]]:
     if opts.dry_run:
         resolved = resolve_wheels(spec)
@@ -51,7 +58,8 @@ def pack_wheels(spec: WheelSpec, opts: PackOptions) -> tuple[list[dict[str, Any]
         for w in wheels:
             e = copy_into(w.path, opts.out, f"{WHEELS_DIR}/{w.filename}", task.advance)
             if e.sha256 != w.sha256:  # the staging copy changed under us
-                raise IntegrityError(f"{w.filename} changed while it was copied into the bundle", path=e.path)
+                raise IntegrityError(f"{w.filename} changed while it was copied into the bundle", path=e.path,
+                                     hint="Something wrote to the pack's staging folder meanwhile; run pack again.")
             entries.append(e)
     finally:
         task.close()
@@ -59,7 +67,7 @@ def pack_wheels(spec: WheelSpec, opts: PackOptions) -> tuple[list[dict[str, Any]
     (opts.out / WHEELS_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write(opts.out / REQUIREMENTS, req)
     entries.append(FileEntry(path=REQUIREMENTS, size=len(req), sha256=hashlib.sha256(req).hexdigest()))
-    records = [w.record(f"{WHEELS_DIR}/{w.filename}") for w in sorted(wheels, key=lambda w: w.name)]
+    records = [_with_licenses(w.record(f"{WHEELS_DIR}/{w.filename}"), opts) for w in sorted(wheels, key=lambda w: w.name)]
     planned = [PlannedFile(bundle_path=e.path, size=e.size, source=e.path) for e in entries]
     opts.progress.message(
         f"wheels: {len(wheels)} for {spec.implementation}{spec.python_version.replace('.', '')} on "

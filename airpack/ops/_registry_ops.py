@@ -9,12 +9,13 @@ whatever reached the live tree. ``logged_run`` writes the one refusal line;
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AirpackError
-from ..registry import HUB_DIR, Database, Registry, Txn, Writer, error_record, repo_folder
+from ..errors import AirpackError, SnapshotMissingError
+from ..registry import HUB_DIR, Database, Layout, Registry, StoredFile, Txn, Writer, error_record, repo_folder
 
 
 @dataclass
@@ -72,3 +73,31 @@ def switch_refs(txn: Txn, attempt: Attempt, moves: list[tuple[str, str, str, int
 
     txn.commit(rec)
     attempt.logged = True
+
+
+def snapshot_rel(repo_id: str, commit: str) -> str:
+    return f"{HUB_DIR}/{repo_folder(repo_id)}/snapshots/{commit}"
+
+
+def check_snapshot(reg: Layout, repo_id: str, commit: str, files: Iterable[StoredFile]) -> None:
+    """Refuse (exit 6) to call an installed revision usable when its snapshot or a file of it is gone.
+
+    Rollback, reactivation, ``show`` and the same-bundle no-op all answer
+    "this revision is there"; a snapshot that a cache tool or a person deleted
+    would make that a lie the offline load finds out later. One ``stat`` per
+    file (following the link to its blob); no byte is read.
+    """
+    rel = snapshot_rel(repo_id, commit)
+    missing: str | None = None
+    if reg.safe_dir(rel, create=False) is None:
+        missing = rel
+    else:
+        for f in files:
+            if not os.path.exists(reg.path(f"{rel}/{f.path}")):
+                missing = f"{rel}/{f.path}"
+                break
+    if missing is not None:
+        raise SnapshotMissingError(
+            f"{repo_id} @ {commit[:12]} is recorded as installed, but {missing} is gone from the registry", path=str(reg.path(missing)),
+            hint=f"Remove that revision (`airpack remove {repo_id} --revision {commit}`), then install its bundle again "
+                 "from the medium.")

@@ -318,8 +318,9 @@ def diff_registry(opts: DiffRegistryOptions) -> DiffRegistryResult:
         if ch is not None and verdict in (Sequence.OLDER, Sequence.CONFLICT):
             flags.append(f"sequence {m.sequence} is not above {ch.sequence} ({ch.bundle}) on channel {m.channel}: install would be "
                          "refused as a rollback (unless --allow-downgrade)")
-        elif ch is not None and verdict is Sequence.JUMP:
-            flags.append(f"sequence {m.sequence} jumps more than {MAX_SEQUENCE_JUMP:,} beyond {ch.sequence}: install would be refused")
+        elif verdict is Sequence.JUMP:  # a channel's first bundle counts from 0
+            flags.append(f"sequence {m.sequence} jumps more than {MAX_SEQUENCE_JUMP:,} beyond {ch.sequence if ch else 0}: install "
+                         "would be refused")
         for x in m.models:
             ref = ref_name(x.revision)
             rows = conn.models(repo_id=x.repo_id)

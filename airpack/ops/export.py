@@ -21,15 +21,27 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .._fs import atomic_write, fsync_dir, oserror_to_airpack
-from ..errors import IntegrityError, UsageError
+from ..errors import AirpackError, IntegrityError, UsageError
 from ..hashing import write_all
 from ..manifest import ENVELOPE_NAME, MANIFEST_NAME, FileEntry, Manifest
-from ..parts import BackgroundSink, Layout, PartInfo, PartsWriter, build_statement, index_name, part_names, plan_layout, sign_index
+from ..parts import (
+    BackgroundSink,
+    Layout,
+    PartInfo,
+    PartsWriter,
+    build_statement,
+    check_tar_name,
+    index_name,
+    part_names,
+    plan_layout,
+    sign_index,
+)
 from ..progress import NULL_PROGRESS, Progress
 from ..signing import Signer, public_pem
 from ..sources import open_source
 from ..tarball import TarWriter, archive_size
 from ..trust import TrustedKey, TrustPolicy, new_policy
+from ._pack_common import packer_hints
 from .pack import PARTIAL_MARKER
 from .verify import FileSink, Sink, Trusted, VerifiedBundle, verify_source
 
@@ -124,7 +136,15 @@ class _OneTar(_Target):
         except OSError as e:
             raise oserror_to_airpack(e, "cannot write", str(self.tar)) from None
         self.fd, self.tmp = fd, Path(name)
-        return lambda data: write_all(fd, data)
+        tar = str(self.tar)
+
+        def write(data: bytes) -> None:  # runs on the writer thread; a full disk surfaces as the named error
+            try:
+                write_all(fd, data)
+            except OSError as e:
+                raise oserror_to_airpack(e, "cannot write", tar) from None
+
+        return write
 
     def commit(self, vb: VerifiedBundle, *, total: int, tar_sha256: str) -> ExportResult:
         assert self.fd is not None and self.tmp is not None
@@ -276,6 +296,8 @@ def export(opts: ExportOptions) -> ExportResult:
         raise UsageError("--parity needs --split SIZE")
     if opts.split is not None and opts.signer is None:
         raise UsageError("export --split needs --key KEY to sign the parts index")
+    if opts.split is not None:
+        check_tar_name(tar.name)
     folder = tar.parent if str(tar.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"folder {folder} for --tar does not exist", path=str(folder))
@@ -283,6 +305,12 @@ def export(opts: ExportOptions) -> ExportResult:
         return _export(opts, _OneTar(tar, folder))
     assert opts.signer is not None
     return _export(opts, _Parts(tar, folder, split=opts.split, parity=opts.parity, signer=opts.signer))
+
+
+PACKED_CHANGED_HINTS: dict[type[AirpackError], str] = {
+    IntegrityError: "A file changed in the pack's work folder while it was packed (or the disk returned other bytes); "
+                    "run pack again.",
+}
 
 
 def pack_as_tar(pack_fn: Callable[[Path], R], tar: Path, signer: Signer, *, split: int | None = None, parity: int = 0,
@@ -299,6 +327,8 @@ def pack_as_tar(pack_fn: Callable[[Path], R], tar: Path, signer: Signer, *, spli
     if not folder.is_dir():
         raise UsageError(f"folder {folder} for the tar does not exist", path=str(folder))
     _refuse_existing([tar])
+    if split is not None:
+        check_tar_name(tar.name)  # before the pack, not after it
     work = folder / f".{tar.name}.packing"
     if work.is_symlink() or (work.exists() and not work.is_dir()):
         raise UsageError(f"{work} is in the way (not a folder airpack made); remove it", path=str(work))
@@ -306,16 +336,24 @@ def pack_as_tar(pack_fn: Callable[[Path], R], tar: Path, signer: Signer, *, spli
     if (out / ENVELOPE_NAME).exists():  # packed, then killed before the export: pack it again (resuming from the files there)
         (out / ENVELOPE_NAME).unlink()
         (out / PARTIAL_MARKER).touch()
+    created = not work.exists()
     try:
         work.mkdir(exist_ok=True)
     except OSError as e:
         raise oserror_to_airpack(e, "cannot create", str(work)) from None
-    result = pack_fn(out)  # on failure the work folder stays: the next run resumes in it
+    try:
+        result = pack_fn(out)  # on failure the work folder stays if the pack kept downloads: the next run resumes in it
+    except Exception:
+        if created:
+            with contextlib.suppress(OSError):
+                work.rmdir()  # only when empty: the pack took back everything it wrote
+        raise
     try:
         pub = signer.private_key.public_key()
         own = new_policy(1, source="<the packing key>").with_key("packer", pub, public_pem(pub))
-        exported = export(ExportOptions(bundle=out, tar=tar, policy=own, split=split, parity=parity,
-                                        signer=signer if split else None, progress=progress))
+        with packer_hints(PACKED_CHANGED_HINTS):  # the packer's own bundle: not "get a fresh copy from the packer"
+            exported = export(ExportOptions(bundle=out, tar=tar, policy=own, split=split, parity=parity,
+                                            signer=signer if split else None, progress=progress))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result, exported

@@ -9,6 +9,12 @@ come from ``--gpu`` (catalog name or size, ``:COUNT``) or from NVML.
 ``VerifiedBundle``): it estimates every model of a bundle on the given (or
 detected) GPUs and raises ``FitError`` (exit 5) naming the model, the GPUs and
 the numbers when one does not fit.
+
+A refusal leads with the real reason (what the run needs against what the
+GPUs give) and its hint says what would make it fit, each suggestion checked
+by estimating again (``suggest``): a higher ``--gpu-memory-utilization``, more
+GPUs, a shorter ``--context``. A context beyond the model's own maximum is no
+fit question at all: ``ContextTooLongError`` (exit 2).
 """
 
 from __future__ import annotations
@@ -17,14 +23,15 @@ import os
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from .. import content
 from .._fs import check_relpath, open_regular_nofollow
 from .._json import StrictJSONError, loads_strict
-from ..errors import FitError, IntegrityError, ModelConfigError, UsageError
-from ..gpus import parse_gpu, resolve_gpus, try_detect
+from ..errors import ContextTooLongError, FitError, IntegrityError, ModelConfigError, UsageError
+from ..gpus import MAX_COUNT, parse_gpu, resolve_gpus, try_detect
 from ..manifest import ENVELOPE_NAME, Manifest, ModelEntry
 from ..registry import Registry
 from ..safetensors_check import SafetensorsInfo, TensorInfo, read_header_fd
@@ -40,6 +47,7 @@ from ..vram import (
     collect_weights,
     fit,
     model_shape,
+    parse_utilization,
 )
 from .verify import VerifiedBundle, read_unverified, verify_source
 
@@ -86,6 +94,8 @@ class FitReport:
     shape: ModelShape
     weights: Weights
     result: FitResult
+    suggestions: tuple[str, ...] = ()  # when it does not fit: what would, each checked by estimating again
+    utilization: str = "0.9"  # vLLM's share of each GPU the estimate used, as given
 
     def to_json(self) -> dict[str, Any]:
         """Integers, strings, lists and objects only: it goes into manifests and audit lines."""
@@ -330,14 +340,91 @@ def load_models(model: str, registry: Path | None, policy: TrustPolicy | None = 
 
 
 def estimate_source(src: ModelSource, run: RunConfig, gpu: GpuBudget) -> FitReport:
-    """The estimate and verdict for one model on ``gpu``."""
+    """The estimate and verdict for one model on ``gpu``; a context beyond the model's maximum is refused first."""
     probe = collect_weights(src.tensors)
     shape = model_shape(src.config, weights_dtype=probe.float_dtype)
     weights = collect_weights(src.tensors, shape=shape)
     if not weights.tensors:
         raise ModelConfigError(f"{src.location}: the safetensors files hold no tensors", path=src.location)
-    result = fit(shape, weights, replace(run, tensor_parallel=gpu.count), gpu)
-    return FitReport(model=src.name, location=src.location, shape=shape, weights=weights, result=result)
+    check_context(src, shape, run.context)
+    run = replace(run, tensor_parallel=gpu.count)
+    result = fit(shape, weights, run, gpu)
+    tips = suggest(shape, weights, run, gpu, result) if result.verdict == "does_not_fit" else ()
+    return FitReport(model=src.name, location=src.location, shape=shape, weights=weights, result=result, suggestions=tips,
+                     utilization=str(parse_utilization(run.gpu_memory_utilization)))
+
+
+_ASSUMED_MAX = "config.json gives no max_position_embeddings"  # the start of vram.model_shape's note when it guesses
+_SCALED_ROPE = ("linear", "dynamic", "yarn")  # rope scaling types that stretch max_position_embeddings by their factor
+
+
+def context_limit(config: Mapping[str, Any], shape: ModelShape) -> int | None:
+    """The longest context the model itself allows, or None when config.json does not say (the estimator assumed one).
+
+    ``max_position_embeddings``, times the factor of a ``rope_scaling`` that stretches it (linear,
+    dynamic, YaRN), as vLLM derives its ``max_model_len``.
+    """
+    if any(n.startswith(_ASSUMED_MAX) for n in shape.notes):
+        return None
+    limit = shape.max_context
+    rs = config.get("rope_scaling")
+    if isinstance(rs, dict):
+        kind, factor = rs.get("rope_type", rs.get("type")), rs.get("factor")
+        if kind in _SCALED_ROPE and isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1:
+            limit = int(limit * factor)
+    return limit
+
+
+def check_context(src: ModelSource, shape: ModelShape, context: int | None) -> None:
+    """Refuse (exit 2) a context the model cannot run at, whatever the GPUs: it is never "fits"."""
+    limit = context_limit(src.config, shape)
+    if context is None or limit is None or context <= limit:
+        return
+    raise ContextTooLongError(
+        f"{src.name}: context {context:,} tokens is beyond the model's maximum of {limit:,} "
+        "(max_position_embeddings in its config.json)", path=src.location,
+        hint=f"Ask for --context {limit} or less, or leave --context out to fit the model's maximum.")
+
+
+_MORE_GPUS = (2, 4, 8, 16, 32, 64)
+_UTILIZATIONS = tuple(Decimal(n) / 100 for n in range(5, 101, 5))  # 0.05 .. 1: the smallest change that fits is suggested
+
+
+def _gpu_flag(gpu: GpuBudget, count: int) -> str:
+    """How to ask for ``count`` of these GPUs on the command line."""
+    if gpu.source == "catalog":
+        return f"{count} x {gpu.name} (--gpu {gpu.name}:{count})"
+    if gpu.source == "size":
+        return f"{count} x {gpu.name} (--gpu {gpu.name.removesuffix(' GPU')}:{count})"
+    return f"{count} such GPUs"
+
+
+def suggest(shape: ModelShape, weights: Weights, run: RunConfig, gpu: GpuBudget, result: FitResult) -> tuple[str, ...]:
+    """What would make a run that does not fit fit, each one estimated again (a pure computation, no guess).
+
+    A higher ``--gpu-memory-utilization`` (vLLM), the fewest more GPUs of the same kind, a
+    shorter ``--context`` (the longest that fits), ``--batch 1``.
+    """
+    def fits(r: RunConfig, g: GpuBudget) -> bool:
+        return fit(shape, weights, r, g).verdict != "does_not_fit"
+
+    tips: list[str] = []
+    if run.runtime == "vllm":
+        # Higher first (more room for the KV cache); lower when vLLM could not start (the budget is not free).
+        util = parse_utilization(run.gpu_memory_utilization)
+        tries = [u for u in _UTILIZATIONS if u > util] + [u for u in reversed(_UTILIZATIONS) if u < util]
+        other = next((u for u in tries if fits(replace(run, gpu_memory_utilization=str(u)), gpu)), None)
+        if other is not None:
+            tips.append(f"--gpu-memory-utilization {other}")
+    n = next((n for n in _MORE_GPUS if gpu.count < n <= MAX_COUNT and (run.runtime != "vllm" or shape.num_heads % n == 0)
+              and fits(replace(run, tensor_parallel=n), replace(gpu, count=n))), None)
+    if n is not None:
+        tips.append(_gpu_flag(gpu, n))
+    if result.max_context:
+        tips.append(f"--context {result.max_context} or shorter")
+    if run.batch > 1 and fits(replace(run, batch=1), gpu):
+        tips.append("--batch 1")
+    return tuple(tips)
 
 
 def run_config(*, runtime: str | None, context: int | None, batch: int = 1, new_tokens: int = 256, kv_dtype: str = "auto",
@@ -354,18 +441,41 @@ def fit_model(opts: FitOptions) -> list[FitReport]:
     return [estimate_source(src, run, gpu) for src in load_models(opts.model, opts.registry, opts.policy)]
 
 
-def fit_error(report: FitReport) -> FitError:
-    """The one-line refusal: model, GPUs, what it needs against what there is, and the longest context that fits."""
+_STARTUP = "vLLM refuses to start"  # the start of vram.fit's note when vLLM's budget is not free on the GPUs
+
+
+def fit_error(report: FitReport, *, install: bool = False) -> FitError:
+    """The one-line refusal, leading with the reason; the hint says what would fit (``--ignore-fit`` only for install).
+
+    The reason is what the run needs per GPU against what the GPUs give (at vLLM's
+    ``--gpu-memory-utilization``), or, when vLLM could not even start, that; then the longest
+    context that fits and the breakdown.
+    """
     r = report.result
-    b = r.estimate.breakdown
+    est = r.estimate
+    b = est.breakdown
+    startup = next((n for n in r.notes if n.startswith(_STARTUP)), None)
+    if est.runtime == "vllm":
+        given = f"with --gpu-memory-utilization {report.utilization} {format_bytes(r.limit_bytes)} is usable per GPU"
+    else:
+        free = f" ({format_bytes(r.gpu.free_bytes)} free now)" if r.gpu.free_bytes is not None else ""
+        given = f"{format_bytes(r.limit_bytes)} is usable per GPU{free}"
+    reason = (startup if startup is not None else
+              f"it needs {format_bytes(r.per_gpu_bytes)} per GPU at context {est.context} x batch {est.batch}, but {given}")
     ctx = (f"; the longest context that fits is {r.max_context} tokens" if r.max_context
            else "; it does not fit at any context length")
+    tips = list(report.suggestions)
+    hint = ("Try " + ", or ".join(tips) + "." if tips else
+            "Use larger GPUs, or a smaller (quantized) model: no count of these GPUs or shorter context fits.")
+    if install:
+        hint += " Or pass --ignore-fit if you know better."
     return FitError(
-        f"{report.model} does not fit {r.gpu.count} x {r.gpu.name} ({r.estimate.runtime}): needs {format_bytes(r.per_gpu_bytes)} per GPU "
-        f"at context {r.estimate.context} x batch {r.estimate.batch} (weights {format_bytes(b.weights)}, KV cache {format_bytes(b.kv_cache)}, "
-        f"activations {format_bytes(b.activations)}, overhead {format_bytes(b.overhead)}) but {format_bytes(r.limit_bytes)} is usable{ctx}",
-        path=report.location,
+        f"{report.model} does not fit {r.gpu.count} x {r.gpu.name} ({est.runtime}): {reason}{ctx} "
+        f"(weights {format_bytes(b.weights)}, KV cache {format_bytes(b.kv_cache)}, activations {format_bytes(b.activations)}, "
+        f"overhead {format_bytes(b.overhead)})",
+        path=report.location, hint=hint,
     )
+
 
 
 # -- install's gate and pack's record ----------------------------------------------------------------
@@ -453,7 +563,7 @@ def estimate_bundle(manifest: Manifest, *, headers: Mapping[str, SafetensorsInfo
             continue
         reports.append(rep.to_json())
         if rep.result.verdict == "does_not_fit" and refusal is None:
-            refusal = fit_error(rep)
+            refusal = fit_error(rep, install=True)
     if refusal is not None and not ignore:
         raise refusal
     return reports

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,20 +31,24 @@ from typing import Any
 from .. import content
 from .._fs import oserror_to_airpack
 from ..errors import DiskSpaceError, UsageError
+from ..formats import SNIFF_BYTES
 from ..hashing import Writeback, copy_local, write_all
 from ..manifest import FileEntry, Manifest
 from ..progress import NULL_PROGRESS, Progress
 from ..registry import (
     FILE_MODE,
     HUB_DIR,
-    STAGING_DIR,
+    KEPT_ENVELOPE,
+    KEPT_MANIFEST,
     WHEELS_DIR,
+    AuthorisingPolicy,
     Database,
     Registry,
     Txn,
     Writer,
     audit_base,
     crash_point,
+    kept_bundle_dir,
     repo_folder,
     requirements_name,
 )
@@ -51,7 +56,7 @@ from ..safetensors_check import SafetensorsInfo
 from ..sources import BundleSource, open_source
 from ..trust import TrustedKey, TrustPolicy
 from ._install_plan import Plan, Read, make_plan, wheel_filename
-from ._registry_ops import Attempt, abort_unless_committed, logged_run, run_txn, switch_refs
+from ._registry_ops import Attempt, abort_unless_committed, check_snapshot, logged_run, run_txn, switch_refs
 from .fit import bundle_reader, estimate_bundle, keep_for_fit
 from .verify import FileSink, SequenceCheck, Sink, Trusted, VerifiedBundle, verify_source
 
@@ -74,6 +79,7 @@ class InstallOptions:
     ignore_fit: bool = False
     allow_downgrade: bool = False
     allow_pickle: bool = False
+    allow_code: bool = False  # the operator's consent to code the signed policy allows (``--allow-code``)
     now: dt.datetime | None = None
     workers: int | None = None
     progress: Progress = NULL_PROGRESS
@@ -124,15 +130,6 @@ class InstallResult:
 def _free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
-
-
-class _AlreadyInstalled(Exception):
-    """This exact bundle is installed: stop before a file is read (a no-op, or pointing refs back at it)."""
-
-    def __init__(self, bundle_id: int, trusted: Trusted) -> None:
-        super().__init__(bundle_id)
-        self.bundle_id = bundle_id
-        self.trusted = trusted
 
 
 class _StagedFile(FileSink):
@@ -199,6 +196,7 @@ class _Staging(Sink):
         self.fit: list[dict[str, Any]] | None = None
         self._first: dict[str, Read] = {}  # path -> the read of a content the registry lacks (staged at its first path)
         self._hash_only: set[str] = set()  # paths nobody keeps (an SBOM, say): hashed, never written
+        self.same: int | None = None  # this exact bundle is installed (its id): every byte is verified, nothing written
 
     def identify(self, manifest: Manifest, signers: tuple[TrustedKey, ...]) -> None:
         m = manifest
@@ -206,17 +204,19 @@ class _Staging(Sink):
             "bundle": {"name": m.name, "channel": m.channel, "sequence": m.sequence}, "manifest_sha256": m.digest,
             "signers": [k.keyid for k in signers], "signer_names": [k.name for k in signers], **self.source.audit_fields(),
         })
+        self.attempt.record["policy"] = _authorising(self.opts.policy, signers).to_json()
 
     def begin(self, trusted: Trusted) -> None:
         m, opts = trusted.manifest, self.opts
         if self.source.random_access and self.source.root is not None:  # headers are known now: refuse before a byte is copied
             self.check_fit(m, trusted.headers, bundle_reader(self.source.root, {}))
-        content.check_operator_consent(m, allow_pickle=opts.allow_pickle)
+        content.check_operator_consent(m, allow_pickle=opts.allow_pickle, allow_code=opts.allow_code)
         self.attempt.record["downgrade"] = trusted.downgrade
         crash_point("verified")
         same = self.w.conn.active_bundle_with_digest(m.digest)
-        if same is not None:
-            raise _AlreadyInstalled(same.id, trusted)
+        if same is not None:  # a no-op only once the medium proved whole: a flipped byte is still a refusal (exit 3)
+            self.same = same.id
+            return
         self.txn = self.w.begin("install", self.attempt.record)
         self.plan = make_plan(self.w, self.txn, m)
         self._first = {r.source.path: r for r in self.plan.reads.values() if r.live is None}
@@ -239,12 +239,29 @@ class _Staging(Sink):
         free = _free_bytes(self.txn.stage)
         if self.copy_bytes + SPACE_MARGIN > free:
             raise DiskSpaceError(
-                f"registry {self.txn.reg.root} has {free:,} bytes free; installing {name} needs {self.copy_bytes + SPACE_MARGIN:,}",
+                f"registry {self.txn.reg.root} has {free:,} bytes free; installing {name} needs {self.copy_bytes + SPACE_MARGIN:,} "
+                f"({self.copy_bytes:,} to copy plus a {SPACE_MARGIN:,}-byte ({SPACE_MARGIN >> 20} MiB) reserve kept free)",
                 path=str(self.txn.reg.root), hint="Free space on the registry's filesystem, or remove models you no longer need.",
             )
 
     def holds(self, entry: FileEntry) -> bool:
+        if self.same is not None:
+            return False  # the same bundle again: read and hash every file, keep none
         return entry.path not in self._first and entry.path not in self._hash_only
+
+    def head(self, entry: FileEntry) -> bytes | None:
+        """The first bytes of the registry's own copy of a held content: what a loader will read, judged like the rest."""
+        live = self.w.live_blob(entry.sha256)
+        if live is None:
+            return None
+        try:
+            fd = os.open(live, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                return os.read(fd, SNIFF_BYTES)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise oserror_to_airpack(e, "cannot read", str(live)) from None
 
     def open(self, entry: FileEntry) -> FileSink | None:
         r = self._first.get(entry.path)
@@ -269,13 +286,20 @@ class _Staging(Sink):
 # -- recording -------------------------------------------------------------------------------
 
 
+def _authorising(policy: TrustPolicy, signers: tuple[TrustedKey, ...]) -> AuthorisingPolicy:
+    """What authorised an install, for its audit line and its row: the policy file's SHA-256, its threshold, the keys that counted."""
+    return AuthorisingPolicy(sha256=policy.sha256, threshold=policy.threshold, keyids=tuple(k.keyid for k in signers))
+
+
 def _record_install(conn: Database, txn: Txn, vb: VerifiedBundle, plan: Plan, *, source: str, downgrade: bool,
-                    fit: list[dict[str, Any]] | None) -> None:
+                    fit: list[dict[str, Any]] | None, policy_used: TrustPolicy) -> None:
     m = vb.manifest
+    policy = _authorising(policy_used, vb.signers)
     bid = conn.insert_bundle(
         txn=txn.id, name=m.name, channel=m.channel, sequence=m.sequence, manifest_sha256=m.digest, created=f"{m.created:%Y-%m-%dT%H:%M:%SZ}",
         expires=f"{m.expires:%Y-%m-%dT%H:%M:%SZ}" if m.expires else None, signers=[{"name": k.name, "keyid": k.keyid} for k in vb.signers],
-        source=source, installed_by=str(txn.audit.get("user")), downgrade=downgrade, fit=fit,
+        source=source, installed_by=str(txn.audit.get("user")), downgrade=downgrade, fit=fit, policy=policy,
+        envelope_sha256=hashlib.sha256(vb.envelope).hexdigest(),
     )
     for x in plan.models:
         mid = conn.insert_model(bid, repo_id=x["repo_id"], ref=x["ref"], commit=x["commit"], revision=x["revision"], source=x["source"],
@@ -293,16 +317,16 @@ def _record_install(conn: Database, txn: Txn, vb: VerifiedBundle, plan: Plan, *,
 def install(opts: InstallOptions) -> InstallResult:
     """Verify, check fit and rollback, then install all or nothing; every attempt leaves one audit line."""
     reg = Registry.open(opts.registry, create=True)
-    options = {"allow_downgrade": opts.allow_downgrade, "allow_pickle": opts.allow_pickle, "ignore_fit": opts.ignore_fit,
-               "gpu": opts.gpu, "context": opts.context, "runtime": opts.runtime}
+    options = {"allow_downgrade": opts.allow_downgrade, "allow_pickle": opts.allow_pickle, "allow_code": opts.allow_code,
+               "ignore_fit": opts.ignore_fit, "gpu": opts.gpu, "context": opts.context, "runtime": opts.runtime}
     where = opts.source.location if opts.source is not None else str(opts.bundle)
-    attempt = Attempt(audit_base("install", source=where, options=options))
+    attempt = Attempt(audit_base("install", source=where, options=options,
+                                 policy={"sha256": opts.policy.sha256, "threshold": opts.policy.threshold}))
     result: InstallResult = logged_run(reg, attempt, lambda w: _install(w, attempt, opts))
     return result
 
 
 def _install(w: Writer, attempt: Attempt, opts: InstallOptions) -> InstallResult:
-    w.reg.safe_dir(STAGING_DIR, create=True)
     if opts.source is not None:
         source = opts.source
     elif opts.bundle is not None:
@@ -316,10 +340,9 @@ def _install(w: Writer, attempt: Attempt, opts: InstallOptions) -> InstallResult
         vb = verify_source(source, opts.policy, now=opts.now, sink=sink, keep=keep, workers=opts.workers,
                            sequence=SequenceCheck(high=w.conn.channel_high, allow_downgrade=opts.allow_downgrade),
                            progress=opts.progress)
+        if sink.same is not None:
+            return _reinstall(w, attempt, sink.same, lambda kind, **kw: _result(w.reg, vb, sink.fit, kind, **kw))
         return _commit(w, attempt, sink, vb)
-    except _AlreadyInstalled as same:
-        trusted = same.trusted
-        return _reinstall(w, attempt, same.bundle_id, lambda kind, **kw: _result(w.reg, trusted, sink.fit, kind, **kw))
     except BaseException:
         abort_unless_committed(sink.txn)
         raise
@@ -333,13 +356,16 @@ def _commit(w: Writer, attempt: Attempt, sink: _Staging, vb: VerifiedBundle) -> 
         sink.check_fit(vb.manifest, vb.headers, bundle_reader(None, vb.kept))
     sink.link_copies()
     crash_point("staged")
-    txn.plan_creates(plan.leaves)
+    kept = kept_bundle_dir(vb.manifest.digest)  # the exact signed bytes, so `airpack check --trust` can re-verify them later
+    txn.plan_creates([*plan.leaves, txn.stage_file(f"{kept}/{KEPT_ENVELOPE}", vb.envelope),
+                      txn.stage_file(f"{kept}/{KEPT_MANIFEST}", vb.payload)])
     txn.refs = dict(plan.refs)
     txn.texts = dict(plan.texts)
     txn.result = "installed"
     txn.prepare()
     txn.apply()
-    txn.commit(lambda conn: _record_install(conn, txn, vb, plan, source=sink.source.location, downgrade=vb.downgrade, fit=sink.fit))
+    txn.commit(lambda conn: _record_install(conn, txn, vb, plan, source=sink.source.location, downgrade=vb.downgrade, fit=sink.fit,
+                                              policy_used=sink.opts.policy))
     attempt.logged = True
     copied = sink.copy_bytes
     txn.finish({"models": [{"repo_id": x["repo_id"], "revision": x["ref"], "commit": x["commit"]} for x in plan.models],
@@ -361,11 +387,16 @@ def _result(reg: Registry, bundle: Trusted, fit: list[dict[str, Any]] | None, ki
 
 
 def _reinstall(w: Writer, attempt: Attempt, bundle_id: int, result: Callable[..., InstallResult]) -> InstallResult:
-    """The same bundle again: a no-op, or (after a rollback) pointing its refs back at it."""
+    """The same bundle again (every byte of the medium verified): a no-op, or (after a rollback) pointing its refs back at it.
+
+    Either answer says the bundle's revisions are there, so each snapshot is checked first (``check_snapshot``).
+    """
     rows = w.conn.bundle_models(bundle_id)
     models = [{"repo_id": r.repo_id, "ref": r.ref, "commit": r.commit, "revision": r.revision,
                "source": r.source, "license": r.license, "files": w.conn.model_files(r.model_id),
                "snapshot": str(w.reg.path(f"{HUB_DIR}/{repo_folder(r.repo_id)}/snapshots/{r.commit}"))} for r in rows]
+    for r in rows:
+        check_snapshot(w.reg, r.repo_id, r.commit, w.conn.model_files(r.model_id))
     stale = [r for r in rows if r.ref_commit != r.commit]
     if not stale:
         attempt.logged = True

@@ -10,7 +10,9 @@ tar, parts, OCI artifact):
 5. the content policy the manifest signs (pickles, code);
 6. the readable manifest copy, byte for byte;
 7. every path, size and digest, with one report of missing, extra and changed files;
-8. the safetensors header of every weight file, parsed from the bytes that were hashed.
+8. the safetensors header of every weight file, parsed from the bytes that were hashed, and the
+   content policy again over each file's first bytes as hashed (``content.check_file``: a pickle
+   or a program is told by its bytes, whatever its name; a GGUF header must be sane).
 
 A ``Sink`` receives every verified byte as it is hashed (install's staging,
 export's tar, a pull's folder), so the medium is read once and what is
@@ -40,6 +42,7 @@ from ..errors import (
     PartsError,
     UnsafePathError,
 )
+from ..formats import HeadCollector
 from ..hashing import FileDigest, copy_then_hash, parallel_map, stream_and_hash
 from ..manifest import ENVELOPE_NAME, MANIFEST_NAME, FileEntry, Manifest, parse
 from ..progress import NULL_PROGRESS, Progress, ProgressTask
@@ -148,6 +151,14 @@ class Sink:
         """Where ``entry``'s bytes go, or None to hash them only."""
         return None
 
+    def head(self, entry: FileEntry) -> bytes | None:
+        """The first bytes of the copy the sink holds of ``entry`` (``holds`` was True), for the content policy.
+
+        None when the sink cannot tell; the file is then judged by its name,
+        unless the same content was read under another name in this run.
+        """
+        return None
+
 
 # -- steps 1 to 6: the envelope and the manifest ------------------------------------------------
 
@@ -177,6 +188,7 @@ def _trust(source: BundleSource, policy: TrustPolicy | None, *, now: dt.datetime
     downgrade = False
     if policy is not None:
         rules.check_fresh(name=manifest.name, sequence=manifest.sequence, expires=manifest.expires, now=now)
+        rules.check_sequence_range(name=manifest.name, sequence=manifest.sequence)
     if sequence is not None:
         downgrade = rules.check_sequence(sequence.high(manifest.channel), name=manifest.name, channel=manifest.channel, sequence=manifest.sequence,
                                          manifest_sha256=manifest.digest, allow_downgrade=sequence.allow_downgrade)
@@ -278,28 +290,36 @@ class _Outcome:
 
     mismatch: FileMismatch | None = None
     header: SafetensorsInfo | None = None
-    header_error: AirpackError | None = None
+    header_error: AirpackError | None = None  # a malformed safetensors header, or a file the content policy refuses
     kept: bytes | None = None
     vanished: bool = False
+    head: bytes | None = None  # the first bytes as hashed, for the content policy
+    held: bool = False  # the sink already had these bytes: not read
 
 
 class _Files:
     """The per-file check both kinds of source share: hash, compare, parse the header, hand over or drop."""
 
-    def __init__(self, sink: Sink | None, keep: Callable[[str], bool] | None, task: ProgressTask) -> None:
+    def __init__(self, sink: Sink | None, keep: Callable[[str], bool] | None, task: ProgressTask,
+                 policy: content.Policy) -> None:
         self.sink = sink
         self.keep = keep
         self.task = task
+        self.policy = policy  # the signed content policy, applied to each file's first bytes as hashed
 
     def check(self, f: FileEntry, read: Callable[[memoryview], int], *, src_fd: int | None = None,
               limit: int | None = None) -> _Outcome:
         out = self.sink.open(f) if self.sink is not None else None
         grab = HeaderCollector() if content.is_safetensors(f.path) else None
         kept = _Keep() if self.keep is not None and f.size <= MAX_KEPT_BYTES and self.keep(f.path) else None
-        feeds: list[Callable[[memoryview], None]] = [x.feed for x in (grab, kept) if x is not None]
+        head = HeadCollector()
+        feeds: list[Callable[[memoryview], None]] = [x.feed for x in (grab, kept, head) if x is not None]
         try:
             d = self._hash(read, out, feeds, src_fd=src_fd, limit=limit)
             result = self._judge(f, d, grab, kept)
+            if result.mismatch is None and result.header_error is None:
+                result.head = bytes(head.data)
+                self.judge(f, result.head, result)
         except BaseException:
             if out is not None:
                 out.abort()
@@ -307,6 +327,22 @@ class _Files:
         if out is not None:
             (out.abort if result.mismatch else out.close)()
         return result
+
+    def judge(self, f: FileEntry, head: bytes | None, result: _Outcome) -> None:
+        """The content policy over the file's first bytes; a refusal is kept for the final report, like a bad header."""
+        try:
+            content.check_file(self.policy, f.path, head, f.size)
+        except AirpackError as e:
+            result.header_error = e
+
+    def judge_held(self, entries: list[FileEntry], outcomes: Mapping[str, _Outcome]) -> None:
+        """Files the sink held were not read: judge each by the first bytes of the same content, read here or held there."""
+        heads = {e.sha256: o.head for e in entries if (o := outcomes.get(e.path)) is not None and o.head is not None}
+        for e in entries:
+            o = outcomes.get(e.path)
+            if o is not None and o.held:
+                head = heads.get(e.sha256)
+                self.judge(e, head if head is not None or self.sink is None else self.sink.head(e), o)
 
     def _hash(self, read: Callable[[memoryview], int], out: FileSink | None, feeds: list[Callable[[memoryview], None]], *,
               src_fd: int | None, limit: int | None) -> FileDigest:
@@ -357,7 +393,7 @@ def _random_access_files(source: BundleSource, manifest: Manifest, files: _Files
 
     def one(f: FileEntry) -> tuple[str, _Outcome]:
         if sink is not None and sink.holds(f):
-            return f.path, _Outcome()  # the sink holds these bytes already: nothing to read
+            return f.path, _Outcome(held=True)  # the sink holds these bytes already: nothing to read
         try:
             with source.open(f) as reader:
                 src_fd = reader.fd if isinstance(reader, LocalFile) else None
@@ -374,8 +410,11 @@ def _random_access_files(source: BundleSource, manifest: Manifest, files: _Files
 
     todo = [f for f in manifest.files if f.path not in report.missing]
     if sink is not None and sink.ordered:
-        return dict(one(f) for f in sorted(todo, key=lambda f: f.path))
-    return dict(parallel_map(one, sorted(todo, key=lambda f: -resized.get(f.path, f.size)), workers=workers))
+        outcomes = dict(one(f) for f in sorted(todo, key=lambda f: f.path))
+    else:
+        outcomes = dict(parallel_map(one, sorted(todo, key=lambda f: -resized.get(f.path, f.size)), workers=workers))
+    files.judge_held(todo, outcomes)
+    return outcomes
 
 
 def _stream_files(source: BundleSource, manifest: Manifest, files: _Files) -> tuple[dict[str, _Outcome], MismatchReport]:
@@ -433,7 +472,7 @@ def verify_source(source: BundleSource, policy: TrustPolicy | None, *, now: dt.d
         trusted = _trust(source, policy, now=now, sequence=sequence, sink=sink)
         manifest = trusted.manifest
         task = progress.task(f"{sink.action if sink is not None else 'verify'} {manifest.name}", manifest.total_bytes)
-        files = _Files(sink, keep, task)
+        files = _Files(sink, keep, task, content.Policy.signed(manifest))
         try:
             if source.random_access:
                 report = _tree_report(source.members(), manifest)

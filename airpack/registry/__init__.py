@@ -19,28 +19,46 @@ from .audit_log import GENESIS, MAX_AUDIT_LINE, LogReport, audit_base, error_rec
 from .database import SCHEMA, SCHEMA_VERSION, Database
 from .layout import (
     AUDIT_NAME,
+    BUNDLES_DIR,
     DB_NAME,
     DIR_MODE,
     FILE_MODE,
     HUB_DIR,
+    KEPT_ENVELOPE,
+    KEPT_MANIFEST,
     LOCK_NAME,
     STAGING_DIR,
     WHEELS_DIR,
     Layout,
+    kept_bundle_dir,
+    kept_ref,
     link_target,
     now_text,
     ref_name,
     repo_folder,
     requirements_name,
 )
-from .records import BundleModel, BundleRow, ChannelHigh, InstalledModel, RefRow, StoredFile, WheelRow
+from .records import (
+    AuthorisingPolicy,
+    BundleModel,
+    BundleRow,
+    ChannelHigh,
+    InstalledBundle,
+    InstalledModel,
+    OpRow,
+    RefRow,
+    StoredFile,
+    WheelRow,
+)
 from .store import Registry, Writer
 from .transactions import CRASH_ENV, INTENT_NAME, JOURNAL_NAME, MAX_JOURNAL_BYTES, Txn, crash_point
 
 __all__ = [
-    "AUDIT_NAME", "CRASH_ENV", "DB_NAME", "DIR_MODE", "FILE_MODE", "GENESIS", "HUB_DIR", "INTENT_NAME", "JOURNAL_NAME", "LOCK_NAME",
+    "AUDIT_NAME", "BUNDLES_DIR", "CRASH_ENV", "DB_NAME", "DIR_MODE", "FILE_MODE", "GENESIS", "HUB_DIR", "INTENT_NAME", "JOURNAL_NAME",
+    "KEPT_ENVELOPE", "KEPT_MANIFEST", "LOCK_NAME",
     "MAX_AUDIT_LINE", "MAX_JOURNAL_BYTES", "MAX_SEQUENCE_JUMP", "SCHEMA", "SCHEMA_VERSION", "STAGING_DIR", "WHEELS_DIR",
-    "BundleModel", "BundleRow", "ChannelHigh", "Database", "InstalledModel", "Layout", "LogReport", "RefRow", "Registry",
-    "StoredFile", "Txn", "WheelRow", "Writer", "audit_base", "crash_point", "error_record", "hostname", "link_target",
+    "AuthorisingPolicy", "BundleModel", "BundleRow", "ChannelHigh", "Database", "InstalledBundle", "InstalledModel", "Layout",
+    "LogReport", "OpRow", "RefRow", "Registry",
+    "StoredFile", "Txn", "WheelRow", "Writer", "audit_base", "crash_point", "error_record", "hostname", "kept_bundle_dir", "kept_ref", "link_target",
     "now_text", "ref_name", "repo_folder", "requirements_name",
 ]

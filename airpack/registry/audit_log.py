@@ -16,11 +16,13 @@ import hashlib
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__, errors
 from .._fs import oserror_to_airpack
+from .._json import scrub
 from ..errors import AuditLogError, UnsafeRegistryError
 from ..hashing import write_all
 from .layout import AUDIT_NAME, FILE_MODE, Layout, now_text
@@ -63,9 +65,13 @@ def hostname() -> str:
 
 
 def audit_base(command: str, **fields: Any) -> dict[str, Any]:
-    """The fields every audit line carries: when, who, where, which command, which airpack."""
+    """The fields every audit line carries: when, who, where, which command, which airpack.
+
+    The fields are scrubbed (``_json.scrub``): a source path that is not UTF-8 is kept as ``\\xff``,
+    so the staged intent and the line can always be written.
+    """
     return {"time": now_text(), "user": _user(), "uid": os.getuid(), "host": hostname(), "command": command,
-            "tool": f"airpack {__version__}", **fields}
+            "tool": f"airpack {__version__}", **scrub(fields)}
 
 
 def error_record(e: BaseException) -> dict[str, Any]:
@@ -92,7 +98,8 @@ def append_record(layout: Layout, record: dict[str, Any]) -> dict[str, Any]:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.fchmod(fd, FILE_MODE)
         prev, dropped = _chain_tail(fd)
-        rec = {k: v for k, v in record.items() if k not in ("prev", "sha256")}
+        # scrub: a name that is not UTF-8 (a folder named with byte 0xff) is recorded as \xff, never a write error.
+        rec = {k: scrub(v) for k, v in record.items() if k not in ("prev", "sha256")}
         if dropped:
             rec["dropped_partial_bytes"] = dropped
         rec["prev"] = prev
@@ -176,21 +183,34 @@ def has_txn(layout: Layout, txn: str, *, window: int = 4 << 20) -> bool:
     return needle in tail
 
 
-def verify_chain(layout: Layout) -> LogReport:
-    """Check every line's own hash and its link to the line before; name the first broken line."""
+def verify_chain(layout: Layout, *, visit: Callable[[dict[str, Any]], None] | None = None) -> LogReport:
+    """Check every line's own hash and its link to the line before; name the first broken line.
+
+    ``visit`` sees each line once it checked (``airpack check`` collects the
+    txn ids, to hold them against the database's own record of operations).
+    """
     if not layout.check_plain_file(AUDIT_NAME):
         return LogReport(lines=0, head=GENESIS, first=None, last=None)
     prev = GENESIS
     first: str | None = None
     last: str | None = None
     n = 0
-    with open(os.open(layout.path(AUDIT_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+    try:
+        fd = os.open(layout.path(AUDIT_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:  # unreadable (permissions), or replaced by a link since the check above
+        raise oserror_to_airpack(e, "cannot read", str(layout.path(AUDIT_NAME))) from None
+    with open(fd, "rb") as f:
         while True:
-            raw = f.readline(MAX_AUDIT_LINE + 1)
+            try:
+                raw = f.readline(MAX_AUDIT_LINE + 1)
+            except OSError as e:
+                raise oserror_to_airpack(e, "cannot read", str(layout.path(AUDIT_NAME))) from None
             if not raw:
                 break
             n += 1
             rec, prev = _check_line(raw, n, prev)
+            if visit is not None:
+                visit(rec)
             t = rec.get("time")
             if isinstance(t, str):
                 first = first or t

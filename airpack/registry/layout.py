@@ -6,7 +6,10 @@ Layout::
       hub/models--ORG--NAME/blobs/<sha256>             file bytes, stored once (hard links across repos)
       hub/models--ORG--NAME/snapshots/<commit>/<path>  relative links to ../../blobs/<sha256>
       hub/models--ORG--NAME/refs/<revision or main>    the commit a revision name points to
+      hub/models--ORG--NAME/refs/airpack/kept-<commit> one per installed commit, so HF's cache tools keep it
       wheels/<file>.whl, wheels/<bundle>.txt           wheelhouse and hash-pinned requirements
+      bundles/<manifest sha256>/envelope.json         each installed bundle's envelope (the exact signed bytes)
+      bundles/<manifest sha256>/manifest.json         ... and its manifest, so `airpack check --trust` can re-verify
       registry.db                                      SQLite (WAL): bundles, models, files, refs, channels
       audit.log                                        JSON lines, each holding the SHA-256 of the line before
       .lock                                            one writer at a time (flock: a killed holder releases it)
@@ -31,6 +34,9 @@ from ..errors import IntegrityError, UnsafeRegistryError
 
 HUB_DIR = "hub"
 WHEELS_DIR = "wheels"
+BUNDLES_DIR = "bundles"
+KEPT_ENVELOPE = "envelope.json"
+KEPT_MANIFEST = "manifest.json"
 DB_NAME = "registry.db"
 AUDIT_NAME = "audit.log"
 LOCK_NAME = ".lock"
@@ -39,6 +45,7 @@ DIR_MODE = 0o755
 FILE_MODE = 0o644
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+KEPT_REF_DIR = "airpack"  # refs/airpack/kept-<commit>: see ``kept_ref``
 _REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 
 
@@ -56,10 +63,25 @@ def ref_name(revision: str | None) -> str:
     """The ``refs/`` file a model's revision is recorded under: its branch or tag, else ``main``."""
     if revision is None or COMMIT_RE.match(revision):
         return "main"
-    if not _REF.match(revision) or revision.endswith(("/", ".lock")) or "//" in revision:
-        raise IntegrityError(f"model revision {revision!r} is not a usable ref name")
+    if not _REF.match(revision) or revision.endswith(("/", ".lock")) or "//" in revision or revision.startswith(KEPT_REF_DIR + "/"):
+        raise IntegrityError(f"model revision {revision!r} is not a usable ref name (refs/{KEPT_REF_DIR}/ is airpack's own)")
     check_relpath(revision)
     return revision
+
+
+def kept_ref(commit: str) -> str:
+    """The ``refs/`` name that keeps an installed commit alive for Hugging Face's cache tools: ``airpack/kept-<commit>``.
+
+    ``huggingface_hub``'s cache scan reads every file under ``refs/`` (nested
+    names included, like the Hub's own ``refs/pr/1``) and calls a snapshot
+    no ref names "detached": ``hf cache prune`` deletes those. The revisions
+    airpack keeps for ``rollback`` have no branch name pointing at them, so
+    each installed commit gets its own ref, written and removed with the
+    install and remove that add or drop the commit's last model row.
+    """
+    if not COMMIT_RE.match(commit):
+        raise IntegrityError(f"commit {commit!r} is not a 40-character hex commit")
+    return f"{KEPT_REF_DIR}/kept-{commit}"
 
 
 def link_target(rel: str, sha256: str) -> str:
@@ -69,6 +91,13 @@ def link_target(rel: str, sha256: str) -> str:
 
 def requirements_name(bundle_name: str) -> str:
     return f"{bundle_name}.txt"
+
+
+def kept_bundle_dir(manifest_sha256: str) -> str:
+    """Where an installed bundle's envelope and manifest are kept: ``bundles/<manifest sha256>``."""
+    if not re.fullmatch(r"[0-9a-f]{64}", manifest_sha256):
+        raise IntegrityError(f"manifest digest {manifest_sha256!r} is not a sha256")
+    return f"{BUNDLES_DIR}/{manifest_sha256}"
 
 
 class Layout:
@@ -134,11 +163,26 @@ class Layout:
         return True
 
     def check_layout(self) -> None:
-        """The fixed top-level entries must be real folders and plain files, never links."""
+        """The fixed top-level entries must be real folders and plain files, never links (nothing is created here)."""
         for d in (HUB_DIR, WHEELS_DIR, STAGING_DIR):
-            self.safe_dir(d, create=True)
+            self.safe_dir(d, create=False)
         for f in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", AUDIT_NAME, LOCK_NAME):
             self.check_plain_file(f)
+
+    def read_ref(self, rel: str) -> str | None:
+        """The bytes of a ``refs/`` file as ``huggingface_hub`` would read them (capped; never through a link); None if absent."""
+        try:
+            if not self.plain_file_under(rel):
+                return None
+            fd = os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (OSError, UnsafeRegistryError):
+            return None
+        try:
+            return os.read(fd, 256).decode("ascii", "replace")
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def plain_file_under(self, rel: str) -> bool:
         """True if ``rel`` is a plain file whose parent folders are all real folders; False if any is missing."""

@@ -16,6 +16,23 @@ from ..rules import ChannelHigh  # what the rollback rules decide on; the databa
 
 
 @dataclass(frozen=True)
+class AuthorisingPolicy:
+    """The trust policy that authorised an install: its file's SHA-256, its threshold, and the key ids that counted.
+
+    Recorded with every install, so an auditor can tell later which policy let
+    a bundle in (``sha256`` is None when the policy was built in memory, not
+    read from a file).
+    """
+
+    sha256: str | None
+    threshold: int
+    keyids: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "threshold": self.threshold, "keyids": list(self.keyids)}
+
+
+@dataclass(frozen=True)
 class InstalledModel:
     """One installed (repo, revision) as installed by one bundle."""
 
@@ -38,6 +55,16 @@ class InstalledModel:
     files: int
     bytes: int
     has_wheels: bool
+    policy: AuthorisingPolicy | None = None  # None: installed before airpack recorded it
+    ref_commit: str | None = None  # the commit its revision name points to now (None: no ref)
+
+    @property
+    def status(self) -> str:
+        """``current`` (the one row its name points to), ``superseded`` (the same commit, installed again by a
+        newer bundle: one current row per revision) or ``kept`` (another commit, kept for rollback)."""
+        if self.current:
+            return "current"
+        return "superseded" if self.ref_commit == self.commit else "kept"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +72,7 @@ class InstalledModel:
             "revision": self.ref,
             "commit": self.commit,
             "current": self.current,
+            "status": self.status,
             "bundle": self.bundle,
             "channel": self.channel,
             "sequence": self.sequence,
@@ -56,6 +84,7 @@ class InstalledModel:
             "license": self.license,
             "files": self.files,
             "bytes": self.bytes,
+            "policy": self.policy.to_json() if self.policy is not None else None,
         }
 
 
@@ -66,6 +95,28 @@ class BundleRow:
     id: int
     name: str
     sequence: int
+
+
+@dataclass(frozen=True)
+class InstalledBundle:
+    """An active bundle as ``airpack check`` re-verifies it: its digests and what authorised it."""
+
+    id: int
+    name: str
+    channel: str
+    sequence: int
+    manifest_sha256: str
+    envelope_sha256: str | None  # None: installed before envelopes were kept
+    policy: AuthorisingPolicy | None
+
+
+@dataclass(frozen=True)
+class OpRow:
+    """One committed registry write (the ``ops`` table): each has its line in the audit log."""
+
+    txn: str
+    kind: str
+    at: str
 
 
 @dataclass(frozen=True)
@@ -113,4 +164,7 @@ class WheelRow:
     size: int
 
 
-__all__ = ["BundleModel", "BundleRow", "ChannelHigh", "InstalledModel", "RefRow", "StoredFile", "WheelRow"]
+__all__ = [
+    "AuthorisingPolicy", "BundleModel", "BundleRow", "ChannelHigh", "InstalledBundle", "InstalledModel", "OpRow", "RefRow", "StoredFile",
+    "WheelRow",
+]

@@ -5,6 +5,17 @@ the operations use: ``Registry.open(path)`` checks the folder, ``reg.reader()``
 gives a read-only ``Database``, and ``reg.writer()`` takes the one-writer
 lock, opens the database for writing and finishes or undoes any write a killed
 process left (``transactions.recover``) before handing over a ``Writer``.
+
+Readers settle first: when a killed write left something in ``.staging``,
+``reader()`` takes the lock and recovers exactly as a writer would, so a
+reader sees the old state or the new one, never a commit whose refs were not
+switched yet. Where it cannot (the lock is held, the registry is read-only)
+it says so in ``Database.pending``.
+
+Nothing is created until something must be written: the writer of a folder
+with no database answers from an empty in-memory one, and creates the real
+folders and database in ``Writer.begin``; a first install that fails before
+its commit removes them again, so a refusal leaves at most its audit line.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import sqlite3
 import stat
 from collections.abc import Iterator
@@ -20,12 +32,33 @@ from pathlib import Path
 from typing import Any
 
 from .._fs import oserror_to_airpack
-from ..errors import LockHeldError, NotInstalledError, UnsafeRegistryError, UsageError
+from ..errors import AirpackError, LockHeldError, NotInstalledError, UnsafeRegistryError, UsageError
 from . import audit_log, transactions
 from .audit_log import LogReport
-from .database import Database, connect, db_error
-from .layout import DB_NAME, DIR_MODE, FILE_MODE, HUB_DIR, LOCK_NAME, WHEELS_DIR, Layout, repo_folder
+from .database import Database, connect, connect_empty, db_error
+from .layout import (
+    AUDIT_NAME,
+    DB_NAME,
+    DIR_MODE,
+    FILE_MODE,
+    HUB_DIR,
+    LOCK_NAME,
+    STAGING_DIR,
+    WHEELS_DIR,
+    Layout,
+    repo_folder,
+)
 from .transactions import Txn
+
+
+def _left_by_a_first_install(e: os.DirEntry[str]) -> bool:
+    """What a failed first install may leave: its audit line (and dot-files), or an older airpack's empty hub/ and wheels/."""
+    if e.name.startswith(".") or e.name == AUDIT_NAME:
+        return True
+    if e.name in (HUB_DIR, WHEELS_DIR) and e.is_dir(follow_symlinks=False):
+        with os.scandir(e.path) as inner:
+            return not any(True for _ in inner)
+    return False
 
 
 class Registry(Layout):
@@ -57,7 +90,12 @@ class Registry(Layout):
         if not os.path.lexists(db):
             if not create:
                 raise NotInstalledError(f"{p} is not an airpack registry (no {DB_NAME})", path=str(p))
-            if any(not e.name.startswith(".") for e in reg.root.iterdir()):
+            try:
+                with os.scandir(reg.root) as entries:
+                    usable = all(_left_by_a_first_install(e) for e in entries)
+            except OSError as e:
+                raise oserror_to_airpack(e, "cannot read", str(p)) from None
+            if not usable:
                 raise UsageError(f"{p} is not empty and holds no airpack registry; choose a new or empty folder", path=str(p))
         return reg
 
@@ -82,6 +120,11 @@ class Registry(Layout):
                 raise LockHeldError(
                     f"registry {self.root} is being written by another airpack process (pid {holder})", path=str(path)
                 ) from None
+            now = self.lstat(LOCK_NAME)
+            if now is None or (now.st_dev, now.st_ino) != (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                # The holder of a registry with no database removed the lock file as it finished (see below).
+                raise LockHeldError(f"registry {self.root} was being written by another airpack process just now; retry",
+                                    path=str(path))
             os.fchmod(fd, FILE_MODE)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -90,6 +133,8 @@ class Registry(Layout):
             finally:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, 0)
+                    if not os.path.lexists(self.path(DB_NAME)):
+                        os.unlink(path)  # still no registry here: leave no lock file behind (a later locker sees the inode change)
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
@@ -100,8 +145,11 @@ class Registry(Layout):
         return connect(self, write=write)
 
     @contextlib.contextmanager
-    def reader(self) -> Iterator[Database]:
+    def reader(self, *, settle: bool = True) -> Iterator[Database]:
+        """A read-only connection, after settling any write a killed process left (``settle``; a dry run skips it)."""
+        pending = self.settle() if settle else None
         conn = self.connect(write=False)
+        conn.pending = pending
         try:
             yield conn
         except sqlite3.Error as e:
@@ -109,20 +157,44 @@ class Registry(Layout):
         finally:
             conn.close()
 
+    def settle(self) -> str | None:
+        """Finish or undo an interrupted write before a read; None when nothing is pending, else why it could not be done."""
+        try:
+            with os.scandir(self.path(STAGING_DIR)) as it:
+                busy = any(True for _ in it)
+        except OSError:
+            busy = False
+        if not busy or not self.path(DB_NAME).exists():
+            return None
+        try:
+            with self.writer():
+                pass
+        except LockHeldError:
+            return "another airpack process is writing this registry right now; what is shown may change when it finishes"
+        except AirpackError as e:
+            return (f"a write was interrupted and could not be finished here ({e.message}); run any airpack write command "
+                    "(install, remove, rollback) where the registry is writable to finish it")
+        return None
+
     @contextlib.contextmanager
     def writer(self) -> Iterator[Writer]:
         """Take the lock, open the database, finish or undo any interrupted write, then hand over."""
         self.check_layout()
         with self.locked():
-            conn = self.connect(write=True)
+            fresh = not os.path.lexists(self.path(DB_NAME))
+            w = Writer(self, connect_empty(self) if fresh else self.connect(write=True), fresh=fresh)
             try:
-                w = Writer(self, conn)
-                w.recover()
-                yield w
-            except sqlite3.Error as e:
-                raise db_error(e, self.path(DB_NAME)) from None
+                try:
+                    if not fresh:
+                        w.recover()
+                    yield w
+                except sqlite3.Error as e:
+                    raise db_error(e, self.path(DB_NAME)) from None
+            except BaseException:
+                w.undo_creation()
+                raise
             finally:
-                conn.close()
+                w.conn.close()
 
     # the audit log
 
@@ -138,13 +210,53 @@ class Registry(Layout):
 class Writer:
     """The registry with the lock held and the database open for writing."""
 
-    def __init__(self, reg: Registry, conn: Database) -> None:
+    def __init__(self, reg: Registry, conn: Database, *, fresh: bool = False) -> None:
         self.reg = reg
         self.conn = conn
+        self.fresh = fresh  # no registry.db yet: ``conn`` is an empty in-memory one until ``begin``
+        self._existed: set[str] | None = None  # top-level names before this writer created the registry
 
     def begin(self, kind: str, audit: dict[str, Any]) -> Txn:
-        """Start a write (``transactions.begin``)."""
+        """Start a write (``transactions.begin``); in a new registry, first create its folders and database."""
+        if self.fresh:
+            self._create()
         return transactions.begin(self.reg, self.conn, kind, audit)
+
+    def _create(self) -> None:
+        """The first write into a new registry: now, and not before, the folders and the database file appear."""
+        try:
+            self._existed = set(os.listdir(self.reg.root))
+        except OSError as e:
+            raise oserror_to_airpack(e, "cannot read", str(self.reg.root)) from None
+        for d in (HUB_DIR, WHEELS_DIR, STAGING_DIR):
+            self.reg.safe_dir(d, create=True)
+        conn = self.reg.connect(write=True)
+        self.conn.close()
+        self.conn = conn
+        self.fresh = False
+
+    def undo_creation(self) -> None:
+        """A first install that failed before its commit: remove what it created, so at most its audit line remains."""
+        if self._existed is None:
+            return
+        try:
+            if self.conn.any_committed():
+                return
+        except sqlite3.Error:
+            pass  # a database that cannot even answer this holds no commit worth keeping
+        self.conn.close()
+        try:
+            names = set(os.listdir(self.reg.root)) - self._existed - {AUDIT_NAME, LOCK_NAME}
+        except OSError:
+            return
+        for name in sorted(names):
+            p = self.reg.path(name)
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.lstat(p).st_mode):
+                    shutil.rmtree(p)
+                else:
+                    os.unlink(p)
+        self._existed = None
 
     def audit(self, record: dict[str, Any]) -> dict[str, Any]:
         return self.reg.audit_append(record)

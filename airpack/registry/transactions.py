@@ -42,7 +42,7 @@ from ..errors import ConflictError, IntegrityError, RegistryError, UnsafeRegistr
 from . import audit_log
 from .audit_log import compact_json
 from .database import Database
-from .layout import COMMIT_RE, DIR_MODE, FILE_MODE, HUB_DIR, STAGING_DIR, WHEELS_DIR, Layout, now_text
+from .layout import BUNDLES_DIR, COMMIT_RE, DIR_MODE, FILE_MODE, HUB_DIR, STAGING_DIR, WHEELS_DIR, Layout, now_text
 
 JOURNAL_NAME = "journal.json"
 INTENT_NAME = "intent.json"
@@ -98,6 +98,11 @@ class Txn:
         except OSError as e:
             raise oserror_to_airpack(e, "cannot create", str(p.parent)) from None
         return p
+
+    def stage_file(self, rel: str, data: bytes) -> str:
+        """Stage a small file for live path ``rel`` (written and fsynced whole); returns ``rel``, a leaf for ``plan_creates``."""
+        atomic_write(self.staged(rel), data, mode=FILE_MODE)
+        return rel
 
     def plan_creates(self, leaves: list[str]) -> None:
         """Turn staged leaf paths into the smallest set of live names to rename in (a new folder moves whole)."""
@@ -222,8 +227,9 @@ def begin(reg: Layout, conn: Database, kind: str, audit: dict[str, Any]) -> Txn:
 
 def recover(reg: Layout, conn: Database) -> list[str]:
     """Finish committed writes and undo the others, for every staging folder a killed process left."""
-    staging = reg.safe_dir(STAGING_DIR, create=True)
-    assert staging is not None
+    staging = reg.safe_dir(STAGING_DIR, create=False)
+    if staging is None:
+        return []
     done = []
     for entry in sorted(os.scandir(staging), key=lambda e: e.name):
         d = Path(entry.path)
@@ -253,8 +259,9 @@ def recover(reg: Layout, conn: Database) -> list[str]:
 
 
 def _journal_rel(reg: Layout, rel: object) -> str:
-    """A path from a staging journal: only ever a safe path under hub/ or wheels/ (a journal is not trusted blindly)."""
-    ok = isinstance(rel, str) and (rel.startswith(HUB_DIR + "/") or rel.startswith(WHEELS_DIR + "/"))
+    """A path from a staging journal: only ever a safe path under hub/, wheels/ or bundles/ (a journal is not trusted blindly)."""
+    # bundles/ itself too: the first install after an upgrade creates it whole (a registry's first write makes hub/ and wheels/)
+    ok = isinstance(rel, str) and (rel == BUNDLES_DIR or rel.startswith((HUB_DIR + "/", WHEELS_DIR + "/", BUNDLES_DIR + "/")))
     if ok:
         try:
             check_relpath(rel)
@@ -262,7 +269,7 @@ def _journal_rel(reg: Layout, rel: object) -> str:
             ok = False
     if not ok:
         raise UnsafeRegistryError(
-            f"a staging journal under {reg.path(STAGING_DIR)} names {rel!r}, outside the registry's hub/ and wheels/",
+            f"a staging journal under {reg.path(STAGING_DIR)} names {rel!r}, outside the registry's hub/, wheels/ and bundles/",
             path=str(reg.path(STAGING_DIR)),
             hint="Someone edited the registry's staging folder; inspect it, then delete the folder by hand.",
         )
