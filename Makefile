@@ -32,6 +32,7 @@ bench: $(STAMP) registry-bin
 	$(BIN)/python benchmarks/bench_install.py
 	$(BIN)/python benchmarks/bench_oci.py
 	$(BIN)/python benchmarks/bench_transfer.py
+	$(BIN)/python benchmarks/bench_check.py
 	$(BIN)/python benchmarks/bench_startup.py
 
 bench-fit: $(STAMP)
