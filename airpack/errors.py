@@ -76,6 +76,55 @@ class KeyFileError(UsageError):
     default_hint = "Check the key file and its passphrase (--passphrase-file or AIRPACK_PASSPHRASE)."
 
 
+class TokenError(UsageError):
+    """A key on a hardware token (PKCS#11) could not be used: the URI, the module, the token, the key, the PIN.
+
+    Exit 2 like a bad key file: the signer fixes the set-up, and nothing was written.
+    """
+
+    default_hint = "Check the PKCS#11 URI, the module path and the PIN source; docs/keys.md shows the set-up."
+
+
+class Pkcs11UriError(TokenError):
+    """A ``pkcs11:`` key reference that is not a usable RFC 7512 URI (or carries a PIN in it)."""
+
+    default_hint = ("Write it as pkcs11:token=LABEL;object=LABEL?module-path=/path/to/module.so&pin-source=file:/path "
+                    "(RFC 7512); see docs/keys.md.")
+
+
+class TokenModuleError(TokenError):
+    """No PKCS#11 module path, or a path that is missing or is no PKCS#11 module."""
+
+    default_hint = ("Give the vendor's PKCS#11 module as ?module-path=/abs/path.so in the URI or in AIRPACK_PKCS11_MODULE "
+                    "(SoftHSM2: /usr/lib/softhsm/libsofthsm2.so; YubiKey: libykcs11.so; smart cards: opensc-pkcs11.so).")
+
+
+class TokenNotFoundError(TokenError):
+    """No token (or more than one) matches the URI's token attributes."""
+
+    default_hint = "Insert the token, or fix token= (and serial=) in the URI; `softhsm2-util --show-slots` or `p11tool --list-tokens` lists them."
+
+
+class TokenKeyError(TokenError):
+    """No key object (or more than one) matches, or the one that matches may not sign or is of a type airpack does not sign with."""
+
+    default_hint = ("Fix object= (or id=) in the URI; airpack signs with ECDSA P-256 or Ed25519 private keys whose CKA_SIGN is true. "
+                    "`airpack keygen NAME --pkcs11 URI` makes one.")
+
+
+class TokenPinError(TokenError):
+    """The token refused the PIN (wrong, locked, expired) or none was given. A PIN is tried once and never retried."""
+
+    default_hint = ("Fix the PIN source (pin-source=file:... in the URI, --pin-file, or AIRPACK_PIN) and run again; "
+                    "airpack never retries a PIN, so a token counts one failure per run.")
+
+
+class TokenRemovedError(TokenError):
+    """The token went away (removed, reset, session lost) while airpack was using it; nothing was written."""
+
+    default_hint = "Reinsert the token and run the command again; the bundle was left as it was."
+
+
 class PolicyError(UsageError):
     default_hint = "Check the trust policy file; `airpack trust list POLICY` shows it."
 
@@ -95,6 +144,18 @@ class ContextTooLongError(ModelConfigError):
     """
 
     default_hint = "Ask for at most the model's maximum context (--context), or leave --context out to use it."
+
+
+class TraceUnavailableError(UsageError):
+    """``fit --trace`` on a host without PyTorch and transformers: the trace runs them, so it cannot run here."""
+
+    default_hint = "pip install 'airpack[trace]' (CPU PyTorch is enough), or fit without --trace."
+
+
+class PriceFileError(UsageError):
+    """A ``fit --plan --prices`` file that is not the TOML the plan reads (unknown GPU or key, bad number)."""
+
+    default_hint = "See docs/fit.md, \"The plan\", for the price file's form: [prices] GPU = { hour = 2.5 } or { card = 30000 }."
 
 
 class GpuSpecError(UsageError):
@@ -123,6 +184,19 @@ class NoGpuError(UsageError):
     """No GPU could be detected on this host (no NVML library, no driver, or no device)."""
 
     default_hint = "Pass --gpu NAME[:COUNT] (e.g. --gpu H100-80GB:2) to estimate for a GPU that is not here."
+
+
+class ReportOutputError(UsageError):
+    """A report's output path exists already, is a folder, or cannot be written; nothing was written."""
+
+    default_hint = "Choose another --out / --pdf path, or pass --force to replace an existing report file."
+
+
+class BrowserMissingError(UsageError):
+    """``report --pdf`` found no headless Chromium to print with (the HTML report was still written), or it failed."""
+
+    default_hint = ("Install Chromium (Debian: apt-get install chromium) or point AIRPACK_CHROMIUM at a Chromium or Chrome "
+                    "binary; or open the HTML report in any browser and print it to PDF.")
 
 
 # -- 3: integrity ----------------------------------------------------------------
@@ -311,8 +385,33 @@ class ExpiredError(TrustError):
     default_hint = "Ask the packer for a fresh bundle; an expired one is never accepted."
 
 
+class KeyNotValidError(SignatureError):
+    """Signatures over the exact payload by policy keys that no longer count (revoked, or past their expiry), too few others.
+
+    A subclass of ``SignatureError`` (exit 4): the threshold is not met. Its message names each such key,
+    its state and the revocation reason or expiry time, so the operator knows it is the key, not the bytes.
+    """
+
+    default_hint = ("A revoked key never counts again and an expired one no longer counts: ask for the bundle to be "
+                    "re-signed (`airpack sign BUNDLE --key KEY`) by keys the trust policy holds as valid.")
+
+
+class PolicyUpdateError(SignatureError):
+    """A signed trust policy update without the threshold of the current policy's valid keys, or of the new policy's keys."""
+
+    default_hint = ("Have the missing signers add their signature with `airpack trust sign-update UPDATE.dsse.json --key KEY`, "
+                    "then apply it again; nothing was changed.")
+
+
 class RollbackError(TrustError):
     default_hint = "Install a bundle with a higher sequence, or use `airpack rollback` to go back on purpose."
+
+
+class PolicyReplayError(RollbackError):
+    """A trust policy update whose version is not above the policy in force: an old update replayed, or one already applied."""
+
+    default_hint = ("Ask the security team for the newest update; an update applies only over a policy with a lower version "
+                    "(`airpack trust list POLICY` shows it).")
 
 
 class SequenceJumpError(TrustError):

@@ -43,41 +43,66 @@ class CatalogGpu:
     forms: frozenset[str] = frozenset()
     needs: frozenset[str] = frozenset()
     source: str = "driver figure"
+    bandwidth_gbps: int = 0  # memory bandwidth, GB/s (10^9 bytes per second), from the vendor's datasheet
+    bandwidth_source: str = ""
 
 
 def _g(key: str, name: str, mib: int | None, gb: int, family: str, *, forms: str = "", needs: str = "",
-       exact: int | None = None, source: str = "driver figure") -> CatalogGpu:
+       exact: int | None = None, source: str = "driver figure", bw: int = 0, bw_source: str = "") -> CatalogGpu:
     return CatalogGpu(key=key, name=name, memory_bytes=exact if exact is not None else (mib or 0) * MiB, memory_gb=gb,
                       family=frozenset(family.split()), forms=frozenset(forms.split()), needs=frozenset(needs.split()),
-                      source=source)
+                      source=source, bandwidth_gbps=bw, bandwidth_source=bw_source)
 
 
 # Memory is what CUDA reports as total (torch.cuda.mem_get_info()[1]); see docs/fit.md.
 CATALOG: tuple[CatalogGpu, ...] = (
     _g("H100-80GB", "NVIDIA H100 80GB HBM3 (SXM)", None, 80, "h100", forms="sxm", exact=85_017_493_504,
-       source="measured (calibration file)"),
-    _g("H100-PCIe", "NVIDIA H100 PCIe 80GB", None, 80, "h100", forms="pcie", exact=85_017_493_504),
-    _g("H100-NVL", "NVIDIA H100 NVL 94GB", 95_350, 94, "h100", forms="nvl", needs="nvl"),
-    _g("H200", "NVIDIA H200 141GB HBM3e", 143_166, 141, "h200", forms="sxm nvl"),
-    _g("B200", "NVIDIA B200 180GB HBM3e", 182_630, 180, "b200", forms="sxm"),
-    _g("A100-80GB", "NVIDIA A100 80GB", 81_050, 80, "a100", forms="sxm pcie"),
-    _g("A100-40GB", "NVIDIA A100 40GB", 40_540, 40, "a100", forms="sxm pcie"),
-    _g("L40S", "NVIDIA L40S 48GB", 45_600, 48, "l40s"),
-    _g("L40", "NVIDIA L40 48GB", 45_600, 48, "l40"),
-    _g("A40", "NVIDIA A40 48GB", 45_600, 48, "a40"),
-    _g("L4", "NVIDIA L4 24GB", 22_560, 24, "l4"),
-    _g("A10", "NVIDIA A10 24GB", 22_560, 24, "a10"),
-    _g("A10G", "NVIDIA A10G 24GB", 22_560, 24, "a10g"),
-    _g("T4", "NVIDIA T4 16GB", 15_100, 16, "t4"),
-    _g("V100-32GB", "NVIDIA V100 32GB", 32_510, 32, "v100", forms="sxm pcie"),
-    _g("V100-16GB", "NVIDIA V100 16GB", 16_150, 16, "v100", forms="sxm pcie"),
-    _g("RTX-6000-Ada", "NVIDIA RTX 6000 Ada Generation 48GB", 48_640, 48, "6000 ada"),
-    _g("RTX-A6000", "NVIDIA RTX A6000 48GB", 48_680, 48, "a6000"),
-    _g("RTX-5090", "NVIDIA GeForce RTX 5090 32GB", 32_110, 32, "5090"),
-    _g("RTX-4090", "NVIDIA GeForce RTX 4090 24GB", 24_210, 24, "4090"),
-    _g("RTX-3090", "NVIDIA GeForce RTX 3090 24GB", 24_250, 24, "3090"),
-    _g("MI300X", "AMD Instinct MI300X 192GB", None, 192, "mi300x", exact=205_822_885_888),
-    _g("MI325X", "AMD Instinct MI325X 256GB", None, 256, "mi325x", exact=274_877_906_944),
+       source="measured (calibration file)", bw=3350,
+       bw_source="NVIDIA H100 datasheet (SXM5: 3.35 TB/s)"),
+    _g("H100-PCIe", "NVIDIA H100 PCIe 80GB", None, 80, "h100", forms="pcie", exact=85_017_493_504, bw=2000,
+       bw_source="NVIDIA H100 datasheet (PCIe: 2 TB/s)"),
+    _g("H100-NVL", "NVIDIA H100 NVL 94GB", 95_350, 94, "h100", forms="nvl", needs="nvl", bw=3900,
+       bw_source="NVIDIA H100 datasheet (NVL: 3.9 TB/s)"),
+    _g("H200", "NVIDIA H200 141GB HBM3e", 143_166, 141, "h200", forms="sxm nvl", bw=4800,
+       bw_source="NVIDIA H200 datasheet (4.8 TB/s)"),
+    _g("B200", "NVIDIA B200 180GB HBM3e", 182_630, 180, "b200", forms="sxm", bw=8000,
+       bw_source="NVIDIA HGX B200 datasheet (8 TB/s per GPU)"),
+    _g("A100-80GB", "NVIDIA A100 80GB", 81_050, 80, "a100", forms="sxm pcie", bw=2039,
+       bw_source="NVIDIA A100 datasheet (80GB SXM: 2,039 GB/s; PCIe 1,935)"),
+    _g("A100-40GB", "NVIDIA A100 40GB", 40_540, 40, "a100", forms="sxm pcie", bw=1555,
+       bw_source="NVIDIA A100 datasheet (40GB: 1,555 GB/s)"),
+    _g("L40S", "NVIDIA L40S 48GB", 45_600, 48, "l40s", bw=864,
+       bw_source="NVIDIA L40S datasheet (864 GB/s)"),
+    _g("L40", "NVIDIA L40 48GB", 45_600, 48, "l40", bw=864,
+       bw_source="NVIDIA L40 datasheet (864 GB/s)"),
+    _g("A40", "NVIDIA A40 48GB", 45_600, 48, "a40", bw=696,
+       bw_source="NVIDIA A40 datasheet (696 GB/s)"),
+    _g("L4", "NVIDIA L4 24GB", 22_560, 24, "l4", bw=300,
+       bw_source="NVIDIA L4 datasheet (300 GB/s)"),
+    _g("A10", "NVIDIA A10 24GB", 22_560, 24, "a10", bw=600,
+       bw_source="NVIDIA A10 datasheet (600 GB/s)"),
+    _g("A10G", "NVIDIA A10G 24GB", 22_560, 24, "a10g", bw=600,
+       bw_source="AWS G5 instance documentation (A10G: 600 GB/s)"),
+    _g("T4", "NVIDIA T4 16GB", 15_100, 16, "t4", bw=320,
+       bw_source="NVIDIA T4 datasheet (320+ GB/s)"),
+    _g("V100-32GB", "NVIDIA V100 32GB", 32_510, 32, "v100", forms="sxm pcie", bw=900,
+       bw_source="NVIDIA V100 datasheet (SXM2: 900 GB/s)"),
+    _g("V100-16GB", "NVIDIA V100 16GB", 16_150, 16, "v100", forms="sxm pcie", bw=900,
+       bw_source="NVIDIA V100 datasheet (SXM2: 900 GB/s)"),
+    _g("RTX-6000-Ada", "NVIDIA RTX 6000 Ada Generation 48GB", 48_640, 48, "6000 ada", bw=960,
+       bw_source="NVIDIA RTX 6000 Ada datasheet (960 GB/s)"),
+    _g("RTX-A6000", "NVIDIA RTX A6000 48GB", 48_680, 48, "a6000", bw=768,
+       bw_source="NVIDIA RTX A6000 datasheet (768 GB/s)"),
+    _g("RTX-5090", "NVIDIA GeForce RTX 5090 32GB", 32_110, 32, "5090", bw=1792,
+       bw_source="NVIDIA GeForce RTX 5090 specifications (1,792 GB/s)"),
+    _g("RTX-4090", "NVIDIA GeForce RTX 4090 24GB", 24_210, 24, "4090", bw=1008,
+       bw_source="NVIDIA GeForce RTX 4090 specifications (1,008 GB/s)"),
+    _g("RTX-3090", "NVIDIA GeForce RTX 3090 24GB", 24_250, 24, "3090", bw=936,
+       bw_source="NVIDIA GeForce RTX 3090 specifications (936 GB/s)"),
+    _g("MI300X", "AMD Instinct MI300X 192GB", None, 192, "mi300x", exact=205_822_885_888, bw=5300,
+       bw_source="AMD Instinct MI300X datasheet (5.3 TB/s)"),
+    _g("MI325X", "AMD Instinct MI325X 256GB", None, 256, "mi325x", exact=274_877_906_944, bw=6000,
+       bw_source="AMD Instinct MI325X datasheet (6 TB/s)"),
 )
 
 _NOISE = {"nvidia", "tesla", "geforce", "quadro", "amd", "instinct", "radeon", "generation", "gpu", "hbm", "hbm2",

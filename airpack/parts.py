@@ -366,7 +366,7 @@ def load_index(path: Path, policy: TrustPolicy) -> tuple[PartsIndex, VerifiedPay
     """
     shown = str(path)
     env = read_index_envelope(path)
-    one = TrustPolicy(keys=policy.keys, threshold=1, source=policy.source)
+    one = TrustPolicy(keys=policy.keys, threshold=1, source=policy.source, revoked=policy.revoked)  # revoked: named if they signed
     verified = verify_envelope(env, one, expected_type=PAYLOAD_TYPE, where=shown)
     return parse_index(verified.payload), verified
 

@@ -11,10 +11,20 @@ answer is ``check_sequence`` below.
 from __future__ import annotations
 
 import datetime as dt
+from collections import abc
 from dataclasses import dataclass
 from enum import Enum
 
-from .errors import ExpiredError, PolicyError, RollbackError, SequenceJumpError, SignatureError
+from .errors import (
+    ExpiredError,
+    KeyNotValidError,
+    PolicyError,
+    PolicyReplayError,
+    PolicyUpdateError,
+    RollbackError,
+    SequenceJumpError,
+    SignatureError,
+)
 
 MAX_SEQUENCE_JUMP = 1_000_000  # a leaked key cannot jump a channel to the end of the sequence space
 # The highest sequence a bundle may carry: 2^53 - 1, the largest integer every JSON reader holds exactly
@@ -119,27 +129,85 @@ def check_fresh(*, name: str, sequence: int, expires: dt.datetime | None, now: d
         raise ExpiredError(f"bundle {name} (sequence {sequence}) expired at {expires:%Y-%m-%dT%H:%M:%SZ}")
 
 
-def check_policy_usable(*, threshold: int, keys: int, source: str) -> None:
-    """A policy with fewer keys than its threshold can never be met: a configuration error (exit 2)."""
+# -- keys and their state ---------------------------------------------------------------------
+
+
+class KeyState(Enum):
+    """Where a trust policy key stands at a moment: only a valid key's signature counts."""
+
+    VALID = "valid"
+    EXPIRED = "expired"  # past its ``expires``: kept in the policy, but its signatures no longer count
+    REVOKED = "revoked"  # moved to the policy's ``revoked`` list: never counts again, and cannot be added back
+
+
+def key_state(*, expires: dt.datetime | None, revoked: bool = False, now: dt.datetime | None = None) -> KeyState:
+    """A key's state at ``now``: revoked wins over expired; expired from the very second of ``expires`` on."""
+    if revoked:
+        return KeyState.REVOKED
+    if is_expired(expires, now):
+        return KeyState.EXPIRED
+    return KeyState.VALID
+
+
+@dataclass(frozen=True)
+class NotCounted:
+    """A policy key that made a valid signature over the exact payload, but does not count: revoked or expired.
+
+    ``detail`` is the revocation reason or the expiry time, so a refusal can say why the key no longer counts.
+    """
+
+    name: str
+    keyid: str
+    state: KeyState
+    detail: str
+
+    def describe(self) -> str:
+        why = f"revoked: {self.detail}" if self.state is KeyState.REVOKED else f"expired at {self.detail}"
+        return f"{self.name} ({self.keyid[:12]}) is {why}"
+
+
+def check_policy_usable(*, threshold: int, keys: int, source: str, expired: abc.Sequence[str] = (),
+                        revoked: abc.Sequence[str] = ()) -> None:
+    """A policy with fewer valid keys than its threshold can never be met: a configuration error (exit 2).
+
+    ``keys`` counts the valid keys only; ``expired`` and ``revoked`` name the others, so the message
+    says why a policy that lists enough keys still cannot be met.
+    """
     if keys < threshold:
+        why = ""
+        if expired or revoked:
+            parts = [f"{len(expired)} expired ({', '.join(expired)})"] if expired else []
+            parts += [f"{len(revoked)} revoked ({', '.join(revoked)})"] if revoked else []
+            why = f"; not counted: {'; '.join(parts)}"
         raise PolicyError(
-            f"trust policy {source} needs {threshold} signer(s) but lists {keys} key(s)",
+            f"trust policy {source} needs {threshold} signer(s) but lists {keys} {'valid ' if why else ''}key(s){why}",
             path=source,
-            hint="Add keys with `airpack trust add`, or lower the threshold.",
+            hint="Add keys with `airpack trust add` (or apply a signed update with `airpack trust apply`), or lower the threshold.",
         )
 
 
-def check_threshold(signers: list[str], *, threshold: int, where: str, source: str, missing: list[str] | None = None) -> None:
-    """Enough *distinct* trusted keys made a valid signature over the exact payload, or exit 4.
+def check_threshold(signers: list[str], *, threshold: int, where: str, source: str, missing: list[str] | None = None,
+                    not_counted: abc.Sequence[NotCounted] = ()) -> None:
+    """Enough *distinct* valid trusted keys made a valid signature over the exact payload, or exit 4.
 
-    ``signers`` names each distinct policy key whose signature verified;
-    ``missing`` the policy keys that did not sign, so the refusal can say who
-    still has to co-sign.
+    ``signers`` names each distinct valid policy key whose signature verified;
+    ``missing`` the valid policy keys that did not sign, so the refusal can say who
+    still has to co-sign; ``not_counted`` the revoked or expired keys whose
+    signatures verified but do not count, each named with its state and why.
     """
     if len(signers) >= threshold:
         return
     absent = ", ".join(missing) if missing else "none"
     need = f"{threshold} of {len(signers) + len(missing)} keys" if missing is not None else f"{threshold} keys"
+    if not_counted:
+        counted = f" ({', '.join(signers)})" if signers else ""
+        raise KeyNotValidError(
+            f"envelope {where}: {len(signers)} valid trusted signer(s){counted}, the policy {source} requires {threshold}; "
+            f"signatures that do not count: {'; '.join(n.describe() for n in not_counted)}",
+            path=where,
+            hint=(f"{need} must sign (valid keys that did not: {absent}); a revoked key never counts again and an expired "
+                  "one no longer counts. Have a valid key co-sign with `airpack sign BUNDLE --key KEY`."),
+        )
     if not signers:
         raise SignatureError(
             f"envelope {where}: no valid signature by a key in the trust policy {source}",
@@ -152,4 +220,40 @@ def check_threshold(signers: list[str], *, threshold: int, where: str, source: s
         path=where,
         hint=(f"{need} must sign; signed by: {', '.join(signers)}; not signed by: {absent}. "
               "Have one of them co-sign with `airpack sign BUNDLE --key KEY`."),
+    )
+
+
+# -- signed trust policy updates ------------------------------------------------------------------
+
+
+def check_update_version(*, current: int, new: int, source: str, where: str) -> None:
+    """An update must carry a version strictly above the policy in force: the same or a lower one is a replay (exit 4)."""
+    if new <= current:
+        same = "the same version as" if new == current else "a lower version than"
+        raise PolicyReplayError(
+            f"trust policy update {where} carries version {new}, {same} the policy in force ({source}, version {current}): "
+            "refusing a replayed or already applied update",
+            path=where,
+        )
+
+
+def check_update_signers(role: str, signers: abc.Sequence[str], *, threshold: int, version: int, where: str,
+                         missing: abc.Sequence[str], not_counted: abc.Sequence[NotCounted] = ()) -> None:
+    """The update is signed by ``threshold`` distinct valid keys of one policy (``role``: "current" or "new"), or exit 4.
+
+    TUF's rule for root rotation: the policy in force vouches for its successor
+    (so a stolen copy of the new keys alone cannot take a host over), and the
+    successor's own keys vouch for it (so the old keys alone cannot hand the
+    host to keys nobody holds).
+    """
+    if len(signers) >= threshold:
+        return
+    by = ", ".join(signers) if signers else "none"
+    extra = f"; signatures that do not count: {'; '.join(n.describe() for n in not_counted)}" if not_counted else ""
+    raise PolicyUpdateError(
+        f"trust policy update {where}: signed by {len(signers)} valid key(s) of the {role} policy (version {version}: {by}), "
+        f"which requires {threshold}{extra}",
+        path=where,
+        hint=(f"{threshold} distinct valid keys of the {role} policy must sign; not signed by: {', '.join(missing) or 'none'}. "
+              "Have them add their signature with `airpack trust sign-update UPDATE.dsse.json --key KEY`; nothing was changed."),
     )

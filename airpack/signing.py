@@ -3,10 +3,14 @@
 The envelope signs ``PAE(payloadType, payload)`` (DSSE v1), so a signature
 can never be moved onto other bytes or another payload type. A key id is the
 SHA-256 of the public key's SPKI DER; in an envelope it is only a hint.
+
+A signing key is a PEM file or a key on a hardware token (``open_signer``); the token code
+(``pkcs11_keys``) is imported only for a ``pkcs11:`` key, so verifying never loads it.
 """
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import hashlib
@@ -15,7 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,7 +28,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from ._fs import atomic_write, read_capped
 from ._json import StrictJSONError, loads_strict
 from ._perms import refuse_shared_write, shared_read_warning, warn_stderr
-from .errors import EnvelopeError, KeyFileError, UsageError
+from .errors import EnvelopeError, KeyFileError, TokenKeyError, UsageError
+
+if TYPE_CHECKING:
+    from .pkcs11_keys import TokenKey
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
@@ -69,21 +76,97 @@ def _check_public(key: object, where: str) -> PublicKey:
     raise KeyFileError(f"{where}: unsupported key type (use Ed25519 or ECDSA P-256)", path=where)
 
 
+class Signer(abc.ABC):
+    """Anything that signs DSSE payloads: a private key file (``FileSigner``) or a key on a token (``TokenSigner``).
+
+    ``sign`` checks every signature against ``public_key`` before it returns it: a token (or a
+    corrupted key) that answers with bytes that do not verify is stopped here, before anything
+    is written, instead of producing a bundle no host accepts.
+    """
+
+    keyid: str
+    algorithm: str
+    public_key: PublicKey
+    source: str  # the key file or the PKCS#11 URI, for messages
+    mismatch_error: type[UsageError] = KeyFileError
+
+    @abc.abstractmethod
+    def sign_message(self, message: bytes) -> bytes:
+        """The signature over ``message`` (the PAE), in DSSE form: DER for ECDSA, 64 raw bytes for Ed25519."""
+
+    def sign(self, payload_type: str, payload: bytes) -> dict[str, str]:
+        sig = self.sign_message(pae(payload_type, payload))
+        if not verify_sig(self.public_key, payload_type, payload, sig):
+            raise self.mismatch_error(
+                f"{self.source}: the signature just made does not verify with the key's public key; nothing was written",
+                hint="The key's public half does not match its private half (a token with a mismatched public key object?); "
+                     "check the key before signing with it.",
+            )
+        return {"keyid": self.keyid, "sig": base64.b64encode(sig).decode("ascii")}
+
+
 @dataclass(frozen=True)
-class Signer:
-    """A loaded private key that can sign DSSE payloads."""
+class FileSigner(Signer):
+    """A loaded private key (a PKCS#8 PEM file) that can sign DSSE payloads."""
 
     private_key: PrivateKey
     keyid: str
     algorithm: str
+    public_key: PublicKey
+    source: str = "<key>"
 
-    def sign(self, payload_type: str, payload: bytes) -> dict[str, str]:
-        msg = pae(payload_type, payload)
+    @classmethod
+    def from_key(cls, private_key: PrivateKey, *, source: str = "<key>") -> FileSigner:
+        pub = private_key.public_key()
+        return cls(private_key=private_key, keyid=key_id(pub), algorithm=algorithm_of(pub), public_key=pub, source=source)
+
+    def sign_message(self, message: bytes) -> bytes:
         if isinstance(self.private_key, ed25519.Ed25519PrivateKey):
-            sig = self.private_key.sign(msg)
-        else:
-            sig = self.private_key.sign(msg, ec.ECDSA(hashes.SHA256()))
-        return {"keyid": self.keyid, "sig": base64.b64encode(sig).decode("ascii")}
+            return self.private_key.sign(message)
+        return self.private_key.sign(message, ec.ECDSA(hashes.SHA256()))
+
+
+class TokenSigner(Signer):
+    """A key that never leaves a PKCS#11 token; each signature is made by the token (``pkcs11_keys.TokenKey``).
+
+    Its signatures are ordinary DSSE signatures: a bundle it signed verifies with no token and
+    no PKCS#11 library anywhere, with airpack or any other DSSE verifier.
+    """
+
+    mismatch_error = TokenKeyError
+
+    def __init__(self, key: TokenKey) -> None:
+        self.key = key
+        self.public_key = key.public_key
+        self.keyid = key_id(key.public_key)
+        self.algorithm = key.algorithm
+        self.source = key.uri
+
+    def sign_message(self, message: bytes) -> bytes:
+        return self.key.sign_message(message)
+
+
+def open_signer(ref: str | Path, *, passphrase_file: Path | None = None, pin_file: Path | None = None,
+                warn: Callable[[str], None] = warn_stderr, strict: bool = True) -> Signer:
+    """The signer a ``--key`` value names: a ``pkcs11:`` URI is a key on a token, anything else a PEM key file.
+
+    The token module is imported only here and only for a URI, so verifying and installing
+    (which never sign) never load a PKCS#11 library. ``--pin-file`` belongs to a token key and
+    ``--passphrase-file`` to a key file; with ``strict`` (one ``--key``), each given with the
+    other kind of key is refused rather than ignored. A command taking several ``--key`` of
+    both kinds passes ``strict=False``: each key then takes the flag of its own kind.
+    """
+    if isinstance(ref, str) and ref[:7].lower() == "pkcs11:":
+        if passphrase_file is not None and strict:
+            raise UsageError("--passphrase-file is for an encrypted key file; a token key takes its PIN "
+                             "(pin-source in the URI, --pin-file or AIRPACK_PIN)")
+        from .pkcs11_keys import open_key
+
+        return TokenSigner(open_key(ref, pin_file=pin_file, warn=warn))
+    if pin_file is not None and strict:
+        raise UsageError(f"--pin-file is for a key on a token (a pkcs11: URI); {ref} is a key file "
+                         "(its passphrase goes in --passphrase-file)")
+    return load_signer(Path(ref), passphrase=passphrase_from(passphrase_file, warn=warn), warn=warn)
 
 
 def generate(algorithm: str = "ed25519") -> PrivateKey:
@@ -108,7 +191,7 @@ def write_keypair(
     return key_id(pub)
 
 
-def load_signer(path: Path, *, passphrase: bytes | None = None, warn: Callable[[str], None] = warn_stderr) -> Signer:
+def load_signer(path: Path, *, passphrase: bytes | None = None, warn: Callable[[str], None] = warn_stderr) -> FileSigner:
     """Load a PKCS#8 PEM private key; a wrong passphrase or a corrupt file is a KeyFileError.
 
     A key file that group or others can write (or replace) is refused: whoever
@@ -138,16 +221,14 @@ def load_signer(path: Path, *, passphrase: bytes | None = None, warn: Callable[[
     except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         reason = "wrong passphrase or corrupted key" if encrypted else f"not a valid PEM private key ({e})"
         raise KeyFileError(f"cannot load key file {shown}: {reason}", path=shown) from None
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        alg = "ed25519"
-    elif isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
-        alg = "ecdsa-p256"
-    else:
+    if not isinstance(key, ed25519.Ed25519PrivateKey) and not (
+        isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)
+    ):
         raise KeyFileError(f"key file {shown}: unsupported key type (use Ed25519 or ECDSA P-256)", path=shown)
     leak = shared_read_warning(Path(path), what="private key", display=shown)
     if leak is not None:
         warn(leak)
-    return Signer(private_key=key, keyid=key_id(key.public_key()), algorithm=alg)
+    return FileSigner.from_key(key, source=shown)
 
 
 def load_public_pem(data: bytes, *, where: str) -> PublicKey:

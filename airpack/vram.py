@@ -53,6 +53,11 @@ COMMUNICATION_BYTES = 512 * MiB
 #: activations of changing sizes): reserved/allocated was 10-28% of KV + activations in
 #: the calibration runs; 20% keeps every run within the error targets.
 FRAGMENTATION_PERCENT = 20
+#: The same for the prefill's activations alone, when they are large: every layer allocates and frees
+#: the same few large blocks, but the norms' float32 copies, the rotary embedding's halves and the MLP's
+#: gate and up land between them; the trace's reserved memory exceeded its allocated peak by 25-45% of
+#: the activations at batch 8 (tests/test_vram_matrix.py).
+ACT_FRAGMENTATION_PERCENT = 45
 #: A verdict is "tight" when the estimate is within this share of the limit.
 TIGHT_PERCENT = 5
 #: Prefill working set per token, in activation elements: the MLP holds act(gate), up and
@@ -74,6 +79,30 @@ VLLM_GPU_MEMORY_UTILIZATION = "0.9"
 VLLM_MAX_NUM_BATCHED_TOKENS = 8192
 VLLM_MAX_NUM_SEQS = 256
 VLLM_BLOCK_SIZE = 16
+
+# -- how transformers runs attention, per model type (checked against the trace: tests/test_vram_matrix.py) -----------
+
+#: SDPA with ``is_causal`` and no mask at prefill (CUDA takes the flash kernel, or the memory-efficient
+#: one when the head dims differ, e.g. MLA's 192/128): no score matrix is ever materialised.
+SDPA_CAUSAL_TYPES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "granite", "olmo", "olmo2", "stablelm", "gpt_neox", "phi", "phi3", "gemma",
+    "gemma3", "gemma3_text", "cohere", "cohere2", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gptj",
+    "deepseek_v2", "deepseek_v3", "gpt2", "smollm3", "glm4", "exaone4", "granitemoe", "minimax", "phimoe",
+})
+#: SDPA with an explicit mask on every prefill (Falcon): the math kernel when the head counts differ (MQA),
+#: float32 scores of batch x heads x prompt x prompt.
+SDPA_MASKED_TYPES = frozenset({"falcon"})
+#: No SDPA at all (eager attention): ALiBi (Bloom, MPT), logit softcapping (Gemma 2), attention sinks (gpt-oss).
+EAGER_TYPES = frozenset({"bloom", "mpt", "gemma2", "gpt_oss"})
+ALIBI_TYPES = frozenset({"bloom", "mpt"})
+#: MLPs without a gate (up, activation, down): two intermediate-size tensors alive, not three.
+FUSED_GATE_UP_TYPES = frozenset({"phi3", "glm", "glm4"})  # one gate_up matmul: its output and both halves' products
+UNGATED_MLP_TYPES = frozenset({"gpt2", "gpt_neox", "starcoder2", "phi", "gptj", "falcon", "bloom", "mpt", "gpt_bigcode", "opt"})
+ATTENTION_PATHS = ("causal", "masked", "eager", "unknown")
+#: Activations transformers writes as a chain of ops (NewGELU: pow, mul, add, tanh...): two more
+#: intermediate-size temporaries are alive at the chain's peak.
+COMPOSITE_ACTS = frozenset({"gelu_new", "gelu_fast", "gelu_accurate"})
+COMPOSITE_ACT_COPIES = 2
 
 RUNTIMES = ("transformers", "vllm")
 KV_DTYPES = ("auto", "fp16", "bf16", "fp8", "fp32")
@@ -135,6 +164,11 @@ class ModelShape:
     moe: MoE | None = None
     quantization: str | None = None
     notes: tuple[str, ...] = ()
+    attention_path: str = "causal"  # how transformers runs attention: ATTENTION_PATHS
+    gated_mlp: bool = True
+    fused_gate_up: bool = False
+    composite_act: bool = False  # an activation written as several PyTorch ops (gelu_new): its temporaries
+    softcap: bool = False
 
     @property
     def dtype_bytes(self) -> int:
@@ -386,13 +420,34 @@ def model_shape(config: Mapping[str, Any], *, weights_dtype: str | None = None) 
         q = qc.get("quant_method") or qc.get("format") or "quantized"
         quant = str(q)[:40]
     tie = cfg.get("tie_word_embeddings")
+    path, softcap = _attention_path(cfg, model_type)
+    if path == "unknown":
+        notes.append(f"model type {model_type or '(none)'!r}: how transformers runs its attention is not known to the estimator; "
+                     "for transformers it assumed the math kernel (float32 scores of every head) and a full-length KV cache "
+                     "on every attention layer")
     return ModelShape(
         model_type=model_type[:64], hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=min(kv_heads, heads),
         head_dim=head_dim, intermediate_size=intermediate, vocab_size=vocab, max_context=max_ctx,
         dtype=_dtype_name(cfg, weights_dtype), layer_kinds=kinds, layer_windows=wins,
         tie_word_embeddings=bool(tie) if isinstance(tie, bool) else False, mla=mla, moe=moe, quantization=quant,
-        notes=tuple(notes),
+        notes=tuple(notes), attention_path=path, gated_mlp=model_type not in UNGATED_MLP_TYPES,
+        fused_gate_up=model_type in FUSED_GATE_UP_TYPES, softcap=softcap,
+        composite_act=any(cfg.get(k) in COMPOSITE_ACTS for k in ("hidden_act", "activation_function", "hidden_activation")),
     )
+
+
+def _attention_path(cfg: Mapping[str, Any], model_type: str) -> tuple[str, bool]:
+    """(path, softcapped): causal SDPA, SDPA with a mask, eager, or unknown (the conservative math path)."""
+    softcap = isinstance(cfg.get("attn_logit_softcapping"), (int, float)) and not isinstance(cfg.get("attn_logit_softcapping"), bool)
+    if model_type in EAGER_TYPES:
+        return "eager", softcap
+    if softcap and model_type not in ("gemma3", "gemma3_text"):
+        return "eager", True  # SDPA cannot softcap: transformers runs eager attention
+    if model_type in SDPA_MASKED_TYPES:
+        return "masked", softcap
+    if model_type in SDPA_CAUSAL_TYPES:
+        return "causal", softcap
+    return "unknown", softcap
 
 
 # -- the weights, from safetensors headers ----------------------------------------------------
@@ -696,6 +751,11 @@ class Estimate:
         return self.breakdown.total
 
 
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a dtype name the estimator uses (``bfloat16``, ``fp8``...)."""
+    return _DTYPE_BYTES[name.lower()]
+
+
 def _kv_elem_bytes(shape: ModelShape, kv_dtype: str) -> tuple[str, int]:
     name = kv_dtype.lower()
     if name == "auto":
@@ -721,14 +781,19 @@ def kv_layer_token_bytes(shape: ModelShape, *, runtime: str, tp: int, kv_bytes: 
     return 2 * heads * shape.head_dim * kv_bytes
 
 
-def kv_sequence_bytes(shape: ModelShape, tokens: int, *, runtime: str, tp: int, kv_bytes: int) -> int:
-    """KV bytes of one sequence of ``tokens`` on the busiest GPU (sliding layers hold at most their window)."""
+def kv_sequence_bytes(shape: ModelShape, tokens: int, *, runtime: str, tp: int, kv_bytes: int, prompt: int = 0) -> int:
+    """KV bytes of one sequence of ``tokens`` on the busiest GPU (sliding layers hold at most their window).
+
+    transformers' sliding-window cache layers keep the prefill's keys and values whole until the first
+    decode step replaces them with the window: with a ``prompt`` longer than the window, the layer holds
+    the prompt at the peak.
+    """
     per = kv_layer_token_bytes(shape, runtime=runtime, tp=tp, kv_bytes=kv_bytes)
     total = 0
     for kind, win in zip(shape.layer_kinds, shape.layer_windows, strict=True):
         if kind == "none":
             continue
-        t = min(tokens, win) if kind == "sliding" else tokens
+        t = max(min(tokens, win), min(prompt, tokens)) if kind == "sliding" else tokens
         if runtime == "vllm":
             t = _round_up(t, VLLM_BLOCK_SIZE)
         total += t * per
@@ -754,13 +819,70 @@ def act_elements_per_token(shape: ModelShape, tp: int) -> int:
         kv = 2 * shape.num_kv_heads * shape.head_dim
     stages = [base + -(-(q + o + kv) // tp)]
     moe = shape.moe
+    copies = ACT_INTERMEDIATE_COPIES if shape.gated_mlp else ACT_INTERMEDIATE_COPIES - 1
+    copies += 1 if shape.fused_gate_up else 0
+    copies += COMPOSITE_ACT_COPIES if shape.composite_act else 0
     if moe is None or moe.has_dense_layers:
-        stages.append(base + ACT_INTERMEDIATE_COPIES * -(-shape.intermediate_size // tp))
+        stages.append(base + copies * -(-shape.intermediate_size // tp))
     if moe is not None:
-        per_expert = ACT_INTERMEDIATE_COPIES * -(-moe.expert_intermediate // tp) + h
+        # transformers' grouped_mm experts: each of the top-k copies of a token is gathered (hidden), goes through
+        # gate_up (2 x intermediate), act(gate) and its product with up (2 x intermediate), down and the routing
+        # weight (2 x hidden): all rows of the layer at once.
+        per_expert = (ACT_INTERMEDIATE_COPIES + 1) * -(-moe.expert_intermediate // tp) + 3 * h
         shared = ACT_INTERMEDIATE_COPIES * -(-moe.shared_intermediate // tp)
         stages.append(base + moe.top_k * per_expert + shared + 2 * moe.num_experts)
     return max(stages)
+
+
+def prefill_attention_bytes(shape: ModelShape, *, batch: int, prompt: int, tp: int, act_bytes: int) -> int:
+    """What one layer's attention allocates at prefill beyond q, k, v and its output (transformers, busiest GPU).
+
+    * causal SDPA (flash, or memory-efficient for unequal head dims): nothing, unless a sliding-window
+      layer sees a prompt longer than its window: then transformers builds a boolean mask, SDPA turns
+      it into an additive one (``logical_not`` and ``where``, padded to 16 columns for the efficient
+      kernel) and, with a mask, grouped keys and values are repeated to every head;
+    * SDPA with an explicit mask: the efficient kernel with the converted mask when the head counts
+      match, else the math kernel;
+    * math kernel (and a model type the estimator does not know): q, k, v upcast to float32, float32
+      scores and softmax of batch x heads x prompt x prompt, and the mask;
+    * eager attention: scores in the model's dtype, float32 softmax, its cast back, a softcapped copy.
+    """
+    heads = -(-shape.num_heads // tp)
+    kv_heads = -(-shape.num_kv_heads // tp)
+    head_dim = shape.mla.qk_nope_head_dim + shape.mla.qk_rope_head_dim if shape.mla is not None else shape.head_dim
+    scores = batch * heads * prompt * prompt
+    mask = batch * prompt * prompt
+    path = shape.attention_path
+    if path == "eager":
+        # scores, the masked copy, float32 softmax, its cast back (+ the softcapped copy, + ALiBi's float32 bias sum)
+        per = 3 * act_bytes + 4 + (act_bytes if shape.softcap else 0) + (4 if shape.model_type in ALIBI_TYPES else 0)
+        return scores * per + mask * act_bytes
+    if path == "unknown" or (path == "masked" and kv_heads != heads):
+        upcast = 3 * batch * heads * prompt * head_dim * 4
+        return scores * 8 + mask * (1 + act_bytes) + upcast
+    if path == "masked":
+        return mask * (1 + act_bytes) + batch * prompt * _round_up(prompt, 16) * act_bytes
+    windows = [w for k, w in zip(shape.layer_kinds, shape.layer_windows, strict=True) if k == "sliding" and w]
+    if not windows or prompt <= min(windows):
+        return 0
+    repeated = 2 * batch * heads * prompt * head_dim * act_bytes if kv_heads != heads else 0
+    padded = batch * prompt * _round_up(prompt + 1, 16) * act_bytes  # pad_bias: the efficient kernel's aligned copy
+    return mask * (2 + act_bytes) + padded + repeated
+
+
+def moe_decode_bytes(shape: ModelShape, *, batch: int, tp: int, act_bytes: int) -> int:
+    """One MoE layer's decode step under transformers on a GPU: the selected experts' weights, copied per token.
+
+    ``generate`` switches the experts from ``grouped_mm`` to ``batched_mm`` for decoding on any device but
+    the CPU; ``batched_mm`` gathers ``gate_up_proj[expert_ids]`` and then ``down_proj[expert_ids]`` for
+    each of the batch x top-k (token, expert) pairs, both alive at the second gather: 3 matrices of
+    hidden x expert intermediate per pair (the trace shows 5.6 GiB per layer for Mixtral at batch 8).
+    """
+    moe = shape.moe
+    if moe is None:
+        return 0
+    mats = 3 if shape.gated_mlp else 2
+    return batch * moe.top_k * mats * -(-moe.expert_intermediate // tp) * shape.hidden_size * act_bytes
 
 
 def _rope_bytes_per_token(shape: ModelShape) -> int:
@@ -798,20 +920,32 @@ class _Model:
     def estimate(self, context: int) -> Estimate:
         shape, run = self.shape, self.run
         tp = run.tensor_parallel
-        kv_seq = kv_sequence_bytes(shape, context, runtime=run.runtime, tp=tp, kv_bytes=self.kv_bytes)
+        kv_shape = shape
+        if run.runtime == "transformers" and shape.attention_path == "unknown":
+            # the conservative path: no window is trusted for a model type whose cache class is not known
+            kv_shape = replace(shape, layer_kinds=tuple("none" if k == "none" else "full" for k in shape.layer_kinds),
+                               layer_windows=tuple(0 for _ in shape.layer_windows))
+        prefill = max(1, context - run.new_tokens) if run.runtime == "transformers" else 0
+        kv_seq = kv_sequence_bytes(kv_shape, context, runtime=run.runtime, tp=tp, kv_bytes=self.kv_bytes, prompt=prefill)
         kv = run.batch * kv_seq
         notes: list[str] = []
         if run.runtime == "transformers":
             prompt = max(1, context - run.new_tokens)
             new = context - prompt
             tokens = run.batch * prompt
-            act = tokens * self.act_per_token
-            act += run.batch * shape.vocab_size * (self.act_bytes + 4)  # last-token logits, then float32 scores
-            if self.has_sliding and prompt > self.min_window:
-                # SDPA cannot express a window through is_causal: transformers builds a boolean mask.
-                act += run.batch * prompt * prompt
-            dynamic = kv + act
-            allocator = self.weight_slack + dynamic * FRAGMENTATION_PERCENT // 100
+            per_token = tokens * self.act_per_token
+            logits = run.batch * shape.vocab_size * (self.act_bytes + 4)  # last-token logits, then float32 scores
+            attn = prefill_attention_bytes(shape, batch=run.batch, prompt=prompt, tp=tp, act_bytes=self.act_bytes)
+            act = per_token + logits + attn
+            # what the activations' reserve applies to: blocks of changing sizes. The attention path's buffers are
+            # the same few large blocks in every layer and mostly reused (not always: Bloom's eager scores at batch
+            # 8 x 2k leave 2.9 GiB reserved beyond 7.4 GiB allocated, at batch 1 nothing; tests/test_vram_matrix.py)
+            varying = per_token
+            decode = moe_decode_bytes(shape, batch=run.batch, tp=tp, act_bytes=self.act_bytes) if new else 0
+            if logits + decode > act:
+                act, varying = logits + decode, decode
+            allocator = (self.weight_slack + kv * FRAGMENTATION_PERCENT // 100
+                         + varying * ACT_FRAGMENTATION_PERCENT // 100)
             overhead = Overhead(cuda_context=CUDA_CONTEXT_BYTES, libraries=LIBRARY_BYTES, workspace=CUBLAS_WORKSPACE_BYTES,
                                 allocator=allocator, communication=self.communication)
         else:

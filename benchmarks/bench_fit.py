@@ -10,6 +10,13 @@ Targets (exit 1 when one is missed): median absolute error <= 5% of the
 measured figure; never under it by more than 3%; never over it by more than
 15%; weight bytes within 1% of ``weights_allocated``; the KV cache equal to
 2 x layers x KV heads x head_dim x 2 bytes x batch x (prompt + new tokens).
+
+Where torch and transformers are installed (the [trace] extra) it also runs,
+in the same pass: the trace on every measured run (its peak allocated and
+reserved against ``torch.cuda``'s figures, and how NVML's figure relates to the
+reserved memory), and the architecture matrix (tests/vram_fixtures.py): the
+pure estimator against the trace, median and worst error per family.
+``--no-trace`` skips both.
 """
 
 from __future__ import annotations
@@ -23,8 +30,19 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
-from airpack.vram import GpuBudget, RunConfig, collect_weights, fit, model_shape, tensor_infos_from_header  # noqa: E402
+from airpack import vram_trace  # noqa: E402
+from airpack.vram import (  # noqa: E402
+    CUDA_CONTEXT_BYTES,
+    LIBRARY_BYTES,
+    GpuBudget,
+    RunConfig,
+    collect_weights,
+    fit,
+    model_shape,
+    tensor_infos_from_header,
+)
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "vram" / "h100-transformers-calibration.json"
 MiB = 1 << 20
@@ -44,10 +62,74 @@ def kv_formula(cfg: dict[str, Any], tokens: int) -> int:
     return 2 * layers * kv_heads * head_dim * 2 * tokens
 
 
+def trace_measured(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trace on every measured run: its peaks against torch.cuda's, and NVML's figure less the reserved peak."""
+    from airpack.vram_trace import trace_generate
+
+    out = []
+    for m in doc["models"]:
+        for r in m["runs"]:
+            if not r.get("ok", True):
+                continue
+            t = trace_generate(m["config"], batch=r["batch"], prompt=r["prompt"], new_tokens=r["new_tokens"])
+            out.append({"model": m["model"], "batch": r["batch"], "prompt": r["prompt"],
+                        "allocated_error": t.peak_allocated / r["peak_allocated"] - 1,
+                        "reserved_error": t.peak_reserved / r["peak_reserved"] - 1,
+                        "nvml_minus_reserved": r["nvml_used_after"] - r["peak_reserved"],
+                        "footprint_error": (t.peak_reserved + CUDA_CONTEXT_BYTES + LIBRARY_BYTES) / r["nvml_used_after"] - 1})
+    return out
+
+
+def print_trace_measured(rows: list[dict[str, Any]]) -> None:
+    print("\ntrace (torch/transformers installed here, CPU) vs the measured runs")
+    print(f"{'model':<18} {'batch':>5} {'prompt':>6} {'peak alloc':>10} {'peak resv':>10} {'NVML-resv MiB':>14} {'footprint':>10}")
+    for r in rows:
+        print(f"{r['model']:<18} {r['batch']:>5} {r['prompt']:>6} {r['allocated_error']:>+10.2%} {r['reserved_error']:>+10.2%}"
+              f" {r['nvml_minus_reserved'] / MiB:>14.0f} {r['footprint_error']:>+10.2%}")
+    a = [abs(r["allocated_error"]) for r in rows]
+    rv = [r["reserved_error"] for r in rows]
+    gap = [r["nvml_minus_reserved"] / MiB for r in rows]
+    print(f"trace: peak allocated median |error| {statistics.median(a):.2%}, worst {max(a):.2%}; peak reserved "
+          f"{min(rv):+.2%} .. {max(rv):+.2%}; NVML - reserved {min(gap):.0f}..{max(gap):.0f} MiB "
+          f"(the estimate's context + libraries: {(CUDA_CONTEXT_BYTES + LIBRARY_BYTES) / MiB:.0f} MiB)")
+
+
+def matrix_table() -> list[dict[str, Any]]:
+    """The pure estimator against the trace on the architecture matrix, every point."""
+    from vram_fixtures import ARCHITECTURES
+    from vram_matrix import POINTS, run_case
+
+    out = []
+    cache: dict[str, Any] = {}
+    for name, arch in ARCHITECTURES.items():
+        for batch, prompt, new in POINTS:
+            c = run_case(name, arch, batch, prompt, new, cache)
+            out.append({"arch": name, "family": c.family, "batch": c.batch, "prompt": c.prompt, "error": c.error,
+                        "estimated": c.estimated, "traced": c.traced})
+    return out
+
+
+def print_matrix(rows: list[dict[str, Any]]) -> None:
+    print(f"\npure estimator vs the trace: {len({r['arch'] for r in rows})} architectures x batch 1/8 x prompts "
+          "(allocator's share: estimate less CUDA context and libraries, against the trace's peak reserved)")
+    print(f"{'family':<28} {'archs':>5} {'points':>6} {'median |err|':>13} {'worst under':>12} {'worst over':>11}")
+    for fam in sorted({r["family"] for r in rows}):
+        mine = [r for r in rows if r["family"] == fam]
+        errs = [r["error"] for r in mine]
+        print(f"{fam:<28} {len({r['arch'] for r in mine}):>5} {len(mine):>6} {statistics.median(abs(e) for e in errs):>13.2%}"
+              f" {min(0.0, min(errs)):>+12.2%} {max(0.0, max(errs)):>+11.2%}")
+    errs = [r["error"] for r in rows]
+    print(f"{'all':<28} {len({r['arch'] for r in rows}):>5} {len(rows):>6} {statistics.median(abs(e) for e in errs):>13.2%}"
+          f" {min(0.0, min(errs)):>+12.2%} {max(0.0, max(errs)):>+11.2%}")
+    print("goals: never under by more than 3%, median within 3%, at most 10% over "
+          f"(under by > 3%: {sum(e < -0.03 for e in errs)} points; over by > 10%: {sum(e > 0.10 for e in errs)} points)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="calibration JSON (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the rows and summary as JSON")
+    ap.add_argument("--no-trace", action="store_true", help="skip the trace (measured runs and the architecture matrix)")
     args = ap.parse_args(argv)
     if not args.data.is_file():
         print(f"bench-fit needs the calibration file {args.data} (../shared/data/vram/ beside the checkout); "
@@ -102,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         f"weights within {WEIGHTS_MAX:.0%} of weights_allocated": summary["max_weights_error"] <= WEIGHTS_MAX,
         "KV cache exact against the formula": kv_ok,
     }
+    traced = not args.no_trace and vram_trace.available()
+    measured_trace = trace_measured(doc) if traced else []
+    matrix = matrix_table() if traced else []
     if args.json:
-        print(json.dumps({"rows": rows, "weights": weight_rows, "summary": summary, "checks": checks}, indent=2))
+        print(json.dumps({"rows": rows, "weights": weight_rows, "summary": summary, "checks": checks,
+                          "trace_measured": measured_trace, "matrix": matrix}, indent=2))
         return 0 if all(checks.values()) else 1
 
     print(f"VRAM fit vs {args.data.name}: runtime transformers, figure predicted: nvml_used_after\n")
@@ -125,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
           f"weights within {summary['max_weights_error']:.2%}; KV exact: {'yes' if kv_ok else 'NO'}")
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
+    if traced:
+        print_trace_measured(measured_trace)
+        print_matrix(matrix)
+    elif not args.no_trace:
+        print(f"\n(trace skipped: {vram_trace.TRACE_REQUIREMENT} not installed; {vram_trace.INSTALL_HINT})")
     return 0 if all(checks.values()) else 1
 
 

@@ -41,6 +41,35 @@ def run(*args: str | os.PathLike[str], expect: int = 0, env: dict[str, str] | No
     return r
 
 
+SOFTHSM_MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+                   "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so")
+
+
+def officer_token() -> str | None:
+    """The officer's key on a SoftHSM2 token (a stand-in for a YubiKey or an HSM), as a PKCS#11 URI; None without SoftHSM2.
+
+    The token lives in a throwaway folder under demo-out/ (its own SOFTHSM2_CONF), its PIN in a
+    0600 file: the key is generated inside the token and never leaves it.
+    """
+    module = next((m for m in SOFTHSM_MODULES if Path(m).is_file()), None)
+    if shutil.which("softhsm2-util") is None or module is None:
+        print("  softhsm2 is not installed: skipping the token step, the officer signs with a key file instead "
+              "(install the softhsm2 package, or run `make demo` as root, to see it)")
+        return None
+    folder = OUT / "softhsm"
+    (folder / "tokens").mkdir(parents=True, mode=0o700)
+    conf = folder / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {folder / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)  # for this demo's own commands only
+    pin = folder / "officer.pin"
+    pin.write_text("1234\n")
+    pin.chmod(0o600)
+    print(f"$ softhsm2-util --init-token --free --label airpack --pin 1234 --so-pin 5678   (SOFTHSM2_CONF={os.path.relpath(conf, OUT)})")
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "airpack", "--pin", "1234", "--so-pin", "5678"],
+                   check=True, capture_output=True)
+    return f"pkcs11:token=airpack;object=officer?module-path={module}&pin-source=file:{pin}"
+
+
 def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir()
@@ -58,14 +87,19 @@ def main() -> None:
             'gpu = "L4"\ncount = 1\ncontext = 2048\nruntime = "vllm"\n'
         )
         run("keygen", "packer", "--dir", OUT / "keys")
-        run("keygen", "officer", "--dir", OUT / "keys", "--algorithm", "ecdsa-p256")
+        officer: str | Path | None = officer_token()
+        if officer is not None:  # the officer's key is made inside the token; only officer.pub is written
+            run("keygen", "officer", "--dir", OUT / "keys", "--pkcs11", officer)
+        else:
+            run("keygen", "officer", "--dir", OUT / "keys", "--algorithm", "ecdsa-p256")
+            officer = OUT / "keys" / "officer.key"
         run("pack", OUT / "spec.toml", "--out", OUT / "bundle", "--dry-run", "--endpoint", hub.url)
         run("pack", OUT / "spec.toml", "--out", OUT / "bundle", "--key", OUT / "keys" / "packer.key", "--endpoint", hub.url)
     finally:
         hub.stop()
 
-    step("transfer station: the security officer co-signs after checking every byte")
-    run("sign", OUT / "bundle", "--key", OUT / "keys" / "officer.key")
+    step("transfer station: the security officer co-signs after checking every byte (with the key on the token)")
+    run("sign", OUT / "bundle", "--key", officer)
     run("sbom", OUT / "bundle", "--out", OUT / "tiny-llama.cdx.json")
 
     step("offline host: its own trust policy (two distinct signers required), then verify")
@@ -91,7 +125,7 @@ def main() -> None:
     step("transfer station: export to 64 KiB parts with 2 parity parts and a signed parts index")
     (OUT / "media").mkdir()
     run("export", OUT / "bundle", "--tar", OUT / "media" / "tiny-llama.tar", "--split", "64KiB", "--parity", "2",
-        "--trust", OUT / "trust.json", "--key", OUT / "keys" / "officer.key")
+        "--trust", OUT / "trust.json", "--key", officer)
     run("verify", "--parts", OUT / "media", "--trust", OUT / "trust.json")
 
     step("offline host: a part is lost on the way; repair rebuilds it from parity, then install from the parts")
@@ -121,6 +155,12 @@ def main() -> None:
         print(f"  {os.path.relpath(line, OUT) if line.startswith(str(OUT)) else line}")
     if r.returncode != 0:
         sys.exit("demo failed: the installed model did not load offline")
+
+    step("for the reviewers: the audit report of the bundle (verified, against what is installed) and of the registry")
+    run("report", OUT / "bundle", "--trust", OUT / "trust.json", "--registry", reg, "--out", OUT / "report.html")
+    run("report", "--registry", reg, "--out", OUT / "registry-report.html")
+    print(f"  open {os.path.relpath(OUT / 'report.html')} and {os.path.relpath(OUT / 'registry-report.html')} in any browser, "
+          "or print them (A4)")
 
     print(f"\ndemo finished: everything above ran for real; files are in {os.path.relpath(OUT)}/")
 

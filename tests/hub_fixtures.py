@@ -3,7 +3,8 @@
 Test modules load them with ``pytest_plugins = ("hub_fixtures",)`` and take
 helpers from hub_helpers.py. Nothing here reaches the network: the real
 huggingface_hub client talks to the server in tests/hubserver.py over a real
-socket.
+socket. ``nginx_hub`` sends LFS redirects to a real nginx (tests/nginx_cdn.py) and
+skips where nginx is not installed (``make cdn-bin`` installs it).
 """
 
 from __future__ import annotations
@@ -16,11 +17,30 @@ from typing import Any
 import pytest
 from hub_helpers import HF_VARS, TOKEN, Packer
 from hubserver import HubServer, tiny_model_files
+from nginx_cdn import NginxCDN
 
 
 @pytest.fixture
 def hub() -> Iterator[HubServer]:
     with HubServer(token=TOKEN) as server:
+        yield server
+
+
+@pytest.fixture
+def nginx_hub() -> Iterator[HubServer]:
+    """The test Hub with its LFS redirects going to a real nginx (skips where nginx is not installed)."""
+    NginxCDN.skip_unless_available()
+    with HubServer(token=TOKEN, cdn="nginx") as server:
+        yield server
+
+
+@pytest.fixture
+def nginx_or_none() -> Iterator[HubServer | None]:
+    """The nginx-backed Hub where nginx is installed, else None (for tests that run on both CDNs)."""
+    if not NginxCDN.available():
+        yield None
+        return
+    with HubServer(token=TOKEN, cdn="nginx") as server:
         yield server
 
 

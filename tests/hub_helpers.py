@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hubserver import DEFAULT_TOKEN, HubServer
+from hubserver import DEFAULT_TOKEN, OUTSIDER_TOKEN, HubServer
 
 from airpack.ops.pack import PackOptions, PackResult, pack
 from airpack.signing import Signer
 from airpack.spec import load_spec
 
 TOKEN = DEFAULT_TOKEN
+OUTSIDER = OUTSIDER_TOKEN  # valid, but no gated repo granted: the Hub answers 403 GatedRepo
 HF_VARS = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_DISABLE_IMPLICIT_TOKEN")
 
 

@@ -2,22 +2,42 @@
 
 It speaks the part of the Hub's protocol that the real ``huggingface_hub``
 client uses to resolve, list and download a model, with the same endpoints
-and headers, so the client talks to it unpatched over a real socket:
+and headers, and answers as impolitely as the real Hub does, so the client
+(and airpack's downloader) talks to it unpatched over a real socket:
 
 - ``GET /api/models/{repo}[/revision/{rev}]`` (``?blobs=true`` adds sizes, blob ids and LFS data)
 - ``GET /api/models/{repo}/tree/{rev}[/{path}]`` (recursive, expand, paginated with a ``Link`` header)
 - ``POST /api/models/{repo}/paths-info/{rev}`` and ``GET /api/models/{repo}/refs``
-- ``HEAD``/``GET /{repo}/resolve/{rev}/{path}``: ``X-Repo-Commit``, ``ETag``; LFS files answer ``302``
-  to a second server on another port (the CDN) with ``X-Linked-Etag`` and ``X-Linked-Size``; the CDN
-  serves ``Range`` requests (``206``/``Content-Range``). It never sends the Xet headers.
+- ``HEAD``/``GET /{repo}/resolve/{rev}/{path}``: ``X-Repo-Commit``, ``ETag``.
+  LFS files answer ``302`` to the CDN (another origin) with ``X-Linked-Etag`` and ``X-Linked-Size``;
+  plain (git) files answer a *relative* ``307`` to ``/api/resolve-cache/models/{repo}/{commit}/{path}``,
+  which serves them: ``gzip`` (``Content-Encoding``, chunked, no ``Content-Length``, ``Range`` ignored
+  with a ``200`` as CloudFront does) when the client accepts it and the file is text, otherwise
+  chunked without ``Content-Length`` (a ``Range`` there gets a ``206`` with ``Content-Length``).
+- the CDN: signed URLs (``Expires=<unix time>&Signature=<HMAC-SHA256 of path and expiry>``; with
+  ``url_ttl`` they really expire and the CDN answers ``403 AccessDenied`` "Request has expired", as
+  S3/CloudFront do), ``Range`` requests (``206``/``Content-Range``). ``cdn="nginx"`` puts a real
+  static file server (tests/nginx_cdn.py) there instead: same URLs, checked by nginx's secure_link.
+- Xet repos (``create_repo(..., xet=True)``): their LFS files' resolve answers carry ``X-Xet-Hash``,
+  ``X-Xet-Refresh-Route`` and ``Link: <...>; rel="xet-auth"`` and the tree lists ``xetHash``;
+  ``/api/models/{repo}/xet-read-token/{rev}`` hands out a CAS URL and token. The Xet protocol itself
+  is not served (the CAS URL answers 404), so only the HTTP path can fetch the bytes.
 - errors as the Hub sends them: ``X-Error-Code`` ``RepoNotFound`` (401), ``RevisionNotFound``,
-  ``EntryNotFound`` (404), ``GatedRepo`` (401 without a token, 403 with a wrong one).
+  ``EntryNotFound`` (404), ``GatedRepo`` (401 without a token or with one the Hub does not know,
+  403 with a valid token of an account that has no access: ``outsider_tokens``, ``OUTSIDER_TOKEN``).
 
 Repos hold several commits; branches and tags move with ``commit()``, ``tag()``
-and ``move_ref()``. Faults injected per file make a download drop the
-connection mid-file, answer an HTTP error, or serve other bytes of the same
-size. Every request is recorded (``requests``) so tests can tell what was
-fetched again.
+and ``move_ref()``. Faults injected per file (``inject(repo, path, Fault(...))``)
+are taken by the GETs that serve the file's bytes (the CDN for LFS files, the
+resolve-cache for plain ones; a range request is one GET): cut the connection
+mid-body, answer an HTTP error with extra headers (429 with ``Retry-After`` and
+``RateLimit``), serve other bytes of the same size, or answer as if the signed
+URL had expired. Faults need the built-in CDN: nginx serves LFS bytes as they
+are. ``inject_resolve()`` faults the Hub's own resolve answer instead (a 429 or a
+cut on the HEAD), and ``serve_other_bytes()`` puts a CDN out of step with the Hub.
+Every request is recorded (``requests``; nginx's own access log through
+``cdn_log()``, both in ``downloads()``, which first waits (``settle()``) for
+answers still being written) so tests can tell what was fetched again.
 
 Run it on its own (for the demo) with::
 
@@ -30,16 +50,25 @@ It prints its URL on the first line of stdout and serves until it is stopped.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import dataclasses
+import gzip
 import hashlib
+import hmac
 import json
+import math
+import os
+import shutil
 import signal
 import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -48,8 +77,17 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx", ".npz")
 LFS_MIN_SIZE = 10 * 1024 * 1024  # larger files go to LFS whatever their name, as on the Hub
 DEFAULT_TOKEN = "hf_airpackTESTtoken0123456789"
+OUTSIDER_TOKEN = "hf_airpackOUTSIDERtoken01234567"  # a valid account that was granted no gated repo (403 there)
 CHUNK = 1 << 20
 DATE = "2025-01-15T12:00:00.000Z"
+FAR_FUTURE = 4102444800  # 2100-01-01: the expiry of signed URLs when url_ttl is None
+FAULT_KINDS = ("drop", "status", "corrupt", "expire", "stall")
+EXPIRED_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                b"<Message>Request has expired</Message></Error>")
+BAD_SIGNATURE_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SignatureDoesNotMatch</Code>'
+                      b"<Message>The request signature we calculated does not match the signature you provided"
+                      b"</Message></Error>")
+TEXT_SNIFF = 8192  # like a CDN deciding by content type: a NUL in the first bytes means binary
 
 
 def git_sha1(data: bytes) -> str:
@@ -66,6 +104,15 @@ class Blob:
     lfs: bool
     data: bytes | None = field(default=None, repr=False)
     storage: Path | None = None
+
+    @property
+    def xet_hash(self) -> str:
+        """A stand-in for the Xet merkle hash (64 hex, stable per content): only the Xet client could check it."""
+        return hashlib.sha256(b"xet-test\0" + bytes.fromhex(self.sha256)).hexdigest()
+
+    def whole(self) -> bytes:
+        """All the bytes (plain files are at most LFS_MIN_SIZE, so this stays small for them)."""
+        return self.data if self.data is not None else b"".join(self.read(0, self.size))
 
     @property
     def pointer(self) -> bytes:
@@ -112,17 +159,34 @@ def make_blob(path: str, content: bytes | Path) -> Blob:
 
 @dataclass
 class Fault:
-    """What goes wrong on the next download(s) of one file.
+    """What goes wrong on the next GET(s) of one file's bytes (a range request is one GET).
 
-    kind: ``drop`` (send ``after`` bytes of the body, then cut the connection),
-    ``status`` (answer HTTP ``status``), ``corrupt`` (flip one byte, same size).
-    ``times``: how many downloads it hits; None for every one.
+    kind: ``drop`` (send ``after`` bytes of this GET's body, then cut the connection),
+    ``status`` (answer HTTP ``status`` with the extra ``headers``), ``corrupt`` (flip the
+    middle byte of this GET's body, same size), ``expire`` (answer 403 AccessDenied
+    "Request has expired", as the CDN does for a signed URL past its expiry), ``stall``
+    (send ``after`` bytes, then nothing for ``seconds``, then the rest: a read timeout).
+    ``times``: how many GETs it hits; None for every one.
     """
 
     kind: str
     after: int = 0
     status: int = 503
     times: int | None = 1
+    headers: dict[str, str] = field(default_factory=dict)
+    seconds: float = 1.0  # how long a stall lasts
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; one of {', '.join(FAULT_KINDS)}")
+
+    @classmethod
+    def rate_limited(cls, reset: int = 1, *, times: int | None = 1, retry_after: bool = True) -> Fault:
+        """A 429 as the Hub sends it: ``RateLimit``/``RateLimit-Policy`` (IETF draft) and, by default, ``Retry-After``."""
+        headers = {"RateLimit": f'"api";r=0;t={reset}', "RateLimit-Policy": '"fixed window";"api";q=500;w=300'}
+        if retry_after:
+            headers["Retry-After"] = str(reset)
+        return cls("status", status=429, times=times, headers=headers)
 
 
 @dataclass
@@ -133,6 +197,7 @@ class Repo:
     pipeline_tag: str | None = "text-generation"
     library_name: str | None = "transformers"
     tags: tuple[str, ...] = ()
+    xet: bool = False  # LFS files are Xet-backed: Xet headers on resolve, xetHash in the tree
     commits: dict[str, dict[str, Blob]] = field(default_factory=dict)
     titles: dict[str, str] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)  # branch -> commit
@@ -166,27 +231,46 @@ class Request:
 
 
 class HubServer:
-    """The Hub (and its CDN) on two 127.0.0.1 ports. Use as a context manager or start()/stop()."""
+    """The Hub (and its CDN) on two 127.0.0.1 ports. Use as a context manager or start()/stop().
+
+    ``url_ttl``: seconds a signed CDN URL stays valid (None: until 2100, as good as never).
+    ``cdn``: ``"builtin"`` (a second port of this server: faults, request log) or ``"nginx"``
+    (a real static file server over a folder of the LFS blobs, tests/nginx_cdn.py).
+    ``outsider_tokens``: valid tokens of accounts that have not been granted any gated repo.
+    """
 
     def __init__(self, *, token: str | None = DEFAULT_TOKEN, page_size: int = 1000, host: str = "127.0.0.1",
-                 port: int = 0, cdn_port: int = 0) -> None:
+                 port: int = 0, cdn_port: int = 0, url_ttl: float | None = None, cdn: str = "builtin",
+                 outsider_tokens: Iterable[str] = (OUTSIDER_TOKEN,)) -> None:
+        if cdn not in ("builtin", "nginx"):
+            raise ValueError(f"cdn must be 'builtin' or 'nginx', not {cdn!r}")
         self.token = token
         self.page_size = page_size
+        self.url_ttl = url_ttl
+        self.cdn = cdn
+        self.outsider_tokens = set(outsider_tokens)
+        self.secret = os.urandom(32)  # signs CDN URLs; a fresh one per server
         self.repos: dict[str, Repo] = {}
         self.blobs: dict[str, Blob] = {}  # sha256 -> blob, for the CDN
-        self.faults: dict[tuple[str, str], list[Fault]] = {}
+        self.faults: dict[tuple[str, ...], list[Fault]] = {}  # (repo, path) for bytes, (repo, path, "resolve")
         self.requests: list[Request] = []
         self.hooks: list[Callable[[Request], None]] = []  # called after each request is recorded
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0  # byte-serving answers still being written (recorded only when they end)
         self._counter = 0
         self._host, self._port, self._cdn_port = host, port, cdn_port
         self._servers: list[ThreadingHTTPServer] = []
         self._threads: list[threading.Thread] = []
+        self._nginx: Any = None  # NginxCDN while started with cdn="nginx"
+        self._cdn_root: Path | None = None
+        self._placed: set[str] = set()
 
     # -- life cycle ----------------------------------------------------------------------
 
     def start(self) -> HubServer:
-        for role, port in (("hub", self._port), ("cdn", self._cdn_port)):
+        roles = [("hub", self._port)] + ([("cdn", self._cdn_port)] if self.cdn == "builtin" else [])
+        for role, port in roles:
             srv = _Server((self._host, port), _Handler)
             srv.hub = self
             srv.role = role
@@ -195,7 +279,27 @@ class HubServer:
             t.start()
             self._servers.append(srv)
             self._threads.append(t)
+        if self.cdn == "nginx":
+            try:
+                self._start_nginx()
+            except BaseException:
+                self.stop()
+                raise
         return self
+
+    def _start_nginx(self) -> None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from nginx_cdn import NginxCDN
+
+        self._cdn_root = Path(tempfile.mkdtemp(prefix="airpack-cdn-root-"))
+        with self._lock:
+            blobs = list(self.blobs.values())
+        for b in blobs:
+            self._place(b)
+        if self.url_ttl is not None and not NginxCDN.has_secure_link():
+            raise RuntimeError("url_ttl with cdn='nginx' needs nginx's secure_link module, which this nginx lacks")
+        secret = self.secret.hex() if NginxCDN.has_secure_link() else None  # else it serves unchecked
+        self._nginx = NginxCDN(self._cdn_root, secure_link_secret=secret).start()
 
     def stop(self) -> None:
         for srv in self._servers:
@@ -205,6 +309,13 @@ class HubServer:
             t.join(timeout=5)
         self._servers.clear()
         self._threads.clear()
+        if self._nginx is not None:
+            self._nginx.stop()
+            self._nginx = None
+        if self._cdn_root is not None:
+            shutil.rmtree(self._cdn_root, ignore_errors=True)
+            self._cdn_root = None
+            self._placed.clear()
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -219,18 +330,69 @@ class HubServer:
 
     @property
     def cdn_url(self) -> str:
+        if self._nginx is not None:
+            return str(self._nginx.url)
         host, port = self._servers[1].server_address[:2]
         return f"http://{host}:{port}"
+
+    @property
+    def nginx(self) -> Any:
+        """The NginxCDN serving the LFS blobs (cdn="nginx", while started), else None."""
+        return self._nginx
+
+    def _place(self, blob: Blob) -> None:
+        """Put an LFS blob where nginx serves it, ``repos/<sha256>`` (a hard link when it can, else a copy)."""
+        if self._cdn_root is None or blob.sha256 in self._placed:
+            return
+        dst = self._cdn_root / "repos" / blob.sha256
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{blob.sha256}.tmp")
+        if blob.storage is not None:
+            try:
+                os.link(blob.storage, tmp)
+            except OSError:
+                shutil.copyfile(blob.storage, tmp)
+        else:
+            tmp.write_bytes(blob.data or b"")
+        os.replace(tmp, dst)
+        self._placed.add(blob.sha256)
+
+    # -- signed CDN URLs -----------------------------------------------------------------
+
+    def sign(self, path: str, expires: int) -> str:
+        """The ``Signature`` of a CDN URL: HMAC-SHA256 (built-in CDN) or nginx secure_link's MD5, over path and expiry."""
+        if self.cdn == "nginx":
+            md5 = hashlib.md5(f"{expires}{path} {self.secret.hex()}".encode(), usedforsecurity=False).digest()
+            return base64.urlsafe_b64encode(md5).decode().rstrip("=")
+        return hmac.new(self.secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def cdn_location(self, blob: Blob, repo_id: str, path: str) -> str:
+        """A freshly signed CDN URL for one LFS blob (valid ``url_ttl`` seconds from now)."""
+        expires = FAR_FUTURE if self.url_ttl is None else math.ceil(time.time() + self.url_ttl)
+        cdn_path = f"/repos/{blob.sha256}"
+        q = urlencode({"repo": repo_id, "filename": path, "Expires": str(expires),
+                       "Signature": self.sign(cdn_path, expires)})
+        return f"{self.cdn_url}{cdn_path}?{q}"
+
+    def check_signature(self, cdn_path: str, query: Mapping[str, list[str]]) -> bytes | None:
+        """None if the URL is validly signed and not expired, else the 403 body the CDN answers."""
+        try:
+            expires = int(query.get("Expires", [""])[0])
+        except ValueError:
+            return BAD_SIGNATURE_BODY
+        if not hmac.compare_digest(query.get("Signature", [""])[0], self.sign(cdn_path, expires)):
+            return BAD_SIGNATURE_BODY
+        return EXPIRED_BODY if time.time() > expires else None
 
     # -- content -------------------------------------------------------------------------
 
     def create_repo(self, repo_id: str, *, gated: bool | str = False, license: str | None = "apache-2.0",
                     pipeline_tag: str | None = "text-generation", library_name: str | None = "transformers",
-                    tags: Iterable[str] = ()) -> Repo:
+                    tags: Iterable[str] = (), xet: bool = False) -> Repo:
         if gated is True:
             gated = "manual"
         repo = Repo(repo_id=repo_id, gated=gated, license=license, pipeline_tag=pipeline_tag,
-                    library_name=library_name, tags=tuple(tags))
+                    library_name=library_name, tags=tuple(tags), xet=xet)
         with self._lock:
             self.repos[repo_id] = repo
         return repo
@@ -260,6 +422,7 @@ class HubServer:
             for b in base.values():
                 if b.lfs:
                     self.blobs[b.sha256] = b
+                    self._place(b)
         return sha
 
     def add_folder(self, repo_id: str, folder: Path, *, branch: str = "main", **repo_kw: Any) -> str:
@@ -271,6 +434,21 @@ class HubServer:
         }
         return self.commit(repo_id, files, branch=branch, title=f"upload {folder.name}")
 
+    def serve_other_bytes(self, repo_id: str, path: str, data: bytes) -> None:
+        """Make the CDN serve ``data`` for this LFS file (e.g. another size) while the Hub still lists and
+        announces (X-Linked-Size, X-Linked-Etag) the committed blob: a CDN out of step with the Hub."""
+        repo = self.repos[repo_id]
+        blob = repo.commits[repo.refs["main"]].get(path)
+        if blob is None or not blob.lfs:
+            raise ValueError(f"{repo_id}/{path} is not an LFS file on main")
+        other = make_blob(path, data)
+        with self._lock:
+            self.blobs[blob.sha256] = Blob(size=other.size, sha256=other.sha256, git_sha1=other.git_sha1, lfs=True,
+                                           data=data)
+            if self._cdn_root is not None:
+                (self._cdn_root / "repos" / blob.sha256).unlink(missing_ok=True)  # a hard link: never write through
+                (self._cdn_root / "repos" / blob.sha256).write_bytes(data)
+
     def tag(self, repo_id: str, name: str, commit: str) -> None:
         with self._lock:
             self.repos[repo_id].tag_refs[name] = commit
@@ -281,16 +459,27 @@ class HubServer:
             (repo.tag_refs if ref in repo.tag_refs else repo.refs)[ref] = commit
 
     def inject(self, repo_id: str, path: str, *faults: Fault) -> None:
+        """Faults for the GETs that serve the file's bytes (CDN or resolve-cache), in order."""
         with self._lock:
             self.faults.setdefault((repo_id, path), []).extend(faults)
+
+    def inject_resolve(self, repo_id: str, path: str, *faults: Fault) -> None:
+        """Faults for the Hub's own ``/resolve/`` answer (HEAD or GET, before any redirect): ``status``
+        (e.g. ``Fault.rate_limited()``) or ``drop`` (the connection closes with no answer)."""
+        for f in faults:
+            if f.kind not in ("status", "drop"):
+                raise ValueError(f"a resolve fault is 'status' or 'drop', not {f.kind!r}")
+        with self._lock:
+            self.faults.setdefault((repo_id, path, "resolve"), []).extend(faults)
 
     def clear_faults(self) -> None:
         with self._lock:
             self.faults.clear()
 
-    def take_fault(self, repo_id: str, path: str) -> Fault | None:
+    def take_fault(self, repo_id: str, path: str, *, resolve: bool = False) -> Fault | None:
+        key = (repo_id, path, "resolve") if resolve else (repo_id, path)
         with self._lock:
-            queue = self.faults.get((repo_id, path))
+            queue = self.faults.get(key)
             if not queue:
                 return None
             f = queue[0]
@@ -307,14 +496,63 @@ class HubServer:
         for h in hooks:
             h(r)
 
-    def downloads(self, repo_id: str | None = None, file: str | None = None) -> list[Request]:
-        """GET requests that served (or tried to serve) a file's bytes."""
+    def settle(self, timeout: float = 2.0) -> None:
+        """Wait until every answer that serves bytes has been written and recorded.
+
+        A GET is recorded after its last byte is sent, so a client can see the whole body (or the cut)
+        before the record exists; call this before reading ``requests`` right after a transfer.
+        ``downloads()`` calls it. Never waits inside a request handler (a hook).
+        """
+        if getattr(_serving, "active", False):
+            return
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._inflight and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+
+    def _begin_body(self) -> None:
         with self._lock:
-            return [
-                r for r in self.requests
-                if r.method == "GET" and r.file is not None and (repo_id is None or r.repo_id == repo_id)
-                and (file is None or r.file == file) and (r.origin == "cdn" or r.status in (200, 206))
-            ]
+            self._inflight += 1
+
+    def _end_body(self) -> None:
+        with self._idle:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.notify_all()
+
+    def cdn_log(self) -> list[Request]:
+        """The requests nginx answered (cdn="nginx"), from its access log; [] for the built-in CDN.
+
+        nginx writes a line as a request ends, a moment after its last byte: read until two reads agree.
+        """
+        if self._nginx is None:
+            return []
+        seen = list(self._nginx.requests())
+        for _ in range(25):
+            time.sleep(0.02)
+            again = list(self._nginx.requests())
+            if again == seen:
+                break
+            seen = again
+        return seen
+
+    def downloads(self, repo_id: str | None = None, file: str | None = None) -> list[Request]:
+        """GET requests that served (or tried to serve) a file's bytes: the CDN's and the resolve-cache's.
+
+        With cdn="nginx" nginx's own log is appended (after this server's requests, so do not
+        compare indexes across the two).
+        """
+        self.settle()
+        with self._lock:
+            mine = list(self.requests)
+        return [
+            r for r in mine + self.cdn_log()
+            if r.method == "GET" and r.file is not None and (repo_id is None or r.repo_id == repo_id)
+            and (file is None or r.file == file)
+        ]
+
+
+_serving = threading.local()  # set while a handler thread serves bytes: settle() must not wait on itself
 
 
 class _Server(ThreadingHTTPServer):
@@ -374,12 +612,14 @@ class _Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
-    def _check_token(self) -> str | None:
-        """'ok', 'none' (no token sent) or 'bad' (a token this Hub does not know)."""
+    def _check_token(self) -> str:
+        """'ok', 'none' (no token sent), 'outsider' (a valid account without gated grants) or 'bad' (unknown)."""
         auth = self._auth_header()
         if not auth:
             return "none"
-        return "ok" if self.hub.token and auth == f"Bearer {self.hub.token}" else "bad"
+        if self.hub.token and auth == f"Bearer {self.hub.token}":
+            return "ok"
+        return "outsider" if auth.removeprefix("Bearer ") in self.hub.outsider_tokens else "bad"
 
     def _segments(self) -> tuple[list[str], dict[str, list[str]]]:
         parts = urlsplit(self.path)
@@ -413,7 +653,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._cdn()
             return
         segs, query = self._segments()
-        if segs[:2] == ["api", "models"]:
+        if segs[:3] == ["api", "resolve-cache", "models"] and self.command in ("GET", "HEAD"):
+            repo_id, rest = self._split_repo(segs[3:])
+            if len(rest) >= 2:
+                self._resolve(repo_id, rest[0], "/".join(rest[1:]), cache=True)
+                return
+            self._record(404)
+            self._error(404, None, "Not Found")
+        elif segs[:2] == ["api", "models"]:
             repo_id, rest = self._split_repo(segs[2:])
             self._api(repo_id, rest, query)
         elif len(segs) >= 3:
@@ -461,6 +708,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._tree(repo, rest[1], "/".join(rest[2:]), query)
         elif self.command == "POST" and rest and rest[0] == "paths-info" and len(rest) >= 2:
             self._paths_info(repo, rest[1], body)
+        elif self.command == "GET" and len(rest) == 2 and rest[0] == "xet-read-token" and repo.xet:
+            self._xet_token()
         elif self.command == "GET" and rest == ["refs"]:
             self._json({
                 "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in sorted(repo.refs.items())],
@@ -472,10 +721,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- API answers ---------------------------------------------------------------------
 
+    def _xet_token(self) -> None:
+        """What the Hub hands a Xet client: a CAS URL and a short-lived token (this CAS serves nothing)."""
+        exp = int(time.time()) + 3600
+        cas = f"{self.hub.url}/xet-cas"
+        tok = "xet_" + hmac.new(self.hub.secret, str(exp).encode(), hashlib.sha256).hexdigest()[:32]
+        self._json({"casUrl": cas, "accessToken": tok, "exp": exp},
+                   headers={"X-Xet-Cas-Url": cas, "X-Xet-Access-Token": tok, "X-Xet-Token-Expiration": str(exp)})
+
     def _entry(self, repo: Repo, sha: str, path: str, blob: Blob, expand: bool) -> dict[str, Any]:
         e: dict[str, Any] = {"type": "file", "oid": blob.git_sha1, "size": blob.size, "path": path}
         if blob.lfs:
             e["lfs"] = {"oid": blob.sha256, "size": blob.size, "pointerSize": len(blob.pointer)}
+            if repo.xet:
+                e["xetHash"] = blob.xet_hash
         if expand:
             e["lastCommit"] = {"id": sha, "title": repo.titles.get(sha, ""), "date": DATE}
             e["securityFileStatus"] = {"status": "safe", "avScan": {"virusFound": False, "virusNames": None},
@@ -591,19 +850,38 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- downloads -----------------------------------------------------------------------
 
-    def _resolve(self, repo_id: str, rev: str, path: str) -> None:
-        repo = self.hub.repos.get(repo_id)
+    def _gate(self, repo: Repo | None, repo_id: str) -> bool:
+        """Answer a gated repo's refusal (True) as the Hub does, or let the request through (False)."""
         tok = self._check_token()
-        if repo is not None and repo.gated and tok != "ok":
-            self._record(401 if tok == "none" else 403, repo_id=repo_id)
-            if tok == "none":
-                self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it "
-                                              "and be authenticated to access it. Please log in.")
+        if repo is None or not repo.gated or tok == "ok":
+            return False
+        if tok == "outsider":
+            self._record(403, repo_id=repo_id)
+            self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the "
+                                          "authorized list. Visit its page to ask for access.")
+        else:  # no token, or one the Hub does not know: not authenticated
+            self._record(401, repo_id=repo_id)
+            self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it "
+                                          "and be authenticated to access it. Please log in.")
+        return True
+
+    def _resolve(self, repo_id: str, rev: str, path: str, *, cache: bool = False) -> None:
+        """``/resolve/`` (cache=False) and ``/api/resolve-cache/`` (cache=True, where plain files are served)."""
+        fault = None if cache else self.hub.take_fault(repo_id, path, resolve=True)
+        if fault is not None:
+            self._record(fault.status if fault.kind == "status" else 0, repo_id=repo_id)
+            if fault.kind == "status":
+                phrase = HTTPStatus(fault.status).phrase if fault.status in HTTPStatus._value2member_map_ else "Error"
+                self._error(fault.status, None, phrase, fault.headers)
             else:
-                self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the "
-                                              "authorized list.")
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
             return
-        if tok == "bad" or repo is None:
+        repo = self.hub.repos.get(repo_id)
+        if self._gate(repo, repo_id):
+            return
+        if self._check_token() == "bad" or repo is None:
             self._record(401, repo_id=repo_id)
             self._repo_or_error(repo_id)
             return
@@ -613,21 +891,36 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
             return
         blob = repo.commits[sha].get(path)
-        if blob is None:
+        if blob is None or (cache and blob.lfs):
             self._record(404, repo_id=repo_id, file=None)
             self._error(404, "EntryNotFound", f"{path} does not exist on {rev}", {"X-Repo-Commit": sha})
             return
-        common = {"X-Repo-Commit": sha, "Accept-Ranges": "bytes", "Vary": "Origin, Accept-Encoding"}
+        common = {"X-Repo-Commit": sha, "Accept-Ranges": "bytes", "Vary": "Origin, Accept-Encoding",
+                  "ETag": f'"{blob.git_sha1}"'}
         if blob.lfs:
-            q = urlencode({"repo": repo_id, "filename": path, "Expires": "4102444800", "Signature": "test"})
-            location = f"{self.hub.cdn_url}/repos/{blob.sha256}?{q}"
-            body = f"Found. Redirecting to {location}".encode()
+            location = self.hub.cdn_location(blob, repo_id, path)
+            headers = {**common, "Location": location, "X-Linked-Etag": f'"{blob.sha256}"',
+                       "X-Linked-Size": str(blob.size)}
+            if repo.xet:
+                refresh = f"{self.hub.url}/api/models/{repo_id}/xet-read-token/{sha}"
+                headers["X-Xet-Hash"] = blob.xet_hash
+                headers["X-Xet-Refresh-Route"] = refresh
+                headers["Link"] = (f'<{refresh}>; rel="xet-auth", '
+                                   f'<{self.hub.url}/xet-cas/v1/reconstructions/{blob.xet_hash}>; '
+                                   'rel="xet-reconstruction-info"')
             self._record(302, repo_id=repo_id, file=None)
-            self._send(302, body, {**common, "Location": location, "ETag": f'"{blob.git_sha1}"',
-                                   "X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(blob.size)},
+            self._send(302, f"Found. Redirecting to {location}".encode(), headers,
                        content_type="text/plain; charset=utf-8")
             return
-        self._serve_blob(blob, repo_id, path, {**common, "ETag": f'"{blob.git_sha1}"'})
+        if not cache:  # the real Hub sends plain files through a relative redirect to its resolve cache
+            location = f"/api/resolve-cache/models/{repo_id}/{sha}/{quote(path)}"
+            self._record(307, repo_id=repo_id, file=None)
+            self._send(307, f"Temporary Redirect. Redirecting to {location}".encode(), {**common, "Location": location},
+                       content_type="text/plain; charset=utf-8")
+            return
+        name = path.rsplit("/", 1)[-1]
+        disp = f"inline; filename*=UTF-8''{quote(name)}; filename=\"{name}\";"
+        self._serve_blob(blob, repo_id, path, {**common, "Content-Disposition": disp}, plain=True)
 
     def _cdn(self) -> None:
         segs, query = self._segments()
@@ -637,38 +930,85 @@ class _Handler(BaseHTTPRequestHandler):
             self._record(404)
             self._send(404, b"<Error><Code>NoSuchKey</Code></Error>", content_type="application/xml")
             return
+        refusal = self.hub.check_signature(f"/repos/{segs[1]}", query)
+        if refusal is not None:
+            self._record(403, repo_id=repo_id, file=path)
+            self._send(403, refusal, content_type="application/xml")
+            return
         disp = f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}; filename=\"{path.rsplit('/', 1)[-1]}\";"
         self._serve_blob(blob, repo_id, path, {"ETag": f'"{blob.sha256}"', "Accept-Ranges": "bytes",
                                                "Content-Disposition": disp})
 
-    def _serve_blob(self, blob: Blob, repo_id: str, path: str, headers: dict[str, str]) -> None:
-        size = blob.size
-        start, end, status = 0, size, 200
+    def _range(self, size: int) -> tuple[int, int, int] | None:
+        """(start, end, status) for the Range header (200 when absent or unparsable), None if unsatisfiable."""
         rng = self.headers.get("Range")
-        if rng and rng.startswith("bytes="):
-            a, _, b = rng[6:].partition("-")
-            try:
-                if a == "":
-                    start, end = max(0, size - int(b)), size
-                else:
-                    start, end = int(a), (min(size, int(b) + 1) if b else size)
-                status = 206
-            except ValueError:
-                start, end, status = 0, size, 200
-            if status == 206 and (start >= size or start >= end) and size > 0:
-                self._record(416, repo_id=repo_id, file=path)
-                self._send(416, b"", {"Content-Range": f"bytes */{size}"})
-                return
+        if not rng or not rng.startswith("bytes="):
+            return 0, size, 200
+        a, _, b = rng[6:].partition("-")
+        try:
+            if a == "":
+                start, end = max(0, size - int(b)), size
+            else:
+                start, end = int(a), (min(size, int(b) + 1) if b else size)
+        except ValueError:
+            return 0, size, 200
+        if (start >= size or start >= end) and size > 0:
+            return None
+        return start, end, 206
+
+    def _accepts_gzip(self) -> bool:
+        for part in (self.headers.get("Accept-Encoding") or "").split(","):
+            name, _, params = part.strip().partition(";")
+            if name.strip().lower() in ("gzip", "*") and params.replace(" ", "").lower() not in ("q=0", "q=0.0"):
+                return True
+        return False
+
+    def _serve_blob(self, blob: Blob, repo_id: str, path: str, headers: dict[str, str], *, plain: bool = False) -> None:
+        """Serve a blob's bytes (a range of them); ``plain``: the resolve-cache's gzip/chunked answers.
+
+        Counted in flight until recorded, so ``HubServer.settle()`` can wait for the record.
+        """
+        self.hub._begin_body()
+        _serving.active = True
+        try:
+            self._serve_bytes(blob, repo_id, path, headers, plain=plain)
+        finally:
+            _serving.active = False
+            self.hub._end_body()
+
+    def _serve_bytes(self, blob: Blob, repo_id: str, path: str, headers: dict[str, str], *, plain: bool) -> None:
+        size = blob.size
+        text = plain and b"\0" not in blob.whole()[:TEXT_SNIFF]
+        zipped = text and self.command == "GET" and self._accepts_gzip()
+        span = (0, size, 200) if zipped else self._range(size)  # CloudFront ignores Range on what it compresses
+        if span is None:
+            self._record(416, repo_id=repo_id, file=path)
+            self._send(416, b"", {"Content-Range": f"bytes */{size}"})
+            return
+        start, end, status = span
         fault = self.hub.take_fault(repo_id, path) if self.command == "GET" else None
         if fault is not None and fault.kind == "status":
             self._record(fault.status, repo_id=repo_id, file=path)
-            self._error(fault.status, None, "Service Unavailable")
+            phrase = HTTPStatus(fault.status).phrase if fault.status in HTTPStatus._value2member_map_ else "Error"
+            self._error(fault.status, None, phrase, fault.headers)
             return
+        if fault is not None and fault.kind == "expire":
+            self._record(403, repo_id=repo_id, file=path)
+            self._send(403, EXPIRED_BODY, content_type="application/xml")
+            return
+        chunked = plain and self.command == "GET" and status == 200
+        ctype = ("application/json; charset=utf-8" if path.endswith(".json") else "text/plain; charset=utf-8") \
+            if text else "application/octet-stream"
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(end - start))
+        self.send_header("Content-Type", ctype)
+        if zipped:
+            self.send_header("Content-Encoding", "gzip")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(end - start))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{max(start, end - 1)}/{size}")
         self.end_headers()
@@ -677,31 +1017,65 @@ class _Handler(BaseHTTPRequestHandler):
             return
         sent = 0
         try:
-            if fault is None and blob.storage is not None:
+            if fault is None and blob.storage is not None and not chunked:
                 with open(blob.storage, "rb") as f:
                     sent = self.connection.sendfile(f, start, end - start) if end > start else 0
                 return
-            limit = fault.after if fault is not None and fault.kind == "drop" else None
-            flip = size // 2 if fault is not None and fault.kind == "corrupt" else None
-            pos = start
-            for chunk in blob.read(start, end):
-                if flip is not None and pos <= flip < pos + len(chunk):
-                    b = bytearray(chunk)
-                    b[flip - pos] ^= 0xFF
-                    chunk = bytes(b)
-                if limit is not None and sent + len(chunk) > limit:
-                    self.wfile.write(chunk[: max(0, limit - sent)])
-                    sent = limit
-                    self.wfile.flush()
-                    self.close_connection = True
-                    with contextlib.suppress(OSError):
-                        self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self.wfile.write(chunk)
-                sent += len(chunk)
-                pos += len(chunk)
+            sent = self._write_body(self._body(blob, start, end, fault, zipped), chunked, fault)
         finally:
             self._record(status, repo_id=repo_id, file=path, sent=sent)
+
+    @staticmethod
+    def _body(blob: Blob, start: int, end: int, fault: Fault | None, zipped: bool) -> Iterable[bytes]:
+        """The body's chunks: bytes [start, end), the middle one flipped for ``corrupt``, gzipped whole for ``zipped``."""
+        flip = start + (end - start) // 2 if fault is not None and fault.kind == "corrupt" and end > start else None
+        pos = start
+        chunks: list[bytes] = []
+        for chunk in blob.read(start, end):
+            if flip is not None and pos <= flip < pos + len(chunk):
+                b = bytearray(chunk)
+                b[flip - pos] ^= 0xFF
+                chunk = bytes(b)
+            pos += len(chunk)
+            if not zipped:
+                yield chunk
+            else:
+                chunks.append(chunk)
+        if zipped:
+            z = gzip.compress(b"".join(chunks), mtime=0)
+            for i in range(0, len(z), 64 * 1024):
+                yield z[i:i + 64 * 1024]
+
+    def _write_body(self, chunks: Iterable[bytes], chunked: bool, fault: Fault | None) -> int:
+        """Write the chunks (framed when ``chunked``): a ``drop`` cuts the connection after ``after`` body bytes,
+        a ``stall`` pauses there. Returns the body bytes sent."""
+        limit = fault.after if fault is not None and fault.kind == "drop" else None
+        stall_at = fault.after if fault is not None and fault.kind == "stall" else None
+        sent = 0
+        for chunk in chunks:
+            if not chunk:
+                continue
+            if stall_at is not None and sent + len(chunk) > stall_at:
+                head, chunk = chunk[: max(0, stall_at - sent)], chunk[max(0, stall_at - sent):]
+                if head:
+                    self.wfile.write((f"{len(head):x}\r\n".encode() + head + b"\r\n") if chunked else head)
+                    sent += len(head)
+                self.wfile.flush()
+                time.sleep(fault.seconds if fault is not None else 0)
+                stall_at = None
+            frame = f"{len(chunk):x}\r\n".encode() if chunked else b""
+            if limit is not None and sent + len(chunk) > limit:
+                self.wfile.write(frame + chunk[: max(0, limit - sent)])
+                self.wfile.flush()
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                return limit
+            self.wfile.write(frame + chunk + (b"\r\n" if chunked else b""))
+            sent += len(chunk)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        return sent
 
 
 # -- tiny models and the command line -------------------------------------------------------
@@ -717,17 +1091,18 @@ def tiny_model_files(folder: Path, *, seed: int = 0, shards: int = 1, **cfg: Any
 
 
 def serve(repos: Mapping[str, Path] | None = None, *, demo: bool = False, port: int = 0,
-          token: str | None = DEFAULT_TOKEN, gated: Iterable[str] = ()) -> HubServer:
+          token: str | None = DEFAULT_TOKEN, gated: Iterable[str] = (), cdn: str = "builtin",
+          url_ttl: float | None = None, xet: bool = False) -> HubServer:
     """Start a server holding ``repos`` ({repo_id: folder}) and, with ``demo``, a tiny generated model."""
-    hub = HubServer(port=port, token=token)
+    hub = HubServer(port=port, token=token, cdn=cdn, url_ttl=url_ttl)
     gated = set(gated)
     for repo_id, folder in (repos or {}).items():
-        sha = hub.add_folder(repo_id, Path(folder), gated=repo_id in gated)
+        sha = hub.add_folder(repo_id, Path(folder), gated=repo_id in gated, xet=xet)
         hub.tag(repo_id, "v1.0", sha)
     if demo:
         with tempfile.TemporaryDirectory(prefix="airpack-hub-demo-") as tmp:
             files = tiny_model_files(Path(tmp) / "m", shards=2)  # read into memory; the folder goes away
-        hub.create_repo("acme/tiny-llama", license="apache-2.0")
+        hub.create_repo("acme/tiny-llama", license="apache-2.0", xet=xet)
         sha = hub.commit("acme/tiny-llama", files, title="initial upload")
         hub.tag("acme/tiny-llama", "v1.0", sha)
     return hub.start()
@@ -750,6 +1125,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0, help="port of the Hub (0: any free port)")
     ap.add_argument("--gated", action="append", default=[], metavar="ORG/NAME", help="make this repo gated")
     ap.add_argument("--token", default=DEFAULT_TOKEN, help="the one token this Hub accepts")
+    ap.add_argument("--cdn", choices=("builtin", "nginx"), default="builtin",
+                    help="where LFS redirects go: this server's second port, or a real nginx (needs nginx installed)")
+    ap.add_argument("--url-ttl", type=float, default=None, metavar="SECONDS",
+                    help="signed CDN URLs expire this many seconds after the redirect (default: never)")
+    ap.add_argument("--xet", action="store_true", help="serve the repos as Xet-backed (headers only)")
+    ap.add_argument("--log", type=Path, metavar="FILE",
+                    help="append one JSON line per request this server answers (not nginx's: see cdn-access-log)")
     args = ap.parse_args(argv)
     repos: dict[str, Path] = _folders(args.serve) if args.serve else {}
     for spec in args.repo:
@@ -757,8 +1139,28 @@ def main(argv: list[str] | None = None) -> int:
         repos[rid] = Path(d)
     if not repos and not args.demo:
         ap.error("nothing to serve: give --serve DIR, --repo ORG/NAME=DIR or --demo")
-    hub = serve(repos, demo=args.demo, port=args.port, token=args.token, gated=args.gated)
+    if args.cdn == "nginx":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from nginx_cdn import NginxCDN
+
+        if not NginxCDN.available():
+            ap.error("--cdn nginx: nginx is not installed (make cdn-bin installs it)")
+    hub = serve(repos, demo=args.demo, port=args.port, token=args.token, gated=args.gated, cdn=args.cdn,
+                url_ttl=args.url_ttl, xet=args.xet)
+    log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115 (open for the server's life)
+    if log is not None:
+        log_lock = threading.Lock()
+
+        def write_line(r: Request) -> None:
+            with log_lock:
+                log.write(json.dumps(dataclasses.asdict(r)) + "\n")
+                log.flush()
+
+        hub.hooks.append(write_line)
     print(hub.url, flush=True)
+    print(f"  cdn {hub.cdn_url}", file=sys.stderr, flush=True)
+    if hub.nginx is not None:
+        print(f"  cdn-access-log: {hub.nginx.access_log}", file=sys.stderr, flush=True)
     for rid, repo in sorted(hub.repos.items()):
         print(f"  {rid} main={repo.refs['main']}", file=sys.stderr, flush=True)
     stop = threading.Event()
@@ -766,6 +1168,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     hub.stop()
+    if log is not None:
+        log.close()
     return 0
 
 

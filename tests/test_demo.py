@@ -20,5 +20,7 @@ def test_demo_runs_the_whole_round_trip(tmp_path: Path) -> None:
     for expected in ("OK: bundle verified", "refused with exit code 3", "refused with exit code 5",
                      "rebuilt 1 part(s)", "installed tiny-llama", "chain intact", "demo finished"):
         assert expected in out, f"missing {expected!r} in the demo's output"
+    for report in ("report.html", "registry-report.html"):
+        assert f"wrote {report}" in out and (tmp_path / "demo-out" / report).is_file()
     snapshot = next((tmp_path / "demo-out" / "registry" / "hub" / "models--demo--tiny-llama" / "snapshots").iterdir())
     assert (snapshot / "config.json").is_file()

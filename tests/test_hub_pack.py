@@ -91,7 +91,9 @@ def test_dry_run_resolves_and_fetches_nothing(packer: Packer, hub: HubServer, ti
     assert {p.bundle_path: p.size for p in r.planned} == {
         f"models/acme--tiny/{k}": b.size for k, b in hub.repos["acme/tiny"].commits[sha].items()
     }
-    assert hub.downloads() == [] and not [q for q in hub.requests if "/resolve/" in q.path]
+    # The dry run HEADs each file (its size and transport are planned from the answer) but GETs none.
+    assert hub.downloads() == [] and not [q for q in hub.requests if "/resolve/" in q.path and q.method != "HEAD"]
+    assert {p.transport for p in r.planned} == {"http"}
 
 
 # -- pinning: the revision is resolved once --------------------------------------------------

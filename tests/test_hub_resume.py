@@ -2,7 +2,10 @@
 
 Resuming is judged by hash: a file already in the output folder is kept only
 if it hashes to what the Hub lists; a partial download is finished with a
-range request; nothing already whole is downloaded again.
+range request from where the resume journal says its bytes end; nothing
+already whole is downloaded again. These tests use one connection (one
+stream per file) so the request pattern is exact; tests/test_hub_segments.py
+and tests/test_hub_journal_resume.py cover many ranges at once.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import verify
 from hub_helpers import Packer
-from hubserver import Fault, HubServer, make_blob
+from hubserver import Fault, HubServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save
@@ -26,8 +29,9 @@ from airpack.ops.pack import STAGING_DIR
 
 BIG = "big.safetensors"
 SHARD = "model-00001-of-00002.safetensors"
-# The client writes what it receives in chunks of this size; a cut loses what is past the last chunk.
+# Where the cuts fall in the big file (any offset works: the engine keeps every byte it wrote).
 CLIENT_CHUNK = 10 * 1024 * 1024
+FAST = {"connections": 1, "retries": 2, "retry_base": 0.001}
 
 pytest_plugins = ("hub_fixtures",)
 
@@ -61,14 +65,18 @@ def test_bytes_that_differ_from_the_hub_listing_are_refused(packer: Packer, hub:
     assert not list((out / STAGING_DIR).rglob("*.part"))
 
 
-def test_size_the_hub_announces_must_match_its_listing(packer: Packer, hub: HubServer, tiny_files: dict[str, bytes]) -> None:
-    sha = hub.commit("acme/tiny", tiny_files)
-    blob = hub.repos["acme/tiny"].commits[sha][SHARD]
-    # The listing says one size; the file served (and its X-Linked-Size) says another.
-    hub.blobs[blob.sha256] = make_blob(SHARD, tiny_files[SHARD] + b"extra")
-    with pytest.raises(IntegrityError) as ei:
-        packer.pack(packer.spec())
-    assert ei.value.exit_code == 3 and SHARD in str(ei.value)
+def test_a_cdn_serving_another_size_than_the_hub_lists_is_exit_7(packer: Packer, hub: HubServer,
+                                                                 tiny_files: dict[str, bytes]) -> None:
+    """The Hub lists and announces one size, its CDN serves another: a fetch error naming the file, nothing kept.
+
+    (A HEAD that itself contradicts the listing is exit 3: tests/test_hub_errors_real.py.)"""
+    hub.commit("acme/tiny", tiny_files)
+    hub.serve_other_bytes("acme/tiny", SHARD, tiny_files[SHARD] + b"extra")
+    out = packer.tmp / "out"
+    with pytest.raises(FetchError) as ei:
+        packer.pack(packer.spec(), out=out, **FAST)
+    assert ei.value.exit_code == 7 and SHARD in str(ei.value) and "CDN" in str(ei.value)
+    assert not (model_dir(out) / SHARD).exists()
 
 
 # -- bad links --------------------------------------------------------------------------------
@@ -80,11 +88,11 @@ def test_connection_dropped_mid_file_is_retried_with_a_range(packer: Packer, hub
     size = len(big_files[BIG])
     cut = CLIENT_CHUNK + (size - CLIENT_CHUNK) // 2
     hub.inject("acme/tiny", BIG, Fault("drop", after=cut))
-    r = packer.pack(packer.spec())
+    r = packer.pack(packer.spec(), **FAST)
     gets = hub.downloads("acme/tiny", BIG)
     assert len(gets) == 2 and gets[0].range is None and gets[0].sent == cut
     start = int(gets[1].range.removeprefix("bytes=").rstrip("-"))  # type: ignore[union-attr]
-    assert 0 < start <= cut and gets[1].sent == size - start  # resumed, not from zero
+    assert start == cut and gets[1].sent == size - start  # resumed at the very byte where the cut fell
     assert (model_dir(r.out) / BIG).read_bytes() == big_files[BIG]
     verify(r.out, policy)
 
@@ -99,7 +107,7 @@ def test_interrupted_pack_resumes_without_fetching_whole_files_again(
     hub.inject("acme/tiny", BIG, Fault("drop", after=cut), Fault("status", status=503, times=None))
     spec, out = packer.spec(), packer.tmp / "out"
     with pytest.raises(FetchError) as ei:
-        packer.pack(spec, out=out, workers=1)
+        packer.pack(spec, out=out, workers=1, **FAST)
     assert ei.value.exit_code == 7 and BIG in str(ei.value) and "next run" in str(ei.value)
     whole = {p.relative_to(model_dir(out)).as_posix() for p in model_dir(out).rglob("*") if p.is_file()}
     assert whole and BIG not in whole
@@ -115,7 +123,7 @@ def test_interrupted_pack_resumes_without_fetching_whole_files_again(
 
     hub.clear_faults()
     before = len(hub.requests)
-    r = packer.pack(spec, out=out, workers=1)
+    r = packer.pack(spec, out=out, workers=1, **FAST)
     second = [q for q in hub.requests[before:] if q.method == "GET" and q.file]
     fetched = {q.file for q in second}
     assert victim in fetched
@@ -128,17 +136,18 @@ def test_interrupted_pack_resumes_without_fetching_whole_files_again(
     verify(r.out, policy)
 
 
-def test_a_stale_partial_that_does_not_add_up_is_fetched_again(packer: Packer, hub: HubServer,
-                                                               big_files: dict[str, bytes], policy: Path) -> None:
+def test_a_partial_no_journal_vouches_for_is_fetched_again(packer: Packer, hub: HubServer,
+                                                          big_files: dict[str, bytes], policy: Path) -> None:
+    """Bytes in a partial file that no journal line records are never trusted: the file is fetched from zero."""
     sha = hub.commit("acme/tiny", big_files)
     blob = hub.repos["acme/tiny"].commits[sha][BIG]
     spec, out = packer.spec(), packer.tmp / "out"
     (out / STAGING_DIR / "hub").mkdir(parents=True)
     (out / ".airpack-partial").touch()
     (out / STAGING_DIR / "hub" / f"{blob.sha256}.part").write_bytes(b"\xff" * 1000)  # not the file's first bytes
-    r = packer.pack(spec, out=out)
+    r = packer.pack(spec, out=out, **FAST)
     ranges = [q.range for q in hub.downloads("acme/tiny", BIG)]
-    assert ranges == ["bytes=1000-", None]  # tried to resume, found the mismatch, started over once
+    assert ranges == [None]
     assert (model_dir(r.out) / BIG).read_bytes() == big_files[BIG]
     verify(r.out, policy)
 
@@ -149,7 +158,7 @@ def test_leftovers_of_another_spec_are_not_signed(packer: Packer, hub: HubServer
     out = packer.tmp / "out"
     hub.inject("acme/tiny", "tokenizer.json", Fault("status", status=500, times=None))
     with pytest.raises(FetchError):
-        packer.pack(packer.spec(), out=out, workers=1)
+        packer.pack(packer.spec(), out=out, workers=1, **FAST)
     assert (model_dir(out) / "README.md").exists()
     hub.clear_faults()
     r = packer.pack(packer.spec(model_extra='exclude = ["README.md"]'), out=out)
@@ -185,7 +194,7 @@ def test_preflight_counts_only_what_is_still_missing(packer: Packer, hub: HubSer
     spec, out = packer.spec(), packer.tmp / "out"
     hub.inject("acme/tiny", "tokenizer_config.json", Fault("status", status=500, times=None))
     with pytest.raises(FetchError):
-        packer.pack(spec, out=out)
+        packer.pack(spec, out=out, **FAST)
     hub.clear_faults()
     missing = sum(len(v) for k, v in tiny_files.items() if not (model_dir(out) / k).is_file())
     seen: list[int] = []

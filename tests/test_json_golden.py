@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,13 @@ def _scenario(root: Path) -> World:
     w.run(None, "trust", "add", pol, keys / "bob.pub", "--name", "bob")
     w.run("trust_set_threshold", "trust", "set-threshold", pol, "1")
     w.run("trust_remove", "trust", "remove", pol, "bob")
+    host, nxt, upd = root / "host-policy.json", root / "next-policy.json", root / "next-policy.dsse.json"
+    shutil.copyfile(pol, host)
+    shutil.copyfile(pol, nxt)
+    w.run(None, "trust", "add", nxt, keys / "bob.pub", "--name", "bob", "--expires", "2099-01-01")
+    w.run("trust_revoke", "trust", "revoke", nxt, "bob", "--reason", "token lost")
+    w.run("trust_sign_update", "trust", "sign-update", nxt, "--key", keys / "alice.key")
+    w.run("trust_apply", "trust", "apply", host, upd)
     key = keys / "alice.key"
 
     model = small_model(root / "src" / "tiny")
@@ -105,6 +113,7 @@ def _scenario(root: Path) -> World:
     (model2 / "README.md").write_text("a second revision\n")
     spec2 = write_spec(root / "spec2.toml", model_dir=model2, sequence=2)
     b2 = root / "b2"
+    time.sleep(1.05 - time.time() % 1)  # a later second than b1's, as for any real second bundle: the diff's shape holds `created`
     w.run(None, "pack", spec2, "--out", b2, "--key", key)
     w.run("diff", "diff", b1, b2, "--trust", pol)
     w.run("sbom", "sbom", b1, "--trust", pol)
@@ -122,6 +131,7 @@ def _scenario(root: Path) -> World:
 
     reg = root / "registry"
     w.run("install", "install", b1, "--registry", reg, "--trust", pol, "--gpu", GPU)
+    w.run("report", "report", b1, "--registry", reg, "--trust", pol, "--out", root / "report.html")
     w.run("diff_registry", "diff", b2, "--registry", reg, "--trust", pol)
     w.run(None, "install", b2, "--registry", reg, "--trust", pol, "--gpu", GPU)
     w.run("list", "list", "--registry", reg)
@@ -130,6 +140,7 @@ def _scenario(root: Path) -> World:
     w.run("log_verify", "log", "verify", "--registry", reg)
     w.run("check", "check", "--registry", reg, "--trust", pol)
     w.run("remove", "remove", "acme/tiny", "--registry", reg)
+    w.run("report_registry", "report", "--registry", reg, "--out", root / "registry-report.html")
 
     w.run("fit", "fit", model, "--gpu", GPU, "--context", "512")
     w.run("fit_does_not_fit", "fit", model, "--gpu", "700MiB", "--context", "512", code=5)
@@ -160,9 +171,10 @@ def _stranger_policy(root: Path) -> Path:
 
 CASES = [
     "keygen", "trust_init", "trust_add", "trust_list", "trust_set_threshold", "trust_remove",
+    "trust_revoke", "trust_sign_update", "trust_apply",
     "pack", "pack_dry_run", "pack_tar", "sign", "verify", "inspect",
     "diff", "sbom", "sbom_out", "export_tar", "verify_tar", "export_split", "verify_parts", "repair",
-    "install", "diff_registry", "list", "show", "rollback", "log_verify", "check", "remove", "fit", "fit_does_not_fit",
+    "install", "report", "report_registry", "diff_registry", "list", "show", "rollback", "log_verify", "check", "remove", "fit", "fit_does_not_fit",
     "error_integrity", "error_usage", "error_registry", "error_trust",
 ]
 OCI_CASES = ["push", "pull"]

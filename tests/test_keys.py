@@ -240,7 +240,7 @@ def test_trust_init_add_list(tmp_path: Path, alice: KeyPair, make_key: Callable[
     pol = tmp_path / "trust.json"
     r = cli_inproc("trust", "init", pol, "--threshold", "2", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"policy": str(pol), "threshold": 2, "keys": []}
+    assert json.loads(r.stdout) == {"policy": str(pol), "version": 1, "threshold": 2, "valid_keys": 0, "keys": [], "revoked": []}
     assert cli_inproc("trust", "add", pol, alice.pub, "--name", "Alice Packer").returncode == 0
     r = cli_inproc("trust", "add", pol, carol.pub, "--name", "carol@security", "--json")
     assert r.returncode == 0, r.stderr
@@ -249,14 +249,14 @@ def test_trust_init_add_list(tmp_path: Path, alice: KeyPair, make_key: Callable[
     doc = json.loads(r.stdout)
     assert doc["threshold"] == 2
     assert doc["keys"] == [
-        {"name": "Alice Packer", "keyid": alice.signer.keyid, "algorithm": "ed25519"},
-        {"name": "carol@security", "keyid": carol.signer.keyid, "algorithm": "ecdsa-p256"},
+        {"name": "Alice Packer", "keyid": alice.signer.keyid, "algorithm": "ed25519", "state": "valid", "expires": None},
+        {"name": "carol@security", "keyid": carol.signer.keyid, "algorithm": "ecdsa-p256", "state": "valid", "expires": None},
     ]
     r = cli_inproc("trust", "list", pol)
     assert "threshold 2 of 2 key(s)" in r.stdout and alice.signer.keyid in r.stdout
     # The file itself: deterministic JSON that holds the PEMs.
     raw = json.loads(pol.read_text())
-    assert raw["version"] == 1 and raw["keys"][0]["public_key"].startswith("-----BEGIN PUBLIC KEY-----")
+    assert raw["version"] == 3 and raw["keys"][0]["public_key"]  # the serial: init is 1, each add raises it.startswith("-----BEGIN PUBLIC KEY-----")
 
 
 def test_trust_add_refuses_duplicates_and_bad_names(tmp_path: Path, alice: KeyPair, bob: KeyPair) -> None:
@@ -306,7 +306,8 @@ def test_trust_policy_from_airpack_trust(tmp_path: Path, bundle: Path, policy: P
         (lambda d: d.update(threshold=0), "threshold"),
         (lambda d: d.update(threshold=True), "threshold"),
         (lambda d: d.update(threshold="1"), "threshold"),
-        (lambda d: d.update(version=2), "unknown format"),
+        (lambda d: d.update(version=-1), "version (the policy's serial number) must be a positive integer"),
+        (lambda d: d.update(version="2"), "version (the policy's serial number) must be a positive integer"),
         (lambda d: d.update(keys={}), "must be a list"),
         (lambda d: d["keys"].append(dict(d["keys"][0])), "listed twice"),
         (lambda d: d["keys"][0].update(keyid="0" * 64), "does not match"),

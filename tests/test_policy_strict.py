@@ -48,7 +48,12 @@ def _rename(doc: dict[str, Any], old: str, new: str) -> None:
         (lambda d: d["keys"][0].update(algorithm=1), "must be a string"),
         (lambda d: d["keys"][0].update(keyid="ab" * 32), "does not match its public key"),
         (lambda d: d["keys"][0].update(name="../evil"), "invalid name"),
-        (lambda d: d.update(version=True), "unknown format version"),
+        (lambda d: d.update(version=True), "version (the policy's serial number) must be a positive integer"),
+        (lambda d: d.update(version=0), "version (the policy's serial number) must be a positive integer"),
+        (lambda d: d["keys"][0].update(expires="2030-01-01"), "expires must be a UTC time like"),
+        (lambda d: d["keys"][0].update(expires=1), "expires must be a UTC time like"),
+        (lambda d: d.update(revoked={}), "'revoked' must be a list"),
+        (lambda d: d.update(revoked=[{"keyid": "x"}]), "revoked key #1 lacks required field(s)"),
         (lambda d: d["keys"].append("alice"), "key #3 is not a JSON object"),
     ],
 )

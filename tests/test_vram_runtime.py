@@ -10,15 +10,18 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vram_fixtures import GiB, MiB, config, shape_and_weights
+from vram_fixtures import GiB, MiB, config, llama_header, shape_and_weights
 
 from airpack.errors import UsageError
 from airpack.vram import (
     COMMUNICATION_BYTES,
     GpuBudget,
     RunConfig,
+    collect_weights,
     estimate,
     fit,
+    model_shape,
+    moe_decode_bytes,
     verdict_for,
 )
 
@@ -41,7 +44,8 @@ def test_hand_computed_transformers_estimate() -> None:
     assert b.activations == 2 * 1024 * ACT_PER_TOKEN + logits == 2_886_656
     # every tensor is under 1 MiB: 512-byte blocks in one 2 MiB segment
     slack = 2 * MiB - 213_632
-    assert est.overhead.allocator == slack + (532_480 + 2_886_656) * 20 // 100
+    # 20% of the KV cache, 45% of the per-token activations (not of the logits)
+    assert est.overhead.allocator == slack + 532_480 * 20 // 100 + (2_886_656 - logits) * 45 // 100
     assert b.overhead == FIXED + est.overhead.allocator
     assert est.per_gpu_bytes == b.weights + b.kv_cache + b.activations + b.overhead
 
@@ -74,7 +78,21 @@ def test_sliding_window_mask_is_counted_for_transformers_prefill() -> None:
     run = RunConfig(runtime="transformers", context=1024 + 16, new_tokens=16, batch=2)
     a_full = estimate(full_shape, w, run).breakdown.activations
     a_slide = estimate(slide_shape, w, run).breakdown.activations
-    assert a_slide - a_full == 2 * 1024 * 1024  # a boolean batch x prompt x prompt mask
+    # a boolean batch x prompt x prompt mask, its logical_not and the bf16 additive mask SDPA makes of it (1 + 1 + 2 bytes),
+    # the efficient kernel's copy padded to 1040 columns (2 bytes), and, since a mask turns off SDPA's GQA, keys and values
+    # repeated to all 4 heads (2 x batch x 4 x 1024 x 16 x 2 bytes)
+    assert a_slide - a_full == 2 * 1024 * 1024 * 4 + 2 * 1024 * 1040 * 2 + 2 * 2 * 4 * 1024 * 16 * 2
+
+
+def test_transformers_sliding_layers_hold_the_whole_prompt_at_prefill() -> None:
+    """transformers keeps the prefill's keys and values whole until the first decode step crops them to the window."""
+    shape, w = shape_and_weights(config(model_type="mistral", sliding_window=64))
+    long_prompt = estimate(shape, w, RunConfig(runtime="transformers", context=1024, new_tokens=16)).breakdown.kv_cache
+    short_prompt = estimate(shape, w, RunConfig(runtime="transformers", context=1024, new_tokens=1000)).breakdown.kv_cache
+    vllm = estimate(shape, w, RunConfig(runtime="vllm", context=1024)).breakdown.kv_cache
+    assert long_prompt == 2 * 1008 * KV_PER_TOKEN // 2  # 2 layers, each the 1008-token prompt
+    assert short_prompt == 2 * 64 * KV_PER_TOKEN // 2  # a 24-token prompt: the window, once decoding
+    assert vllm == 2 * 64 * KV_PER_TOKEN // 2
 
 
 def test_tensor_parallel_adds_communication_buffers() -> None:
@@ -180,3 +198,15 @@ def test_max_context_is_the_longest_that_fits(mem_mib: int, runtime: str, batch:
 def test_bad_run_config(kw: dict) -> None:
     with pytest.raises(UsageError):
         RunConfig(**kw)
+
+
+def test_moe_decode_gathers_the_selected_experts_weights() -> None:
+    """generate() decodes MoE layers with batched_mm on a GPU: every (token, expert) pair copies that expert's weights."""
+    cfg = config(model_type="mixtral", num_local_experts=8, num_experts_per_tok=2, intermediate_size=128)
+    shape = model_shape(cfg)
+    # batch 8 x top-2 pairs, each gate_up (2 x 128 x 64) and down (64 x 128) in bf16
+    assert moe_decode_bytes(shape, batch=8, tp=1, act_bytes=2) == 8 * 2 * 3 * 128 * 64 * 2
+    assert moe_decode_bytes(model_shape(config()), batch=8, tp=1, act_bytes=2) == 0
+    w = collect_weights(llama_header(cfg), shape=shape)
+    long_decode = estimate(shape, w, RunConfig(runtime="transformers", context=64, batch=8, new_tokens=32))
+    assert long_decode.breakdown.activations >= 8 * 2 * 3 * 128 * 64 * 2

@@ -137,8 +137,9 @@ def test_moe_activations_use_the_active_experts_only() -> None:
     shape = model_shape(moe_config())
     assert shape.moe is not None and (shape.moe.num_experts, shape.moe.top_k, shape.moe.expert_intermediate) == (4, 2, 32)
     # attention stage: 4 x 64 + (q 64 + o 64 + k,v 64) = 448
-    # MoE stage: 4 x 64 + top_k 2 x (3 x 32 + 64 output) + router logits 2 x 4 = 584
-    assert act_elements_per_token(shape, 1) == 584
+    # MoE stage (grouped_mm): 4 x 64 + top_k 2 x (4 x 32 gate_up, act, product + 3 x 64 gathered, down, weighted)
+    # + router logits 2 x 4 = 904
+    assert act_elements_per_token(shape, 1) == 904
 
 
 def test_moe_shared_experts_and_dense_first_layers() -> None:

@@ -48,8 +48,11 @@ class CommandEntry(NamedTuple):
 
 
 COMMANDS: dict[str, CommandEntry] = {
-    "keygen": CommandEntry("core_cmds", "Create a signing key pair: NAME.key (private, 0600) and NAME.pub."),
+    "keygen": CommandEntry(
+        "core_cmds", "Create a signing key pair: NAME.key (private, 0600) and NAME.pub; with --pkcs11, inside a token (only NAME.pub is written).",
+    ),
     "trust": CommandEntry("core_cmds", "Manage this host's trust policy (who may sign bundles)."),
+    "key": CommandEntry("core_cmds", "Keys on hardware tokens (PKCS#11): export the public key of a key a token holds."),
     "pack": CommandEntry("core_cmds", "Pack the models (and wheels) a SPEC names into a signed bundle."),
     "sign": CommandEntry("core_cmds", "Add a signature to BUNDLE (co-signing) after checking every file against its manifest."),
     "verify": CommandEntry("core_cmds", "Check BUNDLE (a folder, a tar, or a folder of parts) against the trust policy, every path, size and byte."),
@@ -75,6 +78,7 @@ COMMANDS: dict[str, CommandEntry] = {
     "repair": CommandEntry("transfer_cmds", "Rebuild missing or damaged parts of a split export from its parity parts."),
     "diff": CommandEntry("transfer_cmds", "Show what changed between bundles OLD and NEW: models, files, wheels, signers, licences, policy, fit."),
     "sbom": CommandEntry("transfer_cmds", "Write BUNDLE's CycloneDX 1.6 SBOM (JSON): the model, each file and wheel with its SHA-256."),
+    "report": CommandEntry("report_cmds", "Write an audit report of BUNDLE (or of --registry DIR) that a reviewer can read, print and sign off."),
 }
 COMMAND_MODULES = tuple(dict.fromkeys(e.module for e in COMMANDS.values()))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import pathlib
 import sys
 import threading
 import traceback
@@ -207,6 +208,11 @@ class Output:
         if not self.as_json and not self.quiet:
             echo(text, err=True)
 
+    def warn(self, message: str) -> None:
+        """A warning (a private key or PIN file others can read) on stderr, in every mode but -q: --json keeps stdout."""
+        if not self.quiet:
+            echo(f"warning: {message}", err=True)
+
 
 def airpack_command(group: click.Group, name: str, **kwargs: Any) -> Callable[[F], click.Command]:
     """Register ``fn(out, **options)`` as a command with --json, -q and -v; every exception leaves through ``fail``."""
@@ -232,3 +238,19 @@ def airpack_command(group: click.Group, name: str, **kwargs: Any) -> Callable[[F
         return group.command(name, **kwargs)(wrapper)
 
     return deco
+
+
+# -- signing keys --------------------------------------------------------------------------
+
+KEY_METAVAR = "KEY|PKCS11_URI"
+KEY_HELP = ("a private key file, or a key on a token as an RFC 7512 URI "
+            "(pkcs11:token=...;object=...?module-path=...&pin-source=file:...)")
+
+
+def pin_file_option(fn: F) -> F:
+    """``--pin-file``, beside every ``--key``: the PIN of a token key (never a command-line value)."""
+    option = click.option(
+        "--pin-file", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+        help="PIN of a token key: the first line of this file (or pin-source in the URI, or AIRPACK_PIN).",
+    )
+    return option(fn)

@@ -16,7 +16,7 @@ from ..manifest import summary
 from ..signing import ALGORITHMS
 from ..units import format_bytes
 from . import cli
-from ._common import Output, airpack_command
+from ._common import KEY_HELP, KEY_METAVAR, Output, airpack_command, pin_file_option
 
 if TYPE_CHECKING:
     from ..manifest import Manifest
@@ -39,11 +39,14 @@ def _warner(out: Output) -> Callable[[str], None]:
     return warn
 
 
-def _signer(key: Path, passphrase_file: Path | None, out: Output) -> Any:
-    from ..signing import load_signer, passphrase_from
+def _signer(key: str | Path, passphrase_file: Path | None, out: Output, pin_file: Path | None = None, *, strict: bool = True) -> Any:
+    """The signer of a ``--key`` value: a key file, or a ``pkcs11:`` URI (a key on a token, logged in once here).
 
-    warn = _warner(out)
-    return load_signer(key, passphrase=passphrase_from(passphrase_file, warn=warn), warn=warn)
+    ``strict=False`` where several ``--key`` share one ``--pin-file`` / ``--passphrase-file``.
+    """
+    from ..signing import open_signer
+
+    return open_signer(key, passphrase_file=passphrase_file, pin_file=pin_file, warn=_warner(out), strict=strict)
 
 
 # -- keygen ----------------------------------------------------------------------------
@@ -52,31 +55,101 @@ def _signer(key: Path, passphrase_file: Path | None, out: Output) -> Any:
 @airpack_command(cli, "keygen")
 @click.argument("name")
 @click.option("--dir", "directory", type=PathArg, default=Path("."), show_default=True, help="Where to write NAME.key and NAME.pub.")
-@click.option("--algorithm", type=click.Choice(ALGORITHMS), default="ed25519", show_default=True)
+@click.option("--algorithm", type=click.Choice(ALGORITHMS),
+              help="ed25519 (the default for a key file) or ecdsa-p256 (the default on a token: every token has it).")
 @click.option("--passphrase-file", type=PathArg, help="Encrypt the private key with the first line of this file (or set AIRPACK_PASSPHRASE).")
+@click.option("--pkcs11", "pkcs11_uri", metavar="PKCS11_URI",
+              help="Generate the key pair inside this token (object= labels it; the private key never leaves it); writes only NAME.pub.")
+@pin_file_option
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
-def keygen_cmd(out: Output, name: str, directory: Path, algorithm: str, passphrase_file: Path | None, force: bool) -> None:
-    """Create a signing key pair: NAME.key (private, 0600) and NAME.pub."""
+def keygen_cmd(out: Output, name: str, directory: Path, algorithm: str | None, passphrase_file: Path | None,
+               pkcs11_uri: str | None, pin_file: Path | None, force: bool) -> None:
+    """Create a signing key pair: NAME.key (private, 0600) and NAME.pub; with --pkcs11, inside a token (only NAME.pub is written)."""
     from ..signing import generate, passphrase_from, write_keypair
 
     if not name or "/" in name or name.startswith("."):
         raise UsageError(f"invalid key name {name!r}")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UsageError(f"--dir {directory} exists and is not a folder", path=str(directory)) from None
-    except OSError as e:
-        raise oserror_to_airpack(e, "cannot create", str(directory)) from None
     key_path, pub_path = directory / f"{name}.key", directory / f"{name}.pub"
+    if pkcs11_uri is not None:
+        if passphrase_file is not None:
+            raise UsageError("--passphrase-file encrypts a key file; a token key is protected by the token's PIN (--pin-file)")
+        _token_keygen(out, pkcs11_uri, pub_path, algorithm or "ecdsa-p256", pin_file, force)
+        return
+    if pin_file is not None:
+        raise UsageError("--pin-file is for a key on a token: add --pkcs11 URI, or use --passphrase-file for a key file")
     for p in (key_path, pub_path):
         if p.exists() and not force:
             raise UsageError(f"{p} already exists; pass --force to replace it", path=str(p))
+    _make_dir(directory)
+    algorithm = algorithm or "ed25519"
     passphrase = passphrase_from(passphrase_file, warn=_warner(out))
     kid = write_keypair(generate(algorithm), key_path, pub_path, passphrase=passphrase)
     out.result(
         {"keyid": kid, "algorithm": algorithm, "private_key": str(key_path), "public_key": str(pub_path), "encrypted": bool(passphrase)},
         [f"wrote {key_path} (private{', encrypted' if passphrase else ''}) and {pub_path}", f"key id: {kid}"],
     )
+
+
+def _make_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--dir {directory} exists and is not a folder", path=str(directory)) from None
+    except OSError as e:
+        raise oserror_to_airpack(e, "cannot create", str(directory)) from None
+
+
+def _write_pub(pub: Any, path: Path) -> str:
+    """NAME.pub (SPKI PEM) written atomically; returns the key id a trust policy will list."""
+    from .._fs import atomic_write
+    from ..signing import key_id, public_pem
+
+    try:
+        atomic_write(path, public_pem(pub).encode("ascii"), mode=0o644)
+    except OSError as e:
+        raise oserror_to_airpack(e, "cannot write", str(path)) from None
+    return str(key_id(pub))
+
+
+def _token_keygen(out: Output, uri: str, pub_path: Path, algorithm: str, pin_file: Path | None, force: bool) -> None:
+    from ..pkcs11_keys import generate_key
+
+    if pub_path.exists() and not force:
+        raise UsageError(f"{pub_path} already exists; pass --force to replace it", path=str(pub_path))
+    _make_dir(pub_path.parent)
+    key = generate_key(uri, algorithm, pin_file=pin_file, warn=_warner(out))
+    kid = _write_pub(key.public_key, pub_path)
+    out.result(
+        {"keyid": kid, "algorithm": key.algorithm, "pkcs11_uri": uri, "label": key.label, "public_key": str(pub_path),
+         "private_key": None, "extractable": False},
+        [f"generated {key.algorithm} key {key.label!r} inside the token (sensitive, not extractable); wrote {pub_path}",
+         f"key id: {kid}", f"sign with: --key '{uri}'"],
+    )
+
+
+# -- key -------------------------------------------------------------------------------
+
+
+@cli.group("key")
+def key_group() -> None:
+    """Keys on hardware tokens (PKCS#11): export the public key of a key a token holds."""
+
+
+@airpack_command(key_group, "pub")
+@click.argument("uri", metavar="PKCS11_URI")
+@click.option("--out", "out_path", type=PathArg, required=True, help="The NAME.pub file to write (SPKI PEM, for `airpack trust add`).")
+@pin_file_option
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def key_pub(out: Output, uri: str, out_path: Path, pin_file: Path | None, force: bool) -> None:
+    """Write the public key of a key a token already holds (PKCS11_URI) as NAME.pub."""
+    from ..pkcs11_keys import read_public
+
+    if out_path.exists() and not force:
+        raise UsageError(f"{out_path} already exists; pass --force to replace it", path=str(out_path))
+    pub, algorithm = read_public(uri, pin_file=pin_file, warn=_warner(out))
+    kid = _write_pub(pub, out_path)
+    out.result({"keyid": kid, "algorithm": algorithm, "pkcs11_uri": uri, "public_key": str(out_path)},
+               [f"wrote {out_path} ({algorithm}) from {uri}", f"key id: {kid}"])
 
 
 # -- trust -----------------------------------------------------------------------------
@@ -88,11 +161,27 @@ def trust_group() -> None:
 
 
 def _policy_json(policy: TrustPolicy) -> dict[str, Any]:
+    """A policy as every trust command prints it: its version, each key's state now, and the revoked keys with why."""
+    from ..trust import format_time
+
+    valid = {k.keyid for k in policy.valid_keys()}
     return {
         "policy": policy.source,
+        "version": policy.version,
         "threshold": policy.threshold,
-        "keys": [{"name": k.name, "keyid": k.keyid, "algorithm": k.algorithm} for k in policy.keys],
+        "valid_keys": len(valid),
+        "keys": [{"name": k.name, "keyid": k.keyid, "algorithm": k.algorithm,
+                  "state": "valid" if k.keyid in valid else "expired",
+                  "expires": format_time(k.expires) if k.expires is not None else None} for k in policy.keys],
+        "revoked": [{"name": r.name, "keyid": r.keyid, "algorithm": r.algorithm, "reason": r.reason,
+                     "revoked_at": format_time(r.revoked_at)} for r in policy.revoked],
     }
+
+
+def _policy_line(policy: Path, p: TrustPolicy) -> str:
+    valid = len(p.valid_keys())
+    extra = (f", {valid} valid" if valid != len(p.keys) else "") + (f", {len(p.revoked)} revoked" if p.revoked else "")
+    return f"policy {policy}: version {p.version}, {len(p.keys)} key(s){extra}, threshold {p.threshold}"
 
 
 @airpack_command(trust_group, "init")
@@ -107,24 +196,27 @@ def trust_init(out: Output, policy: Path, threshold: int, force: bool) -> None:
         raise PolicyError(f"trust policy {policy} already exists; pass --force to replace it", path=str(policy))
     p = new_policy(threshold, source=str(policy))
     save_policy(p, policy)
-    out.result(_policy_json(p), [f"wrote {policy} (threshold {threshold}, no keys yet: add them with `airpack trust add`)"])
+    out.result(_policy_json(p), [f"wrote {policy} (version 1, threshold {threshold}, no keys yet: add them with `airpack trust add`)"])
 
 
 @airpack_command(trust_group, "add")
 @click.argument("policy", type=PathArg)
 @click.argument("pubkey", type=PathArg)
 @click.option("--name", required=True, help="A human name for the key (shown in verify reports).")
-def trust_add(out: Output, policy: Path, pubkey: Path, name: str) -> None:
-    """Trust the public key PUBKEY (SPKI PEM) under NAME."""
+@click.option("--expires", metavar="DATE", help="From this ISO date or date and time (UTC) on, the key's signatures no longer count.")
+def trust_add(out: Output, policy: Path, pubkey: Path, name: str, expires: str | None) -> None:
+    """Trust the public key PUBKEY (SPKI PEM) under NAME, optionally until --expires."""
     from ..signing import read_public_file
-    from ..trust import load_policy, save_policy
+    from ..trust import format_time, load_policy, parse_expiry, save_policy
 
+    until = parse_expiry(expires) if expires is not None else None
     p = load_policy(policy)
     pub, pem = read_public_file(pubkey)
-    p = p.with_key(name, pub, pem)
+    p = p.with_key(name, pub, pem, expires=until)
     save_policy(p, policy)
     k = p.keys[-1]
-    out.result(_policy_json(p), [f"trusted {name}: {k.algorithm} {k.keyid}", f"policy {policy}: {len(p.keys)} key(s), threshold {p.threshold}"])
+    ends = f", until {format_time(until)}" if until is not None else ""
+    out.result(_policy_json(p), [f"trusted {name}: {k.algorithm} {k.keyid}{ends}", _policy_line(policy, p)])
 
 
 @airpack_command(trust_group, "remove")
@@ -137,37 +229,122 @@ def trust_remove(out: Output, policy: Path, key: str) -> None:
     p, gone = load_policy(policy).without_key(key)
     save_policy(p, policy)
     out.result({**_policy_json(p), "removed": {"name": gone.name, "keyid": gone.keyid, "algorithm": gone.algorithm}},
-               [f"no longer trusted: {gone.name} ({gone.keyid})", f"policy {policy}: {len(p.keys)} key(s), threshold {p.threshold}"])
+               [f"no longer trusted: {gone.name} ({gone.keyid})", _policy_line(policy, p)])
+
+
+@airpack_command(trust_group, "revoke")
+@click.argument("policy", type=PathArg)
+@click.argument("key", metavar="KEYID|NAME")
+@click.option("--reason", required=True, help="Why (one line): kept in the policy and named by every refusal of the key.")
+def trust_revoke(out: Output, policy: Path, key: str, reason: str) -> None:
+    """Revoke one key for good: its signatures never count again, and its key id can never be added back."""
+    from ..trust import format_time, load_policy, save_policy
+
+    p, gone = load_policy(policy).revoke(key, reason)
+    save_policy(p, policy)
+    valid = len(p.valid_keys())
+    lines = [f"revoked {gone.name} ({gone.keyid}) at {format_time(gone.revoked_at)}: {gone.reason}", _policy_line(policy, p)]
+    if valid < p.threshold:
+        lines.append(f"note: {valid} valid key(s) for a threshold of {p.threshold}: no bundle verifies until you add keys "
+                     "(`airpack trust add`) or lower the threshold")
+    out.result({**_policy_json(p), "revoked_key": {"name": gone.name, "keyid": gone.keyid, "reason": gone.reason,
+                                                   "revoked_at": format_time(gone.revoked_at)}}, lines)
 
 
 @airpack_command(trust_group, "set-threshold")
 @click.argument("policy", type=PathArg)
 @click.argument("threshold", type=click.IntRange(min=1), metavar="N")
 def trust_set_threshold(out: Output, policy: Path, threshold: int) -> None:
-    """Require N distinct trusted signers; refused if the policy lists fewer than N keys."""
+    """Require N distinct trusted signers; refused if the policy lists fewer than N valid keys."""
     from ..trust import load_policy, save_policy
 
     old = load_policy(policy)
     p = old.with_threshold(threshold)
     save_policy(p, policy)
     out.result({**_policy_json(p), "previous_threshold": old.threshold},
-               [f"policy {policy}: threshold {old.threshold} -> {p.threshold} of {len(p.keys)} key(s)"])
+               [f"policy {policy}: threshold {old.threshold} -> {p.threshold} of {len(p.keys)} key(s) (version {p.version})"])
 
 
 @airpack_command(trust_group, "list")
 @click.argument("policy", type=PathArg)
 def trust_list(out: Output, policy: Path) -> None:
-    """Show the keys of a trust policy and its threshold."""
+    """Show a trust policy: its version, threshold, each key's state and expiry, and the revoked keys with their reason."""
     from ..trust import load_policy
 
     p = load_policy(policy)
+    doc = _policy_json(p)
 
     def text() -> list[str]:
-        lines = [f"{policy}: threshold {p.threshold} of {len(p.keys)} key(s)"]
-        lines += [f"  {k.name:<20} {k.algorithm:<10} {k.keyid}" for k in p.keys]
+        valid = doc["valid_keys"]
+        lines = [f"{policy}: version {p.version}, threshold {p.threshold} of {len(p.keys)} key(s)"
+                 + (f" ({valid} valid)" if valid != len(p.keys) else "")]
+        for k in doc["keys"]:
+            when = "" if k["expires"] is None else (f"  expires {k['expires']}" if k["state"] == "valid" else f"  since {k['expires']}")
+            lines.append(f"  {k['name']:<20} {k['algorithm']:<10} {k['keyid']}  {k['state']}{when}")
+        for r in doc["revoked"]:
+            lines.append(f"  {r['name']:<20} {r['algorithm']:<10} {r['keyid']}  revoked {r['revoked_at']}: {r['reason']}")
         return lines
 
-    out.result(_policy_json(p), text)
+    out.result(doc, text)
+
+
+@airpack_command(trust_group, "sign-update")
+@click.argument("source", type=PathArg, metavar="NEW_POLICY|UPDATE")
+@click.option("--key", "keys", multiple=True, required=True, metavar=KEY_METAVAR,
+              help=f"Sign with this key (repeat for several): {KEY_HELP}.")
+@click.option("--passphrase-file", type=PathArg, help="Passphrase of an encrypted key file (or AIRPACK_PASSPHRASE).")
+@pin_file_option
+@click.option("--out", "out_path", type=PathArg, help="Where to write the update (default: NEW_POLICY's name with .dsse.json; "
+              "the UPDATE itself when adding signatures).")
+def trust_sign_update(out: Output, source: Path, keys: tuple[str, ...], passphrase_file: Path | None, pin_file: Path | None,
+                      out_path: Path | None) -> None:
+    """Sign NEW_POLICY as an update for hosts to apply, or add signatures to UPDATE (each signer when they can)."""
+    from ..policy_update import SignUpdateOptions, sign_update
+
+    signers = tuple(_signer(k, passphrase_file, out, pin_file, strict=len(keys) == 1) for k in keys)
+    r = sign_update(SignUpdateOptions(source=source, signers=signers, out=out_path))
+    doc = r.to_json()
+
+    def text() -> list[str]:
+        added = ", ".join(a["name"] or a["keyid"][:16] for a in doc["added"])
+        lines = [f"wrote {r.out}: signed by {added}" if r.written else f"{r.out}: every key given had signed already; nothing changed"]
+        lines += [f"  already signed: {a['name'] or a['keyid'][:16]}" for a in doc["already_signed"]]
+        lines += [f"  note: key {a['keyid'][:16]}… is not in the new policy: it counts only where it is a valid key of a "
+                  "host's current policy" for a in doc["added"] if a["name"] is None]
+        met = "met" if doc["new_policy_threshold_met"] else "not met yet"
+        names = ", ".join(k["name"] for k in doc["new_policy_signers"]) or "none"
+        lines.append(f"  new policy version {r.policy.version}, sha256 {r.payload_sha256}: {len(r.signatures)} signature(s); "
+                     f"its keys that signed: {names} ({met}: {r.policy.threshold} required)")
+        lines.append("  a host applies it only once the threshold of ITS current policy's keys has signed too")
+        return lines
+
+    out.result(doc, text)
+
+
+@airpack_command(trust_group, "apply")
+@click.argument("policy", type=PathArg)
+@click.argument("update", type=PathArg, metavar="UPDATE.dsse.json")
+@click.option("--registry", type=PathArg, envvar="AIRPACK_REGISTRY",
+              help="Record the attempt (applied or refused) in this registry's audit log (or AIRPACK_REGISTRY).")
+def trust_apply(out: Output, policy: Path, update: Path, registry: Path | None) -> None:
+    """Replace POLICY with a signed update: signed by the threshold of the current and of the new policy's keys, version higher."""
+    from ..policy_update import ApplyOptions, apply_update
+
+    r = apply_update(ApplyOptions(policy=policy, update=update, registry=registry))
+    doc = r.to_json()
+
+    def text() -> list[str]:
+        cur = ", ".join(k["name"] for k in doc["current_signers"])
+        new = ", ".join(k["name"] for k in doc["new_signers"])
+        lines = [f"applied {update}: {policy} version {r.old.version} -> {r.new.version}",
+                 f"  signed by current keys: {cur} (threshold {r.old.threshold}); by new keys: {new} (threshold {r.new.threshold})"]
+        for what in ("added", "removed", "revoked"):
+            if doc[what]:
+                lines.append(f"  {what}: {', '.join(doc[what])}")
+        lines.append(f"  policy sha256 {r.old_sha256} -> {r.new_sha256}" + ("; audit line written" if r.audited else ""))
+        return lines
+
+    out.result(doc, text)
 
 
 # -- pack and sign ---------------------------------------------------------------------
@@ -183,7 +360,8 @@ def _pack_text(r: PackResult) -> list[str]:
             lines.append(f"  model {m['repo_id']}{extra}{asked} (licence: {m.get('license') or 'unknown'}{gated})")
         for w in r.details.get("wheels", []):
             lines.append(f"  wheel {w['name']} {w['version']} ({w['filename']})")
-        lines += [f"  {p.bundle_path}  {format_bytes(p.size)}" for p in r.planned]
+        lines += [f"  {p.bundle_path}  {format_bytes(p.size)}" + (f"  ({p.transport})" if p.transport else "")
+                  for p in r.planned]
         lines += [f"  left out: {s.path} ({s.reason})" for s in r.skipped]
         return lines
     m = r.manifest
@@ -201,6 +379,9 @@ def _pack_text(r: PackResult) -> list[str]:
             + ", ".join(f"{w.name} {w.version}" for w in m.wheels[:8]) + (" ..." if len(m.wheels) > 8 else "")
         )
     lines.append(f"  total: {len(m.files)} file(s), {format_bytes(m.total_bytes)}; manifest sha256 {m.digest}")
+    for h in r.hub:
+        lines.append(f"  fetched {h['repo_id']}: {format_bytes(h['downloaded_bytes'])} in {h['seconds']:.1f} s over "
+                     f"{h['connections']} connection(s), {format_bytes(h['resumed_bytes'])} resumed, {h['retries']} retries")
     lines.append(f"  signed by key {r.keyid}")
     return lines
 
@@ -208,16 +389,19 @@ def _pack_text(r: PackResult) -> list[str]:
 @airpack_command(cli, "pack")
 @click.argument("spec", type=PathArg)
 @click.option("--out", "out_dir", type=PathArg, required=True, help="The bundle folder to write.")
-@click.option("--key", type=PathArg, help="Private key to sign with (not needed for --dry-run).")
+@click.option("--key", metavar=KEY_METAVAR, help=f"Key to sign with: {KEY_HELP} (not needed for --dry-run).")
+@pin_file_option
 @click.option("--passphrase-file", type=PathArg, help="Passphrase of an encrypted key (or AIRPACK_PASSPHRASE).")
 @click.option("--format", "fmt", type=click.Choice(["dir", "tar"]), default="dir", show_default=True)
 @click.option("--endpoint", envvar="HF_ENDPOINT", help="Hub endpoint (default: HF_ENDPOINT or the public Hub).")
 @click.option("--token-file", type=PathArg, help="File holding a Hub token (default: the HF_TOKEN variable).")
 @click.option("--dry-run", is_flag=True, help="Resolve everything, print what would be fetched, write nothing.")
 @click.option("--allow-expired", is_flag=True, help="Write a bundle whose expiry is already past.")
+@click.option("--connections", type=click.IntRange(1, 256), envvar="AIRPACK_CONNECTIONS", default=16, show_default=True,
+              help="HTTP connections to the Hub's CDN at once, shared by all files (or AIRPACK_CONNECTIONS).")
 def pack_cmd(
-    out: Output, spec: Path, out_dir: Path, key: Path | None, passphrase_file: Path | None, fmt: str,
-    endpoint: str | None, token_file: Path | None, dry_run: bool, allow_expired: bool,
+    out: Output, spec: Path, out_dir: Path, key: str | None, passphrase_file: Path | None, pin_file: Path | None, fmt: str,
+    endpoint: str | None, token_file: Path | None, dry_run: bool, allow_expired: bool, connections: int,
 ) -> None:
     """Pack the models (and wheels) a SPEC names into a signed bundle."""
     from ..ops.pack import PackOptions, pack
@@ -226,7 +410,7 @@ def pack_cmd(
     s = load_spec(spec)
     if not dry_run and key is None:
         raise UsageError("pack needs --key KEY to sign the bundle (or --dry-run)")
-    signer = _signer(key, passphrase_file, out) if key is not None and not dry_run else None
+    signer = _signer(key, passphrase_file, out, pin_file) if key is not None and not dry_run else None
     token = None
     if token_file is not None:
         try:
@@ -238,7 +422,7 @@ def pack_cmd(
 
     def run(dest: Path) -> PackResult:
         return pack(PackOptions(spec=s, out=dest, signer=signer, dry_run=dry_run, allow_expired=allow_expired,
-                                endpoint=endpoint, token=token, progress=out.progress))
+                                endpoint=endpoint, token=token, connections=connections, progress=out.progress))
 
     if fmt == "tar" and not dry_run:  # --out names the tar: pack beside it, export, remove the folder
         from ..ops.export import pack_as_tar
@@ -267,17 +451,19 @@ def _sign_text(r: SignResult, policy: Path | None) -> list[str]:
 
 @airpack_command(cli, "sign")
 @click.argument("bundle", type=PathArg)
-@click.option("--key", type=PathArg, required=True, help="Private key of the co-signer.")
+@click.option("--key", metavar=KEY_METAVAR, required=True, help=f"Key of the co-signer: {KEY_HELP}.")
+@pin_file_option
 @click.option("--passphrase-file", type=PathArg, help="Passphrase of an encrypted key (or AIRPACK_PASSPHRASE).")
 @click.option("--trust", "policy", type=PathArg, envvar="AIRPACK_TRUST",
               help="Check first that every signature already there is by a key of this policy (or AIRPACK_TRUST).")
-def sign_cmd(out: Output, bundle: Path, key: Path, passphrase_file: Path | None, policy: Path | None) -> None:
+def sign_cmd(out: Output, bundle: Path, key: str, passphrase_file: Path | None, pin_file: Path | None,
+             policy: Path | None) -> None:
     """Add a signature to BUNDLE (co-signing) after checking every file against its manifest."""
     from ..ops.pack import add_signature
     from ..trust import load_policy
 
     p = load_policy(policy) if policy is not None else None
-    signer = _signer(key, passphrase_file, out)
+    signer = _signer(key, passphrase_file, out, pin_file)
     r = add_signature(bundle, signer, policy=p, progress=out.progress)
     if p is None and not out.quiet:
         click.echo("note: the signatures already on the bundle were NOT checked (no --trust POLICY or AIRPACK_TRUST); "

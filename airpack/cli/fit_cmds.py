@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..errors import UsageError
 from ..units import format_bytes
 from ..vram import KV_DTYPES, RUNTIMES
 from . import cli
@@ -14,6 +15,7 @@ from ._common import Output, airpack_command
 
 if TYPE_CHECKING:
     from ..ops.fit import FitReport
+    from ..ops.plan import Plan
 
 VERDICT_TEXT = {"fits": "fits", "tight": "tight (within 5% of the limit)", "does_not_fit": "DOES NOT FIT"}
 
@@ -66,9 +68,88 @@ def report_lines(rep: FitReport, *, utilization: str) -> list[str]:
     if est.runtime == "vllm":
         lines.append(_row("KV pool", format_bytes(r.kv_pool_bytes),
                           f"{r.kv_token_capacity:,} tokens; {r.max_concurrency} sequence(s) of {est.context} at once"))
+    if rep.trace is not None:
+        t = rep.trace
+        res = t.result
+        backends = ", ".join(f"{k} {v}" for k, v in sorted(res.backends.items())) or "none"
+        lines += [
+            "",
+            _line("trace", f"transformers {res.transformers_version} generate(), torch {res.torch_version}, "
+                           f"attention {res.attn_implementation or '?'} (SDPA calls: {backends})"),
+            _row("peak allocated", format_bytes(res.peak_allocated), f"weights {format_bytes(res.weights_allocated)}"),
+            _row("peak reserved", format_bytes(res.peak_reserved), "what the caching allocator holds"),
+            _row("footprint", format_bytes(t.per_gpu_bytes), f"with CUDA context and libraries; estimate {format_bytes(t.estimate_bytes)}"),
+            _line("traced verdict", VERDICT_TEXT.get(t.verdict, t.verdict)),
+        ]
+        for why in res.fallback_reasons:
+            lines.append(f"  note: attention left the flash kernel: {why}")
     for n in r.notes:
         lines.append(f"  note: {n}")
     return lines
+
+
+def _money(v: float | None, currency: str) -> str:
+    return "-" if v is None else f"{v:,.2f}{' ' + currency if currency else ''}"
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """The plan as a table: one row per GPU type, the smallest count that fits and what it holds."""
+    priced = any(o.cost_per_hour is not None or o.cost_cards is not None for o in plan.options)
+    lines = [
+        f"model     {plan.model}  ({plan.location})",
+        f"          {plan.shape.describe()}",
+        f"run       {plan.runtime}, context {plan.context:,} tokens x batch {plan.batch}; weights "
+        f"{format_bytes(plan.weights.total_bytes)}",
+        "",
+        f"  {'GPU':<14}{'count':>5}  {'per GPU':>10}  {'left':>10}  {'longest ctx':>11}  {'sequences':>9}  {'decode <=':>12}"
+        + (f"  {'per hour':>14}  {'cards':>14}" if priced else ""),
+    ]
+    for o in plan.options:
+        r = o.result
+        if not o.count:
+            lines.append(f"  {o.gpu.key:<14}{'-':>5}  does not fit on 8 or fewer"
+                         + (f" (needs {format_bytes(r.per_gpu_bytes)} per GPU on 8)" if r is not None else ""))
+            continue
+        assert r is not None
+        rate = f"{o.decode_upper_bound:,.0f} tok/s" if o.decode_upper_bound else "?"
+        row = (f"  {o.gpu.key:<14}{o.count:>5}  {format_bytes(r.per_gpu_bytes):>10}  {format_bytes(r.headroom_bytes):>10}  "
+               f"{r.max_context:>11,}  {o.max_concurrency:>9,}  {rate:>12}")
+        if priced:
+            row += f"  {_money(o.cost_per_hour, plan.currency):>14}  {_money(o.cost_cards, plan.currency):>14}"
+        lines.append(row)
+    lines += [
+        "",
+        "  sequences: how many sequences of the context fit at once; decode <=: tokens per second one sequence can reach",
+        "  at most, from memory bandwidth (weights read per step + its KV cache / the datasheet bandwidth) -- an upper",
+        "  bound, never a promise; real kernels reach a fraction of it.",
+    ]
+    return lines
+
+
+def _plan(out: Output, model: str, gpus: str | None, prices: Path | None, context: int | None, batch: int,
+          new_tokens: int, runtime: str, kv_dtype: str, util: str, registry: Path | None) -> None:
+    from ..errors import FitError
+    from ..ops.plan import DEFAULT_GPUS, PlanOptions, load_prices, parse_gpu_list, plan_model
+
+    keys = parse_gpu_list(gpus) if gpus is not None else DEFAULT_GPUS
+    price_table = load_prices(prices) if prices is not None else None
+    plans = plan_model(PlanOptions(model=model, gpus=keys, context=context, batch=batch, new_tokens=new_tokens,
+                                   runtime=runtime, kv_dtype=kv_dtype, gpu_memory_utilization=util, registry=registry,
+                                   prices=price_table))
+    doc: dict[str, Any] = plans[0].to_json() if len(plans) == 1 else {"models": [p.to_json() for p in plans]}
+
+    def text() -> list[str]:
+        lines: list[str] = []
+        for i, p in enumerate(plans):
+            lines += ([""] if i else []) + plan_lines(p)
+        return lines
+
+    failing = [p for p in plans if not p.any_fits]
+    if failing:
+        out.result_then_fail(doc, text, FitError(
+            f"{failing[0].model} fits none of {', '.join(keys)} with 8 or fewer GPUs at context {failing[0].context} x batch {batch}",
+            hint="Try a shorter --context, --batch 1, a quantized model, or larger GPUs in --gpus."))
+    out.result(doc, text)
 
 
 @airpack_command(cli, "fit")
@@ -85,17 +166,34 @@ def report_lines(rep: FitReport, *, utilization: str) -> list[str]:
               help="Registry to find an installed MODEL in (or AIRPACK_REGISTRY).")
 @click.option("--trust", "policy", type=click.Path(path_type=Path), envvar="AIRPACK_TRUST",
               help="Trust policy to verify a bundle tar or parts folder with as it streams (or AIRPACK_TRUST).")
+@click.option("--trace", is_flag=True,
+              help="Also trace transformers' generate() on CPU (needs torch and transformers: pip install 'airpack[trace]'); "
+                   "implies --runtime transformers.")
+@click.option("--plan", is_flag=True, help="A sizing plan: for each GPU type, the fewest GPUs (1, 2, 4, 8) that fit and what they hold.")
+@click.option("--gpus", help="GPU types for --plan, comma-separated (default: H100-80GB,H200,B200,A100-80GB,A100-40GB,L40S,RTX-4090,L4).")
+@click.option("--prices", type=click.Path(path_type=Path), help="TOML price file for --plan (your own figures per GPU-hour or per card).")
 def fit_cmd(out: Output, model: str, gpu: str | None, context: int | None, batch: int, new_tokens: int, runtime: str,
-            kv_dtype: str, utilization: str, registry: Path | None, policy: Path | None) -> None:
+            kv_dtype: str, utilization: str, registry: Path | None, policy: Path | None, trace: bool, plan: bool,
+            gpus: str | None, prices: Path | None) -> None:
     """Estimate whether MODEL (a model folder, a bundle folder, tar or parts folder, or an installed repo id) fits. Exit 5 if not."""
     from ..ops.fit import FitOptions, fit_error, fit_model, report_json
     from ..trust import load_policy
     from ..vram import parse_utilization
 
     util = str(parse_utilization(utilization))
+    if plan or gpus is not None or prices is not None:
+        if not plan:
+            raise UsageError("--gpus and --prices go with --plan", hint="Add --plan, or use --gpu NAME:COUNT for one fit.")
+        if gpu is not None or trace or policy is not None:
+            raise UsageError("--plan sizes catalog GPUs: it takes --gpus, not --gpu, --trace or --trust",
+                             hint="airpack fit MODEL --plan --gpus H100,L40S [--context N] [--batch N] [--prices FILE]")
+        _plan(out, model, gpus, prices, context, batch, new_tokens, runtime, kv_dtype, util, registry)
+        return
+    if trace and click.get_current_context().get_parameter_source("runtime") == click.core.ParameterSource.DEFAULT:
+        runtime = "transformers"  # the trace runs transformers' generate(); vLLM cannot be traced
     reports = fit_model(FitOptions(model=model, gpu=gpu, context=context, batch=batch, new_tokens=new_tokens, runtime=runtime,
                                    kv_dtype=kv_dtype, gpu_memory_utilization=util, registry=registry,
-                                   policy=load_policy(policy) if policy is not None else None))
+                                   policy=load_policy(policy) if policy is not None else None, trace=trace))
     failing = [r for r in reports if r.result.verdict == "does_not_fit"]
     doc: dict[str, Any] = report_json(reports)
 

@@ -78,12 +78,13 @@ def _install_text(r: InstallResult) -> list[str]:
 @click.option("--context", type=click.IntRange(min=1), help="Context length to check the fit at.")
 @click.option("--runtime", help="Serving runtime to check the fit for (transformers, vllm).")
 @click.option("--ignore-fit", is_flag=True, help="Install even if the model does not fit the GPUs.")
+@click.option("--fit-trace", is_flag=True, help="Check the fit by tracing transformers' generate() (needs torch: airpack[trace]).")
 @click.option("--allow-downgrade", is_flag=True, help="Install an older (or same-sequence, other) bundle of the channel; logged.")
 @click.option("--allow-pickle", is_flag=True, help="Install pickled weights that the bundle's signed policy allows.")
 @click.option("--allow-code", is_flag=True, help="Install code (*.py, scripts, binaries) that the bundle's signed policy allows.")
 @access_options  # BUNDLE may be oci://HOST/REPO:TAG: these flags say how to reach that registry
 def install_cmd(out: Output, bundle: str, registry: Path, policy: Path, gpu: str | None, context: int | None,
-                runtime: str | None, ignore_fit: bool, allow_downgrade: bool, allow_pickle: bool, allow_code: bool,
+                runtime: str | None, ignore_fit: bool, fit_trace: bool, allow_downgrade: bool, allow_pickle: bool, allow_code: bool,
                 plain_http: bool, username: str | None, password_file: Path | None, ca_file: Path | None) -> None:
     """Verify BUNDLE (a folder, a tar, a parts folder or oci://...) and install it into the registry, all or nothing."""
     from ..ops.install import InstallOptions, install
@@ -92,7 +93,8 @@ def install_cmd(out: Output, bundle: str, registry: Path, policy: Path, gpu: str
     p = load_policy(policy)
     p.check_usable()
     opts = InstallOptions(bundle=Path(bundle), registry=registry, policy=p, gpu=gpu, context=context, runtime=runtime,
-                          ignore_fit=ignore_fit, allow_downgrade=allow_downgrade, allow_pickle=allow_pickle, allow_code=allow_code,
+                          ignore_fit=ignore_fit, fit_trace=fit_trace, allow_downgrade=allow_downgrade, allow_pickle=allow_pickle,
+                          allow_code=allow_code,
                           progress=out.progress)
     if is_oci_ref(bundle):
         from ..ops.oci import OciInstallOptions, install_from_oci

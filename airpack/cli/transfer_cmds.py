@@ -12,7 +12,7 @@ from .._fs import atomic_write
 from ..errors import UsageError
 from ..units import format_bytes, parse_size
 from . import cli
-from ._common import Output, airpack_command
+from ._common import KEY_HELP, KEY_METAVAR, Output, airpack_command, pin_file_option
 
 if TYPE_CHECKING:
     from ..ops.audit import DiffRegistryResult, DiffResult
@@ -57,14 +57,15 @@ def _export_text(r: ExportResult) -> list[str]:
               help="Extra parity parts: any N lost or damaged parts can be rebuilt (needs --split).")
 @click.option("--trust", "policy", type=PathArg, envvar="AIRPACK_TRUST", required=True,
               help="Trust policy the bundle must satisfy before it is exported (or AIRPACK_TRUST).")
-@click.option("--key", type=PathArg, help="Key that signs the parts index (required with --split).")
+@click.option("--key", metavar=KEY_METAVAR, help=f"Key that signs the parts index (required with --split): {KEY_HELP}.")
 @click.option("--passphrase-file", type=PathArg, help="Passphrase of an encrypted key (or AIRPACK_PASSPHRASE).")
-def export_cmd(out: Output, bundle: Path, tar: Path, split: str | None, parity: int, policy: Path, key: Path | None,
-               passphrase_file: Path | None) -> None:
+@pin_file_option
+def export_cmd(out: Output, bundle: Path, tar: Path, split: str | None, parity: int, policy: Path, key: str | None,
+               passphrase_file: Path | None, pin_file: Path | None) -> None:
     """Write a verified BUNDLE folder as one deterministic tar, or as parts for media with a signed index."""
     from ..ops.export import ExportOptions, export
     from ..parts import MIN_PART_BYTES
-    from ..signing import load_signer, passphrase_from
+    from ..signing import open_signer
 
     size = parse_size(split) if split is not None else None
     if size is not None and size < MIN_PART_BYTES:
@@ -73,7 +74,8 @@ def export_cmd(out: Output, bundle: Path, tar: Path, split: str | None, parity: 
         raise UsageError("--parity needs --split SIZE")
     if size is not None and key is None:
         raise UsageError("--split needs --key KEY: the parts index is signed so a damaged or foreign part is named")
-    signer = load_signer(key, passphrase=passphrase_from(passphrase_file)) if key is not None else None
+    signer = (open_signer(key, passphrase_file=passphrase_file, pin_file=pin_file, warn=out.warn)
+              if key is not None else None)
     r = export(ExportOptions(bundle=bundle, tar=tar, policy=_policy(policy), split=size, parity=parity, signer=signer,
                              progress=out.progress))
     out.result(r.to_json(), lambda: _export_text(r))

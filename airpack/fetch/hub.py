@@ -5,34 +5,45 @@ names that commit, so a branch that moves mid-pack changes nothing. The
 client checks sizes only; airpack hashes every byte itself: SHA-256 against
 the LFS oid for LFS files, the git blob SHA-1 for the others.
 
-Downloads land in a partial file named after the content id the Hub lists,
-so an interrupted pack resumes with an HTTP range request on the next run
-and never mixes bytes of two different files. The token is sent to the Hub
-only (never to a CDN of another origin) and is scrubbed from every message.
+Only public names of huggingface_hub are used (``HfApi``,
+``get_hf_file_metadata``, ``hf_hub_url``, ``hf_hub_download``, ``errors``,
+``constants``; all present since 2.0, which setup.cfg declares). The bytes
+themselves move through ``segments.py`` (ranged, parallel, resumable, every
+byte hashed once in order); this module gives it each file's location from a
+fresh HEAD (``head``, ``location``, ``locator``), decides the transport
+(``choose_transport``: Xet through huggingface_hub when hf_xet is there and
+the Hub says the file is Xet-backed, ranged HTTP otherwise), and words the
+errors. Downloads land in a partial file named after the content id the Hub
+lists, so a resumed pack never mixes bytes of two different files. The token
+is sent to the Hub only (never to a CDN of another origin) and is scrubbed
+from every message.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 import httpx2
-from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub import __version__ as hf_version
+from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
-from huggingface_hub.file_download import http_get
 
 from .. import __version__
 from .._fs import check_relpath, oserror_to_airpack
 from .._urls import redact_url
 from ..errors import (
+    AirpackError,
     FetchError,
     GatedRepoError,
     IntegrityError,
@@ -41,6 +52,7 @@ from ..errors import (
     UsageError,
 )
 from ..hashing import CHUNK, FileDigest
+from .segments import Location
 
 MAX_FILES = 100_000
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -113,67 +125,6 @@ class _Scrubber:
         # A signed CDN URL's query grants access to the file for a while: keep it out of messages too.
         text = re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", r"\1?...", text)
         return redact_url(text)
-
-
-class _Quiet:
-    """A stand-in for tqdm: airpack reports progress itself, through the file it hands the client."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __enter__(self) -> _Quiet:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def update(self, n: float | None = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _HashingSink:
-    """The file the client writes into: hashes and reports bytes as they land.
-
-    The client may rewind and truncate (a server that ignores a range request);
-    the running digest is then dropped and the file is hashed again from disk.
-    """
-
-    def __init__(self, f: IO[bytes], hashers: list[Any], on_bytes: Callable[[int], None]) -> None:
-        self._f = f
-        self._hashers = hashers
-        self._on_bytes = on_bytes
-        self.valid = True
-        self.reported = 0
-
-    def write(self, b: bytes) -> int:
-        n = self._f.write(b)
-        if self.valid:
-            for h in self._hashers:
-                h.update(b)
-        self._on_bytes(len(b))
-        self.reported += len(b)
-        return n
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.valid = False
-        return self._f.seek(offset, whence)
-
-    def truncate(self, size: int | None = None) -> int:
-        self.valid = False
-        self._f.flush()
-        end = os.fstat(self._f.fileno()).st_size
-        new = self._f.truncate(size)
-        self._on_bytes(-(end - new))  # the bars go back with the bytes dropped
-        return new
-
-    def flush(self) -> None:
-        self._f.flush()
 
 
 def _hash_path(path: Path, f: HubFile, *, on_bytes: Callable[[int], None] | None = None) -> tuple[FileDigest, str | None]:
@@ -353,26 +304,12 @@ class HubClient:
 
     # -- download ----------------------------------------------------------------------
 
-    def download(
-        self,
-        snap: HubSnapshot,
-        f: HubFile,
-        dest: Path,
-        *,
-        partial: Path,
-        on_bytes: Callable[[int], None],
-    ) -> FileDigest:
-        """Fetch one file at the snapshot's commit into ``dest``, resuming ``partial`` if it is there.
-
-        Raises IntegrityError when the bytes do not hash to what the Hub lists
-        (the partial file is dropped), FetchError when the transfer fails (the
-        partial file is kept for the next run).
-        """
+    def head(self, snap: HubSnapshot, f: HubFile) -> HeadInfo:
+        """A fresh HEAD against the Hub for one file: where its bytes are now (a signed CDN URL), its size, Xet."""
         url = hf_hub_url(snap.repo_id, f.path, revision=snap.commit, endpoint=self.endpoint)
-        headers = self._headers()
         with self._errors("cannot fetch", snap.repo_id, snap.commit, f.path):
             meta = get_hf_file_metadata(
-                url, token=self._auth, headers=dict(headers), endpoint=self.endpoint,
+                url, token=self._auth, headers={"user-agent": self._headers()["user-agent"]}, endpoint=self.endpoint,
                 timeout=self._etag_timeout, retry_on_errors=True,
             )
         if meta.commit_hash is None:
@@ -390,111 +327,141 @@ class HubClient:
                 f"{snap.repo_id}/{f.path}: the Hub lists {f.size} bytes but serves {meta.size}", path=f.path
             )
         location = meta.location or url
-        if _origin(location) != _origin(url):
-            headers.pop("authorization", None)  # a CDN of another origin never sees the token
-        for attempt in (1, 2):
-            digest, sha1, resumed = self._fetch_into(location, headers, f, partial, on_bytes, snap)
-            if matches_hub(f, digest, sha1):
-                break
-            _unlink(partial)
-            if not resumed or attempt == 2:
-                got = digest.sha256 if f.lfs else sha1
-                kind = "sha256" if f.lfs else "git sha1"
+        return HeadInfo(url=url, location=location, size=meta.size, xet=meta.xet_file_data is not None,
+                        redirected=location != url)
+
+    def location(self, head: HeadInfo) -> Location:
+        """The GET for a HEAD's location: the token goes only to the Hub's own origin, never to a CDN."""
+        headers = self._headers()
+        same = _origin(head.location) == _origin(self.endpoint)
+        if not same:
+            headers.pop("authorization", None)
+        return Location(url=head.location, headers=headers, hub_origin=same)
+
+    def locator(self, snap: HubSnapshot, f: HubFile) -> Callable[[], Location]:
+        return lambda: self.location(self.head(snap, f))
+
+    def fail(self, snap: HubSnapshot, f: HubFile, cause: str, kept: int) -> FetchError:
+        """The one-line error that stops the pack for one file: repo, file, cause, and what the next run resumes."""
+        keep = (f"{kept} of {f.size} bytes are kept for the next run, which resumes from them" if kept
+                else "run pack again to retry it")
+        return FetchError(self._scrub(f"cannot fetch {snap.repo_id}/{f.path} @ {snap.commit[:12]}: {cause}; {keep}"),
+                          path=f.path)
+
+    def fetch_xet(self, snap: HubSnapshot, f: HubFile, dest: Path, work: Path,
+                  on_bytes: Callable[[int], None]) -> FileDigest:
+        """Fetch a Xet-backed file through huggingface_hub's own Xet path into ``work``, then hash it from disk.
+
+        hf_xet writes the file; airpack trusts none of it until the bytes on
+        disk hash to the Hub's SHA-256 (exit 3 otherwise, nothing kept).
+        """
+        folder = work / f"xet-{f.content_id}"
+        try:
+            got = self._xet_download(snap, f, folder)
+            try:
+                digest, sha1 = _hash_path(got, f, on_bytes=on_bytes)
+            except OSError as e:
+                raise oserror_to_airpack(e, "cannot read", str(got)) from None
+            if not matches_hub(f, digest, sha1):
                 raise IntegrityError(
-                    f"{snap.repo_id}/{f.path} @ {snap.commit[:12]}: downloaded bytes do not match the Hub's {kind} "
-                    f"(expected {f.content_id}, got {got}, {digest.size} of {f.size} bytes)",
+                    f"{snap.repo_id}/{f.path} @ {snap.commit[:12]}: the bytes hf_xet wrote do not match the Hub's sha256 "
+                    f"(expected {f.content_id}, got {digest.sha256 if f.lfs else sha1}, {digest.size} of {f.size} bytes); "
+                    "nothing was kept",
                     path=f.path,
-                    hint="The Hub or something between it and you served other bytes; nothing was kept. "
-                    "Try again later or from another network.",
                 )
-            # A partial file left by an earlier run did not add up: start this file over, once.
-            on_bytes(-digest.size)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(partial, 0o644)
-            os.replace(partial, dest)
-        except OSError as e:
-            raise oserror_to_airpack(e, "cannot write", str(dest)) from None
-        return digest
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(got, 0o644)
+                os.replace(got, dest)
+            except OSError as e:
+                raise oserror_to_airpack(e, "cannot write", str(dest)) from None
+            return digest
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
-    def _fetch_into(
-        self,
-        url: str,
-        headers: dict[str, str],
-        f: HubFile,
-        partial: Path,
-        on_bytes: Callable[[int], None],
-        snap: HubSnapshot,
-    ) -> tuple[FileDigest, str | None, bool]:
-        """Download (or finish downloading) ``partial``; return its digest and whether it resumed."""
-        sha = hashlib.sha256()
-        sha1 = None if f.lfs else hashlib.sha1(git_blob_sha1_header(f.size), usedforsecurity=False)
-        hashers: list[Any] = [sha] if sha1 is None else [sha, sha1]
+    def _xet_download(self, snap: HubSnapshot, f: HubFile, folder: Path) -> Path:
+        """huggingface_hub's own download (hf_xet for a Xet-backed file) into ``folder``; any failure is exit 7."""
         try:
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            have = partial.stat().st_size if partial.exists() else 0
-            if have > f.size:
-                _unlink(partial)
-                have = 0
-            if have:
-                with open(partial, "rb", buffering=0) as fh:
-                    while chunk := fh.read(CHUNK):
-                        for h in hashers:
-                            h.update(chunk)
-                on_bytes(have)
-            with open(partial, "ab") as out:
-                sink = _HashingSink(out, hashers, on_bytes)
-                try:
-                    http_get(
-                        url, cast(Any, sink), resume_size=have, headers=dict(headers), expected_size=f.size,
-                        displayed_filename=f.path, tqdm_class=cast(Any, _Quiet),
-                    )
-                except OSError as e:
-                    if isinstance(e, hf_errors.HfHubHTTPError) or e.errno is not None:
-                        raise
-                    # The client's own size check ("Consistency check failed"): judged below by size.
-                except ValueError as e:  # e.g. a file larger than the client downloads over plain HTTP
-                    raise FetchError(self._scrub(f"cannot fetch {snap.repo_id}/{f.path}: {e}"), path=f.path) from None
-                out.flush()
-                os.fsync(out.fileno())
-                size = out.tell()
-        except (hf_errors.HfHubHTTPError, httpx2.HTTPError) as e:
-            mapped = self._translate(e, "cannot fetch", snap.repo_id, snap.commit, f.path)
-            assert mapped is not None
-            if isinstance(mapped, FetchError) and not isinstance(mapped, (GatedRepoError, RevisionNotFoundError)):
-                kept = _size_of(partial)
-                mapped = FetchError(f"{mapped.message}; {kept} of {f.size} bytes kept for the next run", path=f.path)
-            raise mapped from None
+            with self._errors("cannot fetch", snap.repo_id, snap.commit, f.path):
+                return Path(hf_hub_download(
+                    snap.repo_id, f.path, revision=snap.commit, local_dir=folder, token=self._auth,
+                    endpoint=self.endpoint, etag_timeout=self._etag_timeout, tqdm_class=cast(Any, _Quiet),
+                    headers={"user-agent": self._headers()["user-agent"]},
+                ))
+        except AirpackError:
+            raise
         except OSError as e:
-            raise oserror_to_airpack(e, "cannot write", str(partial)) from None
-        if size < f.size:
-            raise FetchError(
-                f"cannot fetch {snap.repo_id}/{f.path}: transfer ended after {size} of {f.size} bytes "
-                "(kept for the next run)",
-                path=f.path,
-            )
-        if sink.valid and size == f.size:
-            return FileDigest(size=size, sha256=sha.hexdigest()), (sha1.hexdigest() if sha1 is not None else None), have > 0
-        try:
-            digest, git1 = _hash_path(partial, f)
-        except OSError as e:
-            raise oserror_to_airpack(e, "cannot read", str(partial)) from None
-        return digest, git1, have > 0
+            if e.errno is not None:
+                raise oserror_to_airpack(e, "cannot write", str(folder)) from None
+            raise FetchError(self._scrub(f"cannot fetch {snap.repo_id}/{f.path} through Xet: {e}"), path=f.path) from None
+        except Exception as e:  # noqa: BLE001 -- hf_xet's own errors (a Rust panic surfaces as any class): named, exit 7
+            raise FetchError(self._scrub(f"cannot fetch {snap.repo_id}/{f.path} through Xet: {type(e).__name__}: {e}"),
+                             path=f.path) from None
 
+
+def xet_available() -> bool:
+    """Whether huggingface_hub can fetch Xet-backed files here (hf_xet installed, HF_HUB_DISABLE_XET unset)."""
+    return importlib.util.find_spec("hf_xet") is not None and not hf_constants.HF_HUB_DISABLE_XET
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """What a HEAD against the Hub says about one file."""
+
+    url: str  # the resolve URL asked
+    location: str  # where the bytes are (the CDN's signed URL for LFS files)
+    size: int | None
+    xet: bool
+    redirected: bool
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """No transport can fetch the file: refused at planning (and in --dry-run), with the reason."""
+
+    reason: str
+
+
+Transport = Literal["http", "xet"]
+
+
+def choose_transport(f: HubFile, head: HeadInfo, xet_ok: bool) -> Transport | Refusal:
+    """How to fetch one file; pure, so the rule is tested on its own.
+
+    Xet-backed (the HEAD carries Xet data) and hf_xet usable: huggingface_hub's
+    Xet path. Otherwise ranged HTTP (no size limit). A file the Hub announces
+    no size for, that is not fetchable through Xet, is refused: its bytes could
+    not be split into ranges nor checked against the size while they arrive.
+    """
+    if head.xet and xet_ok:
+        return "xet"
+    if head.size is None and f.size > 0:
+        if head.xet:
+            return Refusal("it is stored in Xet only (the Hub announces no HTTP size) and hf_xet is not installed "
+                           "(pip install hf_xet) or HF_HUB_DISABLE_XET is set")
+        return Refusal("the Hub announces no size for it, so its transfer cannot be checked or split")
+    return "http"
+
+
+class _Quiet:
+    """A stand-in for tqdm handed to huggingface_hub: airpack reports progress itself."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> _Quiet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, n: float | None = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 def _origin(url: str) -> tuple[str, str, int | None]:
     p = urlsplit(url)
     port = p.port or {"http": 80, "https": 443}.get(p.scheme)
     return (p.scheme, (p.hostname or "").lower(), port)
-
-
-def _size_of(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()

@@ -19,7 +19,14 @@ from typing import Any
 from .. import content
 from .._fs import oserror_to_airpack
 from .._json import StrictJSONError, loads_strict
-from ..errors import AirpackError, IntegrityError, MalformedSafetensorsError, MalformedWeightsError, UnsafePathError
+from ..errors import (
+    AirpackError,
+    IntegrityError,
+    MalformedSafetensorsError,
+    MalformedWeightsError,
+    UnsafePathError,
+    UsageError,
+)
 from ..formats import SNIFF_BYTES, Risk
 from ..hashing import copy_and_hash
 from ..manifest import FileEntry
@@ -49,8 +56,25 @@ class PackOptions:
     endpoint: str | None = None
     token: str | None = None
     now: dt.datetime | None = None
-    workers: int | None = None
+    workers: int | None = None  # local copying and hashing threads (None: by CPU count)
+    # The Hub: one budget of HTTP connections shared by every file of a model, whatever the CPUs
+    # (``pack --connections``, ``AIRPACK_CONNECTIONS``); ranges of at most ``segment_size`` bytes;
+    # ``retries`` per range with exponential backoff from ``retry_base`` seconds, a server's
+    # Retry-After/RateLimit wait capped at ``max_retry_wait``; ``timeout`` per connect/read.
+    connections: int = 16
+    segment_size: int = 64 * 1024 * 1024
+    retries: int = 5
+    retry_base: float = 1.0
+    max_retry_wait: float = 60.0
+    timeout: float = 30.0
+    xet: bool = True  # Xet-backed files through huggingface_hub's Xet path when hf_xet is installed
     progress: Progress = NULL_PROGRESS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.connections <= 256:
+            raise UsageError(f"connections must be between 1 and 256, not {self.connections}")
+        if self.segment_size < 64 * 1024 or self.retries < 0 or self.retry_base < 0 or self.timeout <= 0:
+            raise UsageError("segment_size must be at least 64 KiB, retries and retry_base non-negative, timeout positive")
 
 
 @dataclass(frozen=True)
@@ -60,6 +84,7 @@ class PlannedFile:
     bundle_path: str
     size: int
     source: str
+    transport: str | None = None  # for a Hub file: "http" (ranged) or "xet"
 
 
 @dataclass(frozen=True)
@@ -87,6 +112,7 @@ class ModelPlan:
     fetch: Callable[[], list[FileEntry]]
     skipped: list[Skipped] = field(default_factory=list)
     hints: dict[type[AirpackError], str] = field(default_factory=dict)
+    hub_stats: dict[str, Any] | None = None  # filled by a Hub model's fetch: files, bytes, seconds, resumed, retries
 
 
 @contextmanager

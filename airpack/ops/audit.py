@@ -222,7 +222,11 @@ class SbomResult:
 
 def sbom(opts: SbomOptions) -> SbomResult:
     """The bundle's CycloneDX 1.6 SBOM, made from its manifest (identical to the signed ``sbom.cdx.json`` it carries)."""
-    side = load_side(opts.bundle, opts.policy, now=opts.now, progress=opts.progress)
+    return sbom_for(load_side(opts.bundle, opts.policy, now=opts.now, progress=opts.progress))
+
+
+def sbom_for(side: Side) -> SbomResult:
+    """The SBOM of a bundle already loaded (the report builds it from the side it verified once)."""
     m = side.manifest
     data = build_sbom(
         name=m.name, channel=m.channel, sequence=m.sequence, created=m.created,
@@ -301,10 +305,13 @@ class DiffRegistryResult:
 
 def diff_registry(opts: DiffRegistryOptions) -> DiffRegistryResult:
     """What installing ``opts.bundle`` into ``opts.registry`` would change; reads the registry, never writes it."""
+    return diff_registry_side(load_side(opts.bundle, opts.policy, now=opts.now, progress=opts.progress), opts.registry)
 
-    side = load_side(opts.bundle, opts.policy, now=opts.now, progress=opts.progress)
+
+def diff_registry_side(side: Side, registry: Path) -> DiffRegistryResult:
+    """``diff_registry`` for a bundle already loaded (the report verifies it once for every section)."""
     m = side.manifest
-    reg = Registry.open(opts.registry)
+    reg = Registry.open(registry)
     flags: list[str] = []
     if not side.verified:
         flags.append("unverified: the manifest is read as the bundle claims it; pass --trust to verify")

@@ -349,7 +349,7 @@ def pack_as_tar(pack_fn: Callable[[Path], R], tar: Path, signer: Signer, *, spli
                 work.rmdir()  # only when empty: the pack took back everything it wrote
         raise
     try:
-        pub = signer.private_key.public_key()
+        pub = signer.public_key
         own = new_policy(1, source="<the packing key>").with_key("packer", pub, public_pem(pub))
         with packer_hints(PACKED_CHANGED_HINTS):  # the packer's own bundle: not "get a fresh copy from the packer"
             exported = export(ExportOptions(bundle=out, tar=tar, policy=own, split=split, parity=parity,

@@ -39,6 +39,8 @@ from ..sources import DirSource, open_source
 from ..trust import TrustPolicy
 from ..units import format_bytes
 from ..vram import (
+    CUDA_CONTEXT_BYTES,
+    LIBRARY_BYTES,
     FitResult,
     GpuBudget,
     ModelShape,
@@ -48,7 +50,9 @@ from ..vram import (
     fit,
     model_shape,
     parse_utilization,
+    verdict_for,
 )
+from ..vram_trace import TraceResult, trace_generate
 from .verify import VerifiedBundle, read_unverified, verify_source
 
 MAX_CONFIG_BYTES = 16 << 20
@@ -72,6 +76,7 @@ class FitOptions:
     gpu_memory_utilization: str = "0.9"
     registry: Path | None = None
     policy: TrustPolicy | None = None  # a tar or parts folder is verified as it streams, so it needs one
+    trace: bool = False  # also run transformers' generate() under the memory trace (needs torch; transformers only)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,7 @@ class FitReport:
     result: FitResult
     suggestions: tuple[str, ...] = ()  # when it does not fit: what would, each checked by estimating again
     utilization: str = "0.9"  # vLLM's share of each GPU the estimate used, as given
+    trace: TracedFit | None = None  # the trace's measurement, when asked for (its verdict is the report's)
 
     def to_json(self) -> dict[str, Any]:
         """Integers, strings, lists and objects only: it goes into manifests and audit lines."""
@@ -135,7 +141,32 @@ class FitReport:
             out["max_concurrency"] = r.max_concurrency
         if self.weights.quantization:
             out["quantization"] = self.weights.quantization
+        if self.trace is not None:
+            out["estimate_verdict"] = self.trace.estimate_verdict
+            out["estimate_per_gpu_bytes"] = self.trace.estimate_bytes
+            out["trace"] = self.trace.to_json()
         return out
+
+
+@dataclass(frozen=True)
+class TracedFit:
+    """The trace of one model at the estimate's batch, prompt and new tokens, and what it says about the fit.
+
+    ``per_gpu_bytes`` is the process footprint NVML would show: the allocator's peak
+    reserved memory plus the CUDA context and the libraries (cuBLAS handles, kernels)
+    that live outside the allocator.
+    """
+
+    result: TraceResult
+    per_gpu_bytes: int
+    limit_bytes: int
+    verdict: str
+    estimate_verdict: str
+    estimate_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.result.to_json(), "per_gpu_bytes": self.per_gpu_bytes, "limit_bytes": self.limit_bytes,
+                "verdict": self.verdict, "outside_allocator_bytes": CUDA_CONTEXT_BYTES + LIBRARY_BYTES}
 
 
 # -- reading a model --------------------------------------------------------------------------
@@ -339,7 +370,33 @@ def load_models(model: str, registry: Path | None, policy: TrustPolicy | None = 
 # -- estimating -------------------------------------------------------------------------------------
 
 
-def estimate_source(src: ModelSource, run: RunConfig, gpu: GpuBudget) -> FitReport:
+def check_traceable(run: RunConfig, gpu: GpuBudget) -> None:
+    """The trace runs transformers' generate() in one process on one GPU: anything else is refused (exit 2)."""
+    if run.runtime != "transformers":
+        raise UsageError("--trace runs transformers' generate(); vLLM cannot be traced this way",
+                         hint="Pass --runtime transformers with --trace, or fit vLLM without --trace (its figures follow vLLM's own accounting).")
+    if gpu.count != 1:
+        raise UsageError(f"--trace measures one GPU; {gpu.count} GPUs under tensor parallelism are estimated, not traced",
+                         hint="Trace with one GPU (--gpu NAME:1), or fit without --trace.")
+
+
+def trace_fit(src: ModelSource, report: FitReport, gpu: GpuBudget) -> FitReport:
+    """Run the trace at the report's batch, prompt and new tokens; its verdict becomes the report's."""
+    est = report.result.estimate
+    res = trace_generate(src.config, batch=est.batch, prompt=est.prompt_tokens, new_tokens=est.new_tokens)
+    total = res.peak_reserved + CUDA_CONTEXT_BYTES + LIBRARY_BYTES
+    limit = report.result.limit_bytes
+    verdict = verdict_for(total, limit)
+    traced = TracedFit(result=res, per_gpu_bytes=total, limit_bytes=limit, verdict=verdict,
+                       estimate_verdict=report.result.verdict, estimate_bytes=report.result.per_gpu_bytes)
+    note = (f"traced with torch {res.torch_version}, transformers {res.transformers_version}: peak allocated "
+            f"{format_bytes(res.peak_allocated)}, reserved {format_bytes(res.peak_reserved)}, footprint {format_bytes(total)} "
+            f"(the verdict is the trace's; the longest context is the estimate's)")
+    result = replace(report.result, verdict=verdict, notes=(*report.result.notes, note))
+    return replace(report, result=result, trace=traced)
+
+
+def estimate_source(src: ModelSource, run: RunConfig, gpu: GpuBudget, *, trace: bool = False) -> FitReport:
     """The estimate and verdict for one model on ``gpu``; a context beyond the model's maximum is refused first."""
     probe = collect_weights(src.tensors)
     shape = model_shape(src.config, weights_dtype=probe.float_dtype)
@@ -350,8 +407,9 @@ def estimate_source(src: ModelSource, run: RunConfig, gpu: GpuBudget) -> FitRepo
     run = replace(run, tensor_parallel=gpu.count)
     result = fit(shape, weights, run, gpu)
     tips = suggest(shape, weights, run, gpu, result) if result.verdict == "does_not_fit" else ()
-    return FitReport(model=src.name, location=src.location, shape=shape, weights=weights, result=result, suggestions=tips,
-                     utilization=str(parse_utilization(run.gpu_memory_utilization)))
+    report = FitReport(model=src.name, location=src.location, shape=shape, weights=weights, result=result, suggestions=tips,
+                       utilization=str(parse_utilization(run.gpu_memory_utilization)))
+    return trace_fit(src, report, gpu) if trace else report
 
 
 _ASSUMED_MAX = "config.json gives no max_position_embeddings"  # the start of vram.model_shape's note when it guesses
@@ -438,7 +496,9 @@ def fit_model(opts: FitOptions) -> list[FitReport]:
     gpu = resolve_gpus(opts.gpu)
     run = run_config(runtime=opts.runtime, context=opts.context, batch=opts.batch, new_tokens=opts.new_tokens,
                      kv_dtype=opts.kv_dtype, gpu_memory_utilization=opts.gpu_memory_utilization, count=gpu.count)
-    return [estimate_source(src, run, gpu) for src in load_models(opts.model, opts.registry, opts.policy)]
+    if opts.trace:
+        check_traceable(run, gpu)
+    return [estimate_source(src, run, gpu, trace=opts.trace) for src in load_models(opts.model, opts.registry, opts.policy)]
 
 
 _STARTUP = "vLLM refuses to start"  # the start of vram.fit's note when vLLM's budget is not free on the GPUs
@@ -460,8 +520,10 @@ def fit_error(report: FitReport, *, install: bool = False) -> FitError:
     else:
         free = f" ({format_bytes(r.gpu.free_bytes)} free now)" if r.gpu.free_bytes is not None else ""
         given = f"{format_bytes(r.limit_bytes)} is usable per GPU{free}"
+    needs = r.per_gpu_bytes if report.trace is None else report.trace.per_gpu_bytes
+    how = "" if report.trace is None else " (traced)"
     reason = (startup if startup is not None else
-              f"it needs {format_bytes(r.per_gpu_bytes)} per GPU at context {est.context} x batch {est.batch}, but {given}")
+              f"it needs {format_bytes(needs)} per GPU{how} at context {est.context} x batch {est.batch}, but {given}")
     ctx = (f"; the longest context that fits is {r.max_context} tokens" if r.max_context
            else "; it does not fit at any context length")
     tips = list(report.suggestions)
@@ -518,6 +580,16 @@ def _bundle_model(manifest: Manifest, model: ModelEntry, *, headers: Mapping[str
                      header=header)
 
 
+def verified_models(verified: VerifiedBundle) -> list[ModelSource]:
+    """Every model of a verified bundle, from the headers and small files the pipeline verified (the report's fit pictures).
+
+    A stream keeps its small files only when it was verified with ``keep=keep_for_fit``.
+    """
+    read = bundle_reader(verified.source.root, verified.kept)
+    return [_bundle_model(verified.manifest, m, headers=verified.headers, read=read, location=verified.source.label)
+            for m in verified.manifest.models]
+
+
 def load_stream(path: Path, policy: TrustPolicy | None) -> list[ModelSource]:
     """Every model of a bundle tar or parts folder, verified in one streaming pass (nothing is extracted to disk)."""
     if policy is None:
@@ -533,14 +605,16 @@ def _unknown(model: str, why: str) -> dict[str, Any]:
 
 
 def check_bundle_fit(verified: VerifiedBundle, *, gpu: str | None, context: int | None, runtime: str | None,
-                     ignore: bool) -> list[dict[str, Any]]:
+                     ignore: bool, trace: bool = False) -> list[dict[str, Any]]:
     """Install's gate on a verified bundle: ``estimate_bundle`` over the headers and small files the pipeline verified."""
     return estimate_bundle(verified.manifest, headers=verified.headers, read=bundle_reader(verified.source.root, verified.kept),
-                           location=verified.source.label, gpu=gpu, context=context, runtime=runtime, ignore=ignore)
+                           location=verified.source.label, gpu=gpu, context=context, runtime=runtime, ignore=ignore,
+                           trace=trace)
 
 
 def estimate_bundle(manifest: Manifest, *, headers: Mapping[str, SafetensorsInfo], read: Callable[[str, int], bytes],
-                    location: str, gpu: str | None, context: int | None, runtime: str | None, ignore: bool) -> list[dict[str, Any]]:
+                    location: str, gpu: str | None, context: int | None, runtime: str | None, ignore: bool,
+                    trace: bool = False) -> list[dict[str, Any]]:
     """Estimate every model of a bundle on ``gpu`` (or the GPUs NVML finds).
 
     Returns one JSON-able report per model (integers and strings only), or []
@@ -552,12 +626,15 @@ def estimate_bundle(manifest: Manifest, *, headers: Mapping[str, SafetensorsInfo
     budget = try_detect() if gpu is None or gpu.strip().lower() in ("", "auto") else resolve_gpus(gpu)
     if budget is None:
         return []
-    run = run_config(runtime=runtime, context=context, count=budget.count)
+    run = run_config(runtime=runtime or ("transformers" if trace else None), context=context, count=budget.count)
+    if trace:
+        check_traceable(run, budget)
     reports: list[dict[str, Any]] = []
     refusal: FitError | None = None
     for model in manifest.models:
         try:
-            rep = estimate_source(_bundle_model(manifest, model, headers=headers, read=read, location=location), run, budget)
+            rep = estimate_source(_bundle_model(manifest, model, headers=headers, read=read, location=location), run, budget,
+                                  trace=trace)
         except (ModelConfigError, IntegrityError) as e:
             reports.append(_unknown(model.repo_id, e.message))
             continue

@@ -77,6 +77,7 @@ class InstallOptions:
     context: int | None = None
     runtime: str | None = None
     ignore_fit: bool = False
+    fit_trace: bool = False  # check the fit with the trace of transformers' generate() (needs torch; --fit-trace)
     allow_downgrade: bool = False
     allow_pickle: bool = False
     allow_code: bool = False  # the operator's consent to code the signed policy allows (``--allow-code``)
@@ -227,7 +228,7 @@ class _Staging(Sink):
         """The VRAM fit check: FitError unless --ignore-fit; [] when no GPU is given or detected."""
         o = self.opts
         self.fit = estimate_bundle(m, headers=headers, read=read, location=self.source.label, gpu=o.gpu, context=o.context,
-                                   runtime=o.runtime, ignore=o.ignore_fit)
+                                   runtime=o.runtime, ignore=o.ignore_fit, trace=o.fit_trace)
         self.attempt.record["fit"] = self.fit
 
     @property
@@ -318,7 +319,7 @@ def install(opts: InstallOptions) -> InstallResult:
     """Verify, check fit and rollback, then install all or nothing; every attempt leaves one audit line."""
     reg = Registry.open(opts.registry, create=True)
     options = {"allow_downgrade": opts.allow_downgrade, "allow_pickle": opts.allow_pickle, "allow_code": opts.allow_code,
-               "ignore_fit": opts.ignore_fit, "gpu": opts.gpu, "context": opts.context, "runtime": opts.runtime}
+               "ignore_fit": opts.ignore_fit, "fit_trace": opts.fit_trace, "gpu": opts.gpu, "context": opts.context, "runtime": opts.runtime}
     where = opts.source.location if opts.source is not None else str(opts.bundle)
     attempt = Attempt(audit_base("install", source=where, options=options,
                                  policy={"sha256": opts.policy.sha256, "threshold": opts.policy.threshold}))

@@ -78,6 +78,7 @@ class PackResult:
     tar_size: int | None = None
     tar_sha256: str | None = None
     skipped: tuple[Skipped, ...] = ()  # source files left out without the spec saying so, with the reason
+    hub: tuple[dict[str, Any], ...] = ()  # per Hub model: files, bytes, seconds, resumed/downloaded bytes, retries
 
     @property
     def total_bytes(self) -> int:
@@ -88,7 +89,8 @@ class PackResult:
             return {
                 "dry_run": True,
                 "out": str(self.out),
-                "files": [{"path": p.bundle_path, "size": p.size} for p in self.planned],
+                "files": [{"path": p.bundle_path, "size": p.size, **({"transport": p.transport} if p.transport else {})}
+                          for p in self.planned],
                 "total_bytes": self.total_bytes,
                 "skipped": [s.to_json() for s in self.skipped],
                 **self.details,
@@ -98,7 +100,19 @@ class PackResult:
                "skipped": [s.to_json() for s in self.skipped]}
         if self.tar_sha256 is not None:
             doc.update({"tar_size": self.tar_size, "tar_sha256": self.tar_sha256})
+        if self.hub:
+            doc["hub"] = hub_totals(self.hub)
         return doc
+
+
+def hub_totals(models: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """``pack --json``'s ``"hub"`` object: the totals over every Hub model, and each model's own figures."""
+    keys = ("files", "bytes", "resumed_bytes", "downloaded_bytes", "retries")
+    total: dict[str, Any] = {k: sum(int(m.get(k, 0)) for m in models) for k in keys}
+    total["seconds"] = round(sum(float(m.get("seconds", 0.0)) for m in models), 3)
+    total["connections"] = max(int(m.get("connections", 0)) for m in models)
+    total["models"] = [dict(m) for m in models]
+    return total
 
 
 @dataclass(frozen=True)
@@ -482,7 +496,7 @@ def _write_bundle(opts: PackOptions, plans: list[ModelPlan], now: dt.datetime, s
         raise oserror_to_airpack(e, "cannot write", str(opts.out)) from None
     manifest = parse(payload, digest=hashlib.sha256(payload).hexdigest())
     return PackResult(out=opts.out, manifest=manifest, planned=tuple(planned), keyid=opts.signer.keyid, dry_run=False,
-                      skipped=skipped)
+                      skipped=skipped, hub=tuple(p.hub_stats for p in plans if p.hub_stats))
 
 
 def fit_targets(spec: PackSpec, out: Path, models: list[dict[str, Any]], *, files: list[str] | None = None) -> list[dict[str, Any]]:
@@ -541,7 +555,7 @@ def add_signature(bundle: Path, signer: Signer, *, policy: TrustPolicy | None = 
     vb = verify_source(source, None, progress=progress)
     env = parse_envelope(vb.envelope, where=where)
     signers = check_every_signature(env, policy, expected_type=PAYLOAD_TYPE, where=where) if policy is not None else ()
-    public = signer.private_key.public_key()
+    public = signer.public_key
     added = not any(verify_sig(public, env.payload_type, env.payload, s.sig) for s in env.signatures)
     if added:
         sigs = [{"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")} for s in env.signatures]

@@ -194,6 +194,11 @@ class Database(sqlite3.Connection):
         row = self.execute("SELECT sequence, manifest_sha256, bundle FROM channels WHERE channel = ?", (channel,)).fetchone()
         return None if row is None else ChannelHigh(sequence=int(row[0]), manifest_sha256=str(row[1]), bundle=str(row[2]))
 
+    def channels(self) -> list[tuple[str, ChannelHigh]]:
+        """Every channel the registry has seen, with its highest installed bundle (rollback protection), by name."""
+        rows = self.execute("SELECT channel, sequence, manifest_sha256, bundle FROM channels ORDER BY channel")
+        return [(str(r[0]), ChannelHigh(sequence=int(r[1]), manifest_sha256=str(r[2]), bundle=str(r[3]))) for r in rows]
+
     def active_bundle_with_digest(self, manifest_sha256: str) -> BundleRow | None:
         """The newest active bundle with exactly this manifest (the same bundle installed before)."""
         row = self.execute(

@@ -1,0 +1,151 @@
+"""A model of PyTorch's CUDA caching allocator, to turn a stream of tensor births and deaths into memory.
+
+The process footprint of a PyTorch program is not the sum of its live tensors:
+the caching allocator (c10/cuda/CUDACachingAllocator.cpp) rounds every request,
+carves requests out of segments it got from ``cudaMalloc``, splits and merges
+blocks, and never gives a segment back while the program runs. The trace
+(``vram_trace``) records every storage's birth and death; this module replays
+them with the allocator's default rules (no ``PYTORCH_CUDA_ALLOC_CONF``):
+
+* a request is rounded up to a multiple of 512 bytes (at least 512);
+* up to 1 MiB it is served from the small pool, whose segments are 2 MiB;
+* larger requests use the large pool: a request under 10 MiB that finds no free
+  block gets a 20 MiB segment, a larger one a segment of its own rounded up to
+  2 MiB;
+* the free block chosen is the smallest that is large enough (best fit, ties by
+  address); it is split when the rest is at least 512 bytes (small pool) or more
+  than 1 MiB (large pool), otherwise the whole block is handed out and counted
+  as allocated;
+* a freed block merges with free neighbours of its segment; segments are never
+  released (``empty_cache`` is not called by ``generate``).
+
+``allocated`` is what ``torch.cuda.memory_allocated()`` reports (the sizes of
+the blocks handed out), ``reserved`` what ``memory_reserved()`` reports (the
+segments). Pure Python, no torch: it is also the weights' slack model.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+MiB = 1 << 20
+
+#: Request rounding and pool limits (CUDACachingAllocator.cpp: kMinBlockSize, kSmallSize,
+#: kSmallBuffer, kMinLargeAlloc, kLargeBuffer, kRoundLarge).
+MIN_BLOCK = 512
+SMALL_SIZE = 1 * MiB
+SMALL_SEGMENT = 2 * MiB
+MIN_LARGE_ALLOC = 10 * MiB
+LARGE_SEGMENT = 20 * MiB
+ROUND_LARGE = 2 * MiB
+
+
+def round_size(nbytes: int) -> int:
+    """The size a request of ``nbytes`` is served at: a multiple of 512, at least 512."""
+    return max(MIN_BLOCK, -(-nbytes // MIN_BLOCK) * MIN_BLOCK)
+
+
+def segment_size(size: int) -> int:
+    """The ``cudaMalloc`` size of a new segment for a rounded request that found no free block."""
+    if size <= SMALL_SIZE:
+        return SMALL_SEGMENT
+    if size < MIN_LARGE_ALLOC:
+        return LARGE_SEGMENT
+    return -(-size // ROUND_LARGE) * ROUND_LARGE
+
+
+@dataclass
+class _Block:
+    addr: int
+    size: int
+    small: bool
+    free: bool = True
+    prev: _Block | None = field(default=None, repr=False)
+    next: _Block | None = field(default=None, repr=False)
+
+
+class CachingAllocator:
+    """Replays ``malloc`` / ``free`` like PyTorch's CUDA caching allocator and keeps the peaks."""
+
+    def __init__(self) -> None:
+        self._pools: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # (size, addr) of free blocks, sorted
+        self._blocks: dict[int, _Block] = {}  # addr -> block (free or not)
+        self._next_addr = 1 << 40
+        self.allocated = 0
+        self.reserved = 0
+        self.peak_allocated = 0
+        self.peak_reserved = 0
+        self.segments = 0
+
+    def reset_peak(self) -> None:
+        """Start the peaks from now (``torch.cuda.reset_peak_memory_stats``)."""
+        self.peak_allocated = self.allocated
+        self.peak_reserved = self.reserved
+
+    def malloc(self, nbytes: int) -> int:
+        """Serve a request of ``nbytes``; returns a handle (the block's address) for ``free``."""
+        size = round_size(nbytes)
+        small = size <= SMALL_SIZE
+        pool = self._pools[small]
+        i = bisect.bisect_left(pool, (size, -1))
+        if i < len(pool):
+            _, addr = pool.pop(i)
+            block = self._blocks[addr]
+        else:
+            seg = segment_size(size)
+            block = _Block(addr=self._next_addr, size=seg, small=small)
+            self._next_addr += seg + ROUND_LARGE  # segments never touch: blocks of two never merge
+            self._blocks[block.addr] = block
+            self.reserved += seg
+            self.segments += 1
+            self.peak_reserved = max(self.peak_reserved, self.reserved)
+        rest = block.size - size
+        if (rest >= MIN_BLOCK) if small else (rest > SMALL_SIZE):
+            tail = _Block(addr=block.addr + size, size=rest, small=small, prev=block, next=block.next)
+            if block.next is not None:
+                block.next.prev = tail
+            block.next = tail
+            block.size = size
+            self._blocks[tail.addr] = tail
+            bisect.insort(pool, (tail.size, tail.addr))
+        block.free = False
+        self.allocated += block.size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        return block.addr
+
+    def free(self, handle: int) -> None:
+        """Give a block back to its pool, merged with free neighbours of the same segment."""
+        block = self._blocks[handle]
+        if block.free:
+            raise ValueError(f"block {handle:#x} freed twice")
+        self.allocated -= block.size
+        block.free = True
+        pool = self._pools[block.small]
+        for other in (block.prev, block.next):
+            if other is not None and other.free:
+                pool.remove((other.size, other.addr))
+                del self._blocks[other.addr]
+                if other is block.prev:
+                    other.size += block.size
+                    other.next = block.next
+                    if block.next is not None:
+                        block.next.prev = other
+                    del self._blocks[block.addr]
+                    block = other
+                else:
+                    block.size += other.size
+                    block.next = other.next
+                    if other.next is not None:
+                        other.next.prev = block
+        self._blocks[block.addr] = block
+        bisect.insort(pool, (block.size, block.addr))
+
+
+def slack_of(sizes: list[int]) -> int:
+    """Bytes reserved beyond ``sizes`` when each is allocated once and kept (model weights)."""
+    alloc = CachingAllocator()
+    for s in sizes:
+        if s > 0:
+            alloc.malloc(s)
+    return alloc.reserved - sum(sizes)

@@ -1,0 +1,53 @@
+"""The architecture matrix: the pure estimator against the trace, shared by tests/test_vram_matrix.py and bench_fit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from airpack.vram import CUDA_CONTEXT_BYTES, LIBRARY_BYTES, RunConfig, collect_weights, estimate, model_shape, tensor_infos_from_header
+from airpack.vram_trace import reduced_model, trace_generate
+
+#: (batch, prompt, new tokens) each architecture runs at: short and long prompts, batch 1 and 8.
+POINTS = ((1, 512, 8), (1, 4096, 8), (8, 1024, 8), (8, 4096, 8))
+#: The subset `make test` runs (a long prompt at batch 1, a shorter one at batch 8): about a minute on one core.
+TEST_POINTS = ((1, 4096, 4), (8, 1024, 4))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    family: str
+    batch: int
+    prompt: int
+    new_tokens: int
+    estimated: int  # the estimator's per-GPU bytes less the CUDA context and libraries (the allocator's share)
+    traced: int  # the trace's peak reserved
+    traced_allocated: int
+    notes: tuple[str, ...]
+
+    @property
+    def error(self) -> float:
+        """Signed relative error of the estimate against the trace (negative: under)."""
+        return self.estimated / self.traced - 1
+
+
+def run_case(name: str, arch: dict[str, Any], batch: int, prompt: int, new_tokens: int,
+             cache: dict[str, tuple[dict[str, Any], dict[str, list[Any]]]] | None = None) -> Case:
+    layers = int(arch["layers"])
+    if cache is not None and name in cache:
+        cfg, header = cache[name]
+    else:
+        cfg, header = reduced_model(arch["config"], layers)
+        if cache is not None:
+            cache[name] = (cfg, header)
+    shape = model_shape(cfg)
+    if prompt + new_tokens > shape.max_context:  # a model cannot run past its positions (MPT's 2048)
+        prompt = shape.max_context - new_tokens
+    weights = collect_weights(tensor_infos_from_header(header), shape=shape)
+    est = estimate(shape, weights, RunConfig(runtime="transformers", context=prompt + new_tokens, batch=batch,
+                                             new_tokens=new_tokens))
+    tr = trace_generate(arch["config"], batch=batch, prompt=prompt, new_tokens=new_tokens, num_layers=layers)
+    return Case(name=name, family=str(arch["family"]), batch=batch, prompt=prompt, new_tokens=new_tokens,
+                estimated=est.per_gpu_bytes - CUDA_CONTEXT_BYTES - LIBRARY_BYTES, traced=tr.peak_reserved,
+                traced_allocated=tr.peak_allocated, notes=shape.notes + est.notes)
