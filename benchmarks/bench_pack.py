@@ -66,7 +66,7 @@ ARIA2 = ["-x", "16", "-s", "16", "-k", "1M", "--file-allocation=none"]
 from bench_verify import add_work_args, work_folder  # noqa: E402
 from pack_probe import Run, evict, log_offsets, resident_bytes, run_probed, served_bytes  # noqa: E402
 
-from airpack.manifest import model_slug  # noqa: E402
+from airpack.manifest import ENVELOPE_NAME, model_slug  # noqa: E402
 from airpack.signing import generate, write_keypair  # noqa: E402
 
 
@@ -337,19 +337,14 @@ class Resume:
     complete_at_kill: dict[str, int]  # files already in place at the kill: path -> size
     still_cached: int  # bytes of them the eviction could not drop
     read_back: dict[str, int]  # path -> bytes of it in the page cache after the rerun
-    killed_run: Run
     rerun: Run
     served_rerun: int | None
     served_total: int | None
     bad: list[str]  # files of the resumed bundle that do not hash to the Hub's digest
 
-    @property
-    def killed(self) -> bool:
-        return self.killed_run.killed
-
 
 def resume_run(work: Path, hub: Hub, env: dict[str, str], total: int, files: list[SrcFile],
-               connections: int | None) -> Resume:
+               connections: int | None) -> Resume | None:
     """Pack, SIGKILL at 50% of the bytes written, evict the complete files from the cache, rerun, see what came back.
 
     The kill waits, past 50%, until one weight file is in place (complete and
@@ -357,7 +352,7 @@ def resume_run(work: Path, hub: Hub, env: dict[str, str], total: int, files: lis
     file the rerun could not show whether complete files are read again, and
     killing in the instant a file appears would always land between its rename
     and its journal line, a window a real crash almost never hits. The report
-    says where the kill really fell.
+    says where the kill really fell. None when the pack finished before the kill.
     """
     out = work / "resume-out"
     before = log_offsets(hub.nginx_log, hub.hub_log)
@@ -373,17 +368,19 @@ def resume_run(work: Path, hub: Hub, env: dict[str, str], total: int, files: lis
         return bool(seen_at) and wrote >= seen_at[0] + total // 100
 
     killed = run_probed(cmd, env=env, cwd=work, logs=work / "logs-killed", kill_at=total // 2, kill_when=one_in_place)
-    if not killed.killed and killed.returncode != 0:
+    if not killed.killed:
         checked(killed, "pack (to be killed)")
-    complete = {f.path: f.size for f in files if killed.killed and (model / f.path).is_file()
-                and (model / f.path).stat().st_size == f.size}
+        return None
+    if (out / ENVELOPE_NAME).exists():  # the kill came after the signature: the pack had finished
+        return None
+    complete = {f.path: f.size for f in files if (model / f.path).is_file() and (model / f.path).stat().st_size == f.size}
     still = sum(evict(model / p) for p in complete)
     middle = log_offsets(hub.nginx_log, hub.hub_log)
     rerun = checked(run_probed(cmd, env=env, cwd=work, logs=work / "logs-rerun"), "resumed pack")
     read_back = {p: resident_bytes(model / p) for p in complete}
     end = log_offsets(hub.nginx_log, hub.hub_log)
     return Resume(killed_at=killed.wchar, complete_at_kill=complete, still_cached=still, read_back=read_back,
-                  killed_run=killed, rerun=rerun,
+                  rerun=rerun,
                   served_rerun=served_bytes(hub.nginx_log, hub.hub_log, since=middle, until=end),
                   served_total=served_bytes(hub.nginx_log, hub.hub_log, since=before, until=end),
                   bad=mismatches(model, files))
@@ -430,6 +427,9 @@ def report(a: argparse.Namespace, hub: Hub, files: list[SrcFile], t_pack: float,
     }
     if res is not None:
         doc.update(report_resume(res, total, t_pack))
+    elif not a.no_resume:
+        print("resume: the pack finished before the kill point; nothing to resume (use a bigger model)")
+        doc["resume_killed"] = False
     return doc
 
 
@@ -440,37 +440,34 @@ def report_resume(res: Resume, total: int, t_pack: float) -> dict[str, object]:
     fetched, source = res.served_rerun, "the servers' access logs"
     if fetched is None:
         fetched, source = res.rerun.wchar, "bytes the rerun wrote (wchar); the servers keep no log"
-    again = max(0, fetched - missing) if res.killed else None
+    again = max(0, fetched - missing)
     complete_bytes = sum(res.complete_at_kill.values())
     read_back = sum(res.read_back.values())
     reread = sorted(p for p, n in res.read_back.items() if n > REREAD_SLACK)
-    if not res.killed:
-        print("resume: the pack finished before it had written half the bytes; nothing to resume (use a bigger model)")
-    else:
-        print(f"resume after SIGKILL at {res.killed_at / total:.0%} of the bytes written (50%, or 1% after the "
-              f"first weight file was in place), same command again:")
-        _row("resumed run (a whole pack)", f"{res.rerun.seconds:8.2f} s    ({t_pack:.2f} s)")
-        _row("peak RSS of the resumed run", f"{res.rerun.max_rss / MiB:8.0f} MiB")
-        _row(f"fetched by the rerun ({source})", f"{fetched / MB:8.1f} MB")
-        _row("missing at the kill (model - bytes the killed run wrote)", f"{missing / MB:8.1f} MB")
-        _row("fetched again beyond that (goal <= 1% of the model)",
-             f"{(again or 0) / MB:8.1f} MB = {100 * (again or 0) / total:.2f}%")
-        if res.served_total is not None:
-            _row("served over both runs (incl. socket buffers at the kill)",
-                 f"{res.served_total / MB:8.1f} MB for {total / MB:.1f} MB")
-        _row("complete at the kill, evicted from the page cache",
-             f"{len(res.complete_at_kill):8d} files, {complete_bytes / MB:.1f} MB ({res.still_cached / MiB:.1f} MiB stayed)")
-        _row("of them back in the page cache after the rerun (mincore)", f"{read_back / 1024:8.0f} KiB")
-        _row(f"complete files read again (> {REREAD_SLACK // 1024} KiB back; goal 0)",
-             f"{len(reread):8d}{' ' + str(reread) if reread else ''}" if res.complete_at_kill
-             else "n/a: no file was complete at the kill")
-        _row("read from storage by the rerun (/proc read_bytes)", f"{res.rerun.read_bytes / MB:8.1f} MB")
+    print(f"resume after SIGKILL at {res.killed_at / total:.0%} of the bytes written (50%, or 1% after the "
+          f"first weight file was in place), same command again:")
+    _row("resumed run (a whole pack)", f"{res.rerun.seconds:8.2f} s    ({t_pack:.2f} s)")
+    _row("peak RSS of the resumed run", f"{res.rerun.max_rss / MiB:8.0f} MiB")
+    _row(f"fetched by the rerun ({source})", f"{fetched / MB:8.1f} MB")
+    _row("missing at the kill (model - bytes the killed run wrote)", f"{missing / MB:8.1f} MB")
+    _row("fetched again beyond that (goal <= 1% of the model)",
+         f"{again / MB:8.1f} MB = {100 * again / total:.2f}%")
+    if res.served_total is not None:
+        _row("served over both runs (incl. socket buffers at the kill)",
+             f"{res.served_total / MB:8.1f} MB for {total / MB:.1f} MB")
+    _row("complete at the kill, evicted from the page cache",
+         f"{len(res.complete_at_kill):8d} files, {complete_bytes / MB:.1f} MB ({res.still_cached / MiB:.1f} MiB stayed)")
+    _row("of them back in the page cache after the rerun (mincore)", f"{read_back / 1024:8.0f} KiB")
+    _row(f"complete files read again (> {REREAD_SLACK // 1024} KiB back; goal 0)",
+         f"{len(reread):8d}{' ' + str(reread) if reread else ''}" if res.complete_at_kill
+         else "n/a: no file was complete at the kill")
+    _row("read from storage by the rerun (/proc read_bytes)", f"{res.rerun.read_bytes / MB:8.1f} MB")
     _row("the resumed bundle matches the Hub's digests", f"{not res.bad}{' ' + str(res.bad) if res.bad else ''}")
     _row("engine's own figures for the rerun", json.dumps(refigs) if refigs else "n/a (old engine)")
-    return {"resume_killed": res.killed, "resume_killed_at_bytes": res.killed_at,
+    return {"resume_killed": True, "resume_killed_at_bytes": res.killed_at,
             "resume_seconds": round(res.rerun.seconds, 3), "resume_fetched_bytes": fetched,
             "resume_fetched_source": source, "resume_refetched_bytes": again,
-            "resume_refetched_pct": round(100 * again / total, 3) if again is not None else None,
+            "resume_refetched_pct": round(100 * again / total, 3),
             "resume_served_total_bytes": res.served_total, "resume_complete_at_kill": len(res.complete_at_kill),
             "resume_complete_bytes": complete_bytes, "resume_complete_read_back_bytes": read_back,
             "resume_complete_files_reread": len(reread), "resume_read_bytes": res.rerun.read_bytes,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -82,12 +83,17 @@ main()
 """
 
 
+def _sigint_default() -> None:
+    """The child starts with SIGINT at its default, as from a terminal: a shell's background job inherits it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("module", ["click", "airpack.cli.core_cmds", "airpack.ops.verify"])
 def test_ctrl_c_while_modules_are_still_importing_is_exit_130_with_one_line(bundle: Path, policy: Path, module: str) -> None:
     """The first tenth of a second is imports: a SIGINT there was a KeyboardInterrupt traceback."""
     code = textwrap.dedent(_INTERRUPT_WHILE_IMPORTING).format(module=module, bundle=str(bundle), policy=str(policy))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       start_new_session=True)  # a session of its own: SIGINT is not ignored as in a background job
+                       start_new_session=True, preexec_fn=_sigint_default)
     assert r.returncode == 130, r.stderr
     assert r.stderr == "interrupted\n", r.stderr
     assert "Traceback" not in r.stderr
@@ -97,7 +103,7 @@ def test_importing_the_cli_leaves_ctrl_c_to_the_caller() -> None:
     """The start-up handler is only for the imports: afterwards SIGINT raises KeyboardInterrupt again."""
     code = ("import signal, airpack.cli; "
             "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=_sigint_default)
     assert r.stdout.strip() == "True", r.stderr
 
 
