@@ -539,7 +539,7 @@ class Engine:
             job.reset_hashers()
             job.pending = 1
             gen = job.gen
-        _truncate(job.partial)
+        _trim(job.partial, 0)
         self.journal.record_drop(job.content_id)
         self._q.put(_Seg((-job.size, 0, 0), job, 0, job.size, gen, ranged=False))
 
@@ -689,16 +689,6 @@ def _trim(path: Path, size: int) -> None:
     try:
         if path.stat().st_size > size:
             os.truncate(path, size)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise oserror_to_airpack(e, "cannot write", str(path)) from None
-
-
-def _truncate(path: Path) -> None:
-    try:
-        with open(path, "r+b") as f:
-            f.truncate(0)
     except FileNotFoundError:
         pass
     except OSError as e:
