@@ -59,6 +59,7 @@ bench: $(STAMP) registry-bin cdn-bin
 	$(BIN)/python benchmarks/bench_oci.py
 	$(BIN)/python benchmarks/bench_transfer.py
 	$(BIN)/python benchmarks/bench_check.py
+	$(BIN)/python benchmarks/bench_delta.py
 	$(BIN)/python benchmarks/bench_startup.py
 
 bench-fit: $(STAMP)

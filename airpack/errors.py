@@ -180,6 +180,13 @@ class PathTooLongError(UsageError):
     default_hint = "Choose a shorter path: most filesystems allow 255 bytes per name and 4096 per path."
 
 
+class ProfileError(UsageError):
+    """A host profile (``airpack profile --out``) that is not the strict document airpack writes: not JSON, another
+    ``_type``, a duplicate key, an unknown field, over the size cap, or a GPU the catalog does not know."""
+
+    default_hint = "Write the profile again on the offline host: airpack profile --registry DIR --out PROFILE.json (docs/profile.md)."
+
+
 class NoGpuError(UsageError):
     """No GPU could be detected on this host (no NVML library, no driver, or no device)."""
 
@@ -334,6 +341,26 @@ class RegistryDamageError(IntegrityError):
 
     default_hint = ("Do not load models from this registry until you know why; reinstall the named bundles "
                     "from their media (remove, then install) and keep the audit log as evidence.")
+
+    def __init__(self, message: str, *, report: MismatchReport, path: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, path=path, hint=hint)
+        self.report = report
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        out["mismatch"] = self.report.to_json()
+        return out
+
+
+class HostFilesError(IntegrityError):
+    """A delta bundle relies on files the registry does not hold intact: missing, with other bytes, or a link.
+
+    The registry's database is not taken on its word: every copy is hashed
+    again (its disk may have rotted or been changed), and nothing is written.
+    """
+
+    default_hint = ("Write a fresh profile (airpack profile) and pack again for it, or carry the full bundle "
+                    "(pack without --for); `airpack check --registry DIR` shows what else is damaged.")
 
     def __init__(self, message: str, *, report: MismatchReport, path: str | None = None, hint: str | None = None) -> None:
         super().__init__(message, path=path, hint=hint)

@@ -111,10 +111,26 @@ class Manifest:
     targets: tuple[dict[str, Any], ...]
     statement: dict[str, Any] = field(repr=False, compare=False)
     digest: str = ""
+    on_host: frozenset[str] = frozenset()  # paths a delta bundle does not carry: the host must hold their bytes
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def is_delta(self) -> bool:
+        """A delta bundle (``pack --for``): the manifest describes the complete install, the bundle carries only part of it."""
+        return bool(self.on_host)
+
+    @property
+    def carried(self) -> tuple[FileEntry, ...]:
+        """The files the bundle itself holds (every file of a full bundle)."""
+        return tuple(f for f in self.files if f.path not in self.on_host) if self.on_host else self.files
+
+    @property
+    def expected_on_host(self) -> tuple[FileEntry, ...]:
+        """The files a delta relies on: not in the bundle; install hashes the registry's copy of each again."""
+        return tuple(f for f in self.files if f.path in self.on_host)
 
     def file(self, path: str) -> FileEntry | None:
         return self._by_path.get(path)
@@ -151,8 +167,9 @@ def build_statement(
     allow_code: bool,
     targets: list[dict[str, Any]],
     extra: dict[str, Any] | None = None,
+    on_host: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The in-toto Statement for a bundle (not yet encoded)."""
+    """The in-toto Statement for a bundle (not yet encoded); ``on_host`` makes it a delta (a full bundle's bytes are unchanged)."""
     files = sorted(files, key=lambda f: f.path)
     bundle: dict[str, Any] = {"name": name, "channel": channel, "sequence": sequence, "created": format_time(created)}
     if expires is not None:
@@ -168,6 +185,8 @@ def build_statement(
     }
     if extra:
         predicate.update(extra)
+    if on_host:
+        predicate["on_host"] = sorted(on_host)
     return {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": f.path, "digest": {"sha256": f.sha256}} for f in files],
@@ -216,6 +235,7 @@ def parse(payload: bytes, *, digest: str = "") -> Manifest:
     models = _parse_models(_req(pred, "models", list, "predicate"))
     wheels = _parse_wheels(pred.get("wheels", []) or [], digests)
     targets = _parse_targets(pred.get("targets", []) or [])
+    on_host = _parse_on_host(pred.get("on_host", []), digests, wheels)
     return Manifest(
         name=bundle.name,
         channel=bundle.channel,
@@ -230,6 +250,7 @@ def parse(payload: bytes, *, digest: str = "") -> Manifest:
         targets=tuple(targets),
         statement=st,
         digest=digest,
+        on_host=on_host,
     )
 
 
@@ -387,6 +408,23 @@ def _parse_wheels(wheels_doc: object, digests: dict[str, str]) -> list[WheelEntr
     return wheels
 
 
+def _parse_on_host(doc: object, digests: dict[str, str], wheels: list[WheelEntry]) -> frozenset[str]:
+    """predicate.on_host (a delta): each path a subject, listed once; a wheel there must be one predicate.wheels lists."""
+    if not isinstance(doc, list) or not all(isinstance(p, str) for p in doc):
+        raise MalformedManifestError("manifest: predicate.on_host must be a list of paths")
+    wheel_paths = {w.path for w in wheels}
+    seen: set[str] = set()
+    for p in doc:
+        if p in seen:
+            raise IntegrityError(f"manifest lists {p!r} twice in predicate.on_host", path=p)
+        seen.add(p)
+        if p not in digests:
+            raise MalformedManifestError(f"manifest marks {p!r} as expected on the host but does not list it", path=p)
+        if p.startswith("wheels/") and p not in wheel_paths:
+            raise MalformedManifestError(f"manifest marks wheel {p!r} as expected on the host but lists no such wheel", path=p)
+    return frozenset(seen)
+
+
 def _parse_targets(targets: object) -> list[dict[str, Any]]:
     if not isinstance(targets, list) or not all(isinstance(t, dict) for t in targets):
         raise MalformedManifestError("manifest: predicate.targets must be a list of objects")
@@ -423,4 +461,12 @@ def summary(m: Manifest) -> dict[str, Any]:
         "targets": list(m.targets),
         "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in m.files],
         "total_bytes": m.total_bytes,
+        **({"delta": delta_summary(m)} if m.is_delta else {}),  # a full bundle's summary is as it always was
     }
+
+
+def delta_summary(m: Manifest) -> dict[str, Any]:
+    """What a delta carries and what it leaves on the host, in files and bytes (pack, verify and inspect print it)."""
+    carried, left = m.carried, m.expected_on_host
+    return {"carried": {"files": len(carried), "bytes": sum(f.size for f in carried)},
+            "on_host": {"files": len(left), "bytes": sum(f.size for f in left), "paths": [f.path for f in left]}}

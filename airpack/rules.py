@@ -110,6 +110,25 @@ def check_sequence(high: ChannelHigh | None, *, name: str, channel: str, sequenc
     return False
 
 
+def check_sequence_for_host(host_high: int | None, *, name: str, channel: str, sequence: int) -> None:
+    """``pack --for``: refuse (exit 4), before anything is fetched, a sequence the profiled host would refuse.
+
+    The host's highest installed sequence for the channel comes from its
+    profile (information, not trust: the host decides again at install). A
+    new bundle must be above it, and at most ``MAX_SEQUENCE_JUMP`` above it.
+    """
+    if host_high is None:
+        return
+    if sequence <= host_high:
+        raise RollbackError(f"bundle {name} has sequence {sequence}, but the host's profile shows channel {channel} at sequence "
+                            f"{host_high}: the host would refuse it as a rollback",
+                            hint=f"Raise bundle.sequence in the spec above {host_high}.")
+    if sequence - host_high > MAX_SEQUENCE_JUMP:
+        raise SequenceJumpError(f"bundle {name} has sequence {sequence}, more than {MAX_SEQUENCE_JUMP:,} above the host's "
+                                f"{host_high} for channel {channel}: the host would refuse the jump",
+                                hint=f"Choose a sequence between {host_high + 1} and {host_high + MAX_SEQUENCE_JUMP}.")
+
+
 def check_sequence_range(*, name: str, sequence: int) -> None:
     """A signed sequence above ``MAX_SEQUENCE`` is refused (exit 4) on every host, whatever the registry holds."""
     if not 0 <= sequence <= MAX_SEQUENCE:

@@ -48,6 +48,9 @@ class WheelSpec:
     extra_index_urls: tuple[str, ...] = ()
     find_links: tuple[str, ...] = ()
     no_index: bool = False  # only find_links: no package index at all
+    # which of python_version, platforms, implementation, abi the spec itself names: ``pack --for`` takes the rest
+    # from the host's profile, never the defaults above
+    named: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,6 +262,7 @@ def _wheels_table(w: object, base: Path, src: str) -> WheelSpec:
         extra_index_urls=_str_tuple(w.get("extra_index_urls"), "wheels.extra_index_urls", src),
         find_links=find_links,
         no_index=_typed(w, "no_index", bool, "wheels", src, default=False),
+        named=frozenset(k for k in ("python_version", "platforms", "implementation", "abi") if k in w),
     )
 
 

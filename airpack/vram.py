@@ -74,6 +74,14 @@ _MID_LIMIT = 10 * MiB
 _MID_SEGMENT = 20 * MiB
 _LARGE_ROUND = 2 * MiB
 
+# vLLM: the arithmetic below is derived from the source of this version (the one DESIGN.md's spec pins, vllm==0.11.0)
+# and holds for its V1 engine: vllm/v1/worker/gpu_worker.py (``init_device``: the startup check that the free memory
+# after CUDA started covers ``gpu_memory_utilization x total``; ``determine_available_memory``: KV pool = that budget
+# - weights - the profile run's peak activations - non-torch memory), vllm/config/cache.py (16-token blocks on CUDA),
+# the OpenAI server's engine defaults (max_num_batched_tokens 8192, max_num_seqs 256) and the sampler's float32
+# logits and probabilities. CUDA graphs are captured after the KV cache is allocated and are not in the budget: they
+# live in the (1 - utilization) headroom with the CUDA context. tests/test_vram_vllm.py checks it by hand.
+VLLM_VERSION = "0.11.0"
 # vLLM defaults (engine args, V1 engine, OpenAI-compatible server).
 VLLM_GPU_MEMORY_UTILIZATION = "0.9"
 VLLM_MAX_NUM_BATCHED_TOKENS = 8192

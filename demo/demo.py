@@ -70,6 +70,39 @@ def officer_token() -> str | None:
     return f"pkcs11:token=airpack;object=officer?module-path={module}&pin-source=file:{pin}"
 
 
+def delta_round_trip(reg: Path, officer: str | Path) -> None:
+    """v2 changes only the tokenizer config: the host writes its profile, the packer carries only the difference."""
+    step("offline host: write its profile (what it holds, no secrets); the officer reads it before it crosses")
+    run("profile", "--registry", reg, "--out", OUT / "host.json", "--trust", OUT / "trust.json", "--name", "demo-host",
+        "--gpu", "L4")
+    run("profile", "--show", OUT / "host.json")
+
+    step("online side: v2 (same weights, changed tokenizer config), packed for that host: only the difference is carried")
+    v2 = OUT / "upstream" / "tiny-llama-v2"
+    shutil.copytree(OUT / "upstream" / "tiny-llama", v2)
+    cfg = v2 / "tokenizer_config.json"
+    (cfg).write_text(cfg.read_text().rstrip().rstrip("}") + ', "chat_template": "{{ messages }} (v2)"}\n')
+    (OUT / "spec-v2.toml").write_text(
+        '[bundle]\nname = "tiny-llama"\nchannel = "tiny-llama"\nsequence = 2\n\n'
+        '[[models]]\nrepo_id = "demo/tiny-llama"\npath = "upstream/tiny-llama-v2"\n'
+    )
+    run("pack", OUT / "spec-v2.toml", "--out", OUT / "v2", "--key", OUT / "keys" / "packer.key", "--for", OUT / "host.json")
+    run("sign", OUT / "v2", "--key", officer)
+    carried = sum(p.stat().st_size for p in (OUT / "v2").rglob("*") if p.is_file())
+    print(f"  the delta bundle on the medium: {carried:,} bytes")
+
+    step("offline host: verify the delta against the registry (every file it relies on hashed), install, load offline")
+    run("verify", OUT / "v2", "--trust", OUT / "trust.json", "--registry", reg)
+    run("install", OUT / "v2", "--registry", reg, "--trust", OUT / "trust.json", "--gpu", "L4")
+    code = ("import json, os; from huggingface_hub import snapshot_download; p = snapshot_download('demo/tiny-llama'); "
+            "print('v2 loaded offline:', json.load(open(os.path.join(p, 'tokenizer_config.json')))['chat_template'])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=OUT, text=True, capture_output=True,
+                       env={**os.environ, "HF_HUB_CACHE": str(reg / "hub"), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    print(f"  {(r.stdout + r.stderr).strip()}")
+    if r.returncode != 0:
+        sys.exit("demo failed: the delta's snapshot did not load offline")
+
+
 def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir()
@@ -161,6 +194,8 @@ def main() -> None:
     run("report", "--registry", reg, "--out", OUT / "registry-report.html")
     print(f"  open {os.path.relpath(OUT / 'report.html')} and {os.path.relpath(OUT / 'registry-report.html')} in any browser, "
           "or print them (A4)")
+
+    delta_round_trip(reg, officer)
 
     print(f"\ndemo finished: everything above ran for real; files are in {os.path.relpath(OUT)}/")
 

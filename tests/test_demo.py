@@ -18,7 +18,8 @@ def test_demo_runs_the_whole_round_trip(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     out = r.stdout
     for expected in ("OK: bundle verified", "refused with exit code 3", "refused with exit code 5",
-                     "rebuilt 1 part(s)", "installed tiny-llama", "chain intact", "demo finished"):
+                     "rebuilt 1 part(s)", "installed tiny-llama", "chain intact", "DELTA", "v2 loaded offline: {{ messages }} (v2)",
+                     "demo finished"):
         assert expected in out, f"missing {expected!r} in the demo's output"
     for report in ("report.html", "registry-report.html"):
         assert f"wrote {report}" in out and (tmp_path / "demo-out" / report).is_file()

@@ -72,12 +72,17 @@ COMMANDS: dict[str, CommandEntry] = {
     ),
     "fit": CommandEntry(
         "fit_cmds",
-        "Estimate whether MODEL (a model folder, a bundle folder, tar or parts folder, or an installed repo id) fits. Exit 5 if not.",
+        "Estimate whether MODEL (a model folder, a bundle folder, tar or parts folder, an installed repo"
+        " id, or a Hub repo ORG/NAME[@REVISION], read without its weights) fits. Exit 5 if not.",
     ),
     "export": CommandEntry("transfer_cmds", "Write a verified BUNDLE folder as one deterministic tar, or as parts for media with a signed index."),
     "repair": CommandEntry("transfer_cmds", "Rebuild missing or damaged parts of a split export from its parity parts."),
     "diff": CommandEntry("transfer_cmds", "Show what changed between bundles OLD and NEW: models, files, wheels, signers, licences, policy, fit."),
     "sbom": CommandEntry("transfer_cmds", "Write BUNDLE's CycloneDX 1.6 SBOM (JSON): the model, each file and wheel with its SHA-256."),
+    "profile": CommandEntry(
+        "profile_cmds",
+        "Write this host's profile (GPUs, Python tags, installed files, blobs, wheels, channels, trusted key ids) for pack --for.",
+    ),
     "report": CommandEntry("report_cmds", "Write an audit report of BUNDLE (or of --registry DIR) that a reviewer can read, print and sign off."),
 }
 COMMAND_MODULES = tuple(dict.fromkeys(e.module for e in COMMANDS.values()))

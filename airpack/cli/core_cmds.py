@@ -21,6 +21,7 @@ from ._common import KEY_HELP, KEY_METAVAR, Output, airpack_command, pin_file_op
 if TYPE_CHECKING:
     from ..manifest import Manifest
     from ..ops.pack import PackResult, SignResult
+    from ..ops.verify import VerifiedBundle
     from ..trust import TrustPolicy
 
 # Each command imports the operations it runs inside its body, so that `airpack verify`
@@ -350,7 +351,33 @@ def trust_apply(out: Output, policy: Path, update: Path, registry: Path | None) 
 # -- pack and sign ---------------------------------------------------------------------
 
 
+def _target_lines(targets: list[dict[str, Any]]) -> list[str]:
+    """``pack --dry-run``'s estimate per [[targets]] entry, per model (from headers only: nothing was fetched)."""
+    lines = []
+    for t in targets:
+        where = f"{t['count']} x {t['gpu']} ({t['runtime']}" + (f", context {t['context']:,}" if "context" in t else "") + \
+            f", batch {t['batch']})"
+        for e in t.get("estimates") or ([t["estimate"]] if "estimate" in t else []):
+            if e.get("verdict") == "unknown":
+                lines.append(f"  target {where}: {e['model']}: unknown ({e.get('reason', '')})")
+                continue
+            verdict = {"fits": "fits", "tight": "tight", "does_not_fit": "DOES NOT FIT"}.get(e["verdict"], e["verdict"])
+            lines.append(f"  target {where}: {e['model']}: {verdict}, {format_bytes(e['per_gpu_bytes'])} of "
+                         f"{format_bytes(e['limit_bytes'])} per GPU at context {e['context']:,}; longest context "
+                         f"{e['max_context']:,}")
+    return lines
+
+
 def _pack_text(r: PackResult) -> list[str]:
+    lines = _pack_lines(r)
+    if r.delta is not None:
+        from ..ops._pack_delta import delta_text
+
+        lines += delta_text(r.delta)
+    return lines
+
+
+def _pack_lines(r: PackResult) -> list[str]:
     if r.dry_run:
         lines = [f"dry run: would write {len(r.planned)} file(s), {format_bytes(r.total_bytes)} to {r.out}"]
         for m in r.details.get("models", []):
@@ -363,6 +390,7 @@ def _pack_text(r: PackResult) -> list[str]:
         lines += [f"  {p.bundle_path}  {format_bytes(p.size)}" + (f"  ({p.transport})" if p.transport else "")
                   for p in r.planned]
         lines += [f"  left out: {s.path} ({s.reason})" for s in r.skipped]
+        lines += _target_lines(r.details.get("targets", []))
         return lines
     m = r.manifest
     assert m is not None
@@ -399,15 +427,23 @@ def _pack_text(r: PackResult) -> list[str]:
 @click.option("--allow-expired", is_flag=True, help="Write a bundle whose expiry is already past.")
 @click.option("--connections", type=click.IntRange(1, 256), envvar="AIRPACK_CONNECTIONS", default=16, show_default=True,
               help="HTTP connections to the Hub's CDN at once, shared by all files (or AIRPACK_CONNECTIONS).")
+@click.option("--for", "for_profile", type=PathArg, metavar="PROFILE.json",
+              help="A delta bundle for the host this profile describes: carry only the files it lacks.")
 def pack_cmd(
     out: Output, spec: Path, out_dir: Path, key: str | None, passphrase_file: Path | None, pin_file: Path | None, fmt: str,
     endpoint: str | None, token_file: Path | None, dry_run: bool, allow_expired: bool, connections: int,
+    for_profile: Path | None = None,
 ) -> None:
     """Pack the models (and wheels) a SPEC names into a signed bundle."""
     from ..ops.pack import PackOptions, pack
     from ..spec import load_spec
 
     s = load_spec(spec)
+    profile = None
+    if for_profile is not None:
+        from ..host_profile import load_profile
+
+        profile = load_profile(for_profile)
     if not dry_run and key is None:
         raise UsageError("pack needs --key KEY to sign the bundle (or --dry-run)")
     signer = _signer(key, passphrase_file, out, pin_file) if key is not None and not dry_run else None
@@ -422,7 +458,7 @@ def pack_cmd(
 
     def run(dest: Path) -> PackResult:
         return pack(PackOptions(spec=s, out=dest, signer=signer, dry_run=dry_run, allow_expired=allow_expired,
-                                endpoint=endpoint, token=token, connections=connections, progress=out.progress))
+                                endpoint=endpoint, token=token, connections=connections, progress=out.progress, profile=profile))
 
     if fmt == "tar" and not dry_run:  # --out names the tar: pack beside it, export, remove the folder
         from ..ops.export import pack_as_tar
@@ -436,6 +472,8 @@ def pack_cmd(
         out.result(r.to_json(), lambda: _pack_text(r))
     for skipped in r.skipped:  # never silent: what the folder holds and the bundle does not
         out.info(f"note: left out {skipped.path}: {skipped.reason}")
+    for warning in r.warnings:
+        out.warn(warning)
 
 
 def _sign_text(r: SignResult, policy: Path | None) -> list[str]:
@@ -513,9 +551,9 @@ def _manifest_lines(m: Manifest, *, verbose: int) -> list[str]:
 @click.argument("bundle", type=PathArg)
 @click.option("--trust", "policy", type=PathArg, envvar="AIRPACK_TRUST", required=True, help="This host's trust policy (or AIRPACK_TRUST).")
 @click.option("--parts", "parts_only", is_flag=True, help="Only check each part of a split export against its signed index.")
-def verify_cmd(out: Output, bundle: Path, policy: Path, parts_only: bool = False) -> None:
+@click.option("--registry", type=PathArg, help="For a delta bundle: also hash every file it expects on the host in this registry.")
+def verify_cmd(out: Output, bundle: Path, policy: Path, parts_only: bool = False, registry: Path | None = None) -> None:
     """Check BUNDLE (a folder, a tar, or a folder of parts) against the trust policy, every path, size and byte."""
-    from ..ops.verify import VerifyOptions, verify_bundle
     from ..trust import load_policy
 
     p = load_policy(policy)
@@ -525,18 +563,46 @@ def verify_cmd(out: Output, bundle: Path, policy: Path, parts_only: bool = False
 
         verify_parts(out, bundle, p)
         return
-    vb = verify_bundle(VerifyOptions(bundle=bundle, policy=p, progress=out.progress))
+    vb = _verify_with_host(bundle, p, registry, out)
     m = vb.manifest
 
     def text() -> list[str]:
         signers = ", ".join(f"{k.name} ({k.keyid[:12]})" for k in vb.signers)
-        return [f"OK: {bundle} verified", f"  signed by: {signers} (threshold {p.threshold})", *_manifest_lines(m, verbose=out.verbose)]
+        return [f"OK: {bundle} verified", f"  signed by: {signers} (threshold {p.threshold})", *_manifest_lines(m, verbose=out.verbose),
+                *_delta_lines(m, registry if vb.host_checked else None)]
 
+    delta = {"host_checked": vb.host_checked, "registry": str(registry) if vb.host_checked else None} if m.is_delta else {}
     out.result(
         {"verified": True, "bundle": str(bundle), "signers": [{"name": k.name, "keyid": k.keyid} for k in vb.signers],
-         "threshold": p.threshold, **summary(m)},
+         "threshold": p.threshold, **summary(m), **({"delta": {**summary(m)["delta"], **delta}} if m.is_delta else {})},
         text,
     )
+
+
+def _verify_with_host(bundle: Path, policy: TrustPolicy, registry: Path | None, out: Output) -> VerifiedBundle:
+    """verify_bundle, with the registry's copies of a delta's host files when --registry names one (read-only)."""
+    from ..ops.verify import VerifyOptions, verify_bundle
+
+    if registry is None:
+        return verify_bundle(VerifyOptions(bundle=bundle, policy=policy, progress=out.progress))
+    from ..registry import Registry, RegistryCopies
+
+    reg = Registry.open(registry)
+    with reg.reader() as conn:
+        return verify_bundle(VerifyOptions(bundle=bundle, policy=policy, progress=out.progress, host=RegistryCopies(reg, conn)))
+
+
+def _delta_lines(m: Manifest, registry: Path | None) -> list[str]:
+    """A delta says so, and lists every file it expects on the host (never skipped silently)."""
+    if not m.is_delta:
+        return []
+    left = m.expected_on_host
+    carried = m.carried
+    state = (f"each one hashed in registry {registry}: intact" if registry is not None
+             else "NOT checked here: give --registry DIR on the host to hash them")
+    return [f"  DELTA:    carries {len(carried)} file(s), {format_bytes(sum(f.size for f in carried))}; "
+            f"expects {len(left)} file(s), {format_bytes(sum(f.size for f in left))} on the host ({state})",
+            *(f"    on host: {f.path}  {f.size}  sha256 {f.sha256[:16]}" for f in left)]
 
 
 @airpack_command(cli, "inspect")
@@ -556,6 +622,7 @@ def inspect_cmd(out: Output, bundle: Path) -> None:
             "UNVERIFIED: this is what the bundle claims; run `airpack verify --trust POLICY` before trusting it",
             f"  signatures: {len(sigs)} (key ids claimed: {', '.join(k[:12] for k in sigs)})",
             *_manifest_lines(m, verbose=out.verbose),
+            *_delta_lines(m, None),
         ],
     )
 

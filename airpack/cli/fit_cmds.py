@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from .._fs import read_capped
 from ..errors import UsageError
 from ..units import format_bytes
 from ..vram import KV_DTYPES, RUNTIMES
@@ -14,7 +16,7 @@ from . import cli
 from ._common import Output, airpack_command
 
 if TYPE_CHECKING:
-    from ..ops.fit import FitReport
+    from ..ops.fit import FitReport, ModelSource
     from ..ops.plan import Plan
 
 VERDICT_TEXT = {"fits": "fits", "tight": "tight (within 5% of the limit)", "does_not_fit": "DOES NOT FIT"}
@@ -45,6 +47,7 @@ def report_lines(rep: FitReport, *, utilization: str) -> list[str]:
     lines = [
         f"model     {rep.model}  ({rep.location})",
         f"          {rep.shape.describe()}",
+        *hub_lines(rep.hub),
         f"gpu       {gpu.count} x {gpu.name}, {format_bytes(gpu.memory_bytes)} each ({gpu.source}{free})",
         f"runtime   {usable}",
         f"run       {run}; KV cache {est.kv_dtype}, {est.kv_bytes_per_token:,} bytes per token per GPU",
@@ -88,16 +91,25 @@ def report_lines(rep: FitReport, *, utilization: str) -> list[str]:
     return lines
 
 
+def hub_lines(hub: dict[str, Any] | None) -> list[str]:
+    """What was read from the Hub for a model fitted before downloading (config, index, headers: never weights)."""
+    if hub is None:
+        return []
+    return [f"hub       {hub['endpoint']} commit {hub['commit']}: read {format_bytes(hub['bytes_read'])} in "
+            f"{hub['requests']} GET(s) (config, index, safetensors headers) of {format_bytes(hub['repo_bytes'])}"]
+
+
 def _money(v: float | None, currency: str) -> str:
     return "-" if v is None else f"{v:,.2f}{' ' + currency if currency else ''}"
 
 
-def plan_lines(plan: Plan) -> list[str]:
+def plan_lines(plan: Plan, hub: dict[str, Any] | None = None) -> list[str]:
     """The plan as a table: one row per GPU type, the smallest count that fits and what it holds."""
     priced = any(o.cost_per_hour is not None or o.cost_cards is not None for o in plan.options)
     lines = [
         f"model     {plan.model}  ({plan.location})",
         f"          {plan.shape.describe()}",
+        *hub_lines(hub),
         f"run       {plan.runtime}, context {plan.context:,} tokens x batch {plan.batch}; weights "
         f"{format_bytes(plan.weights.total_bytes)}",
         "",
@@ -127,7 +139,8 @@ def plan_lines(plan: Plan) -> list[str]:
 
 
 def _plan(out: Output, model: str, gpus: str | None, prices: Path | None, context: int | None, batch: int,
-          new_tokens: int, runtime: str, kv_dtype: str, util: str, registry: Path | None) -> None:
+          new_tokens: int, runtime: str, kv_dtype: str, util: str, registry: Path | None,
+          sources: list[ModelSource] | None) -> None:
     from ..errors import FitError
     from ..ops.plan import DEFAULT_GPUS, PlanOptions, load_prices, parse_gpu_list, plan_model
 
@@ -135,13 +148,16 @@ def _plan(out: Output, model: str, gpus: str | None, prices: Path | None, contex
     price_table = load_prices(prices) if prices is not None else None
     plans = plan_model(PlanOptions(model=model, gpus=keys, context=context, batch=batch, new_tokens=new_tokens,
                                    runtime=runtime, kv_dtype=kv_dtype, gpu_memory_utilization=util, registry=registry,
-                                   prices=price_table))
+                                   prices=price_table), sources)
+    hub = sources[0].hub if sources else None
     doc: dict[str, Any] = plans[0].to_json() if len(plans) == 1 else {"models": [p.to_json() for p in plans]}
+    if hub is not None:
+        doc["hub"] = dict(hub)
 
     def text() -> list[str]:
         lines: list[str] = []
         for i, p in enumerate(plans):
-            lines += ([""] if i else []) + plan_lines(p)
+            lines += ([""] if i else []) + plan_lines(p, hub)
         return lines
 
     failing = [p for p in plans if not p.any_fits]
@@ -150,6 +166,41 @@ def _plan(out: Output, model: str, gpus: str | None, prices: Path | None, contex
             f"{failing[0].model} fits none of {', '.join(keys)} with 8 or fewer GPUs at context {failing[0].context} x batch {batch}",
             hint="Try a shorter --context, --batch 1, a quantized model, or larger GPUs in --gpus."))
     out.result(doc, text)
+
+
+def hub_token(token_file: Path | None) -> str | None:
+    """The Hub token: the first line of ``--token-file``, else HF_TOKEN; never printed, sent only to the Hub's origin."""
+    if token_file is None:
+        return os.environ.get("HF_TOKEN", "").strip() or None
+    try:
+        return read_capped(token_file, 4096, what="token file").decode("utf-8").strip() or None
+    except FileNotFoundError:
+        raise UsageError(f"token file {token_file} not found", path=str(token_file)) from None
+    except UnicodeDecodeError:
+        raise UsageError(f"token file {token_file} is not UTF-8 text", path=str(token_file)) from None
+
+
+def _hub_sources(model: str, registry: Path | None, endpoint: str | None, token_file: Path | None,
+                 policy: Path | None) -> list[ModelSource] | None:
+    """MODEL read from the Hub when ``ops.fit.model_kind`` says it is a Hub id (None: a path or an installed model).
+
+    Only flags given on the command line count as asking for the Hub: HF_ENDPOINT alone only says which Hub, and
+    AIRPACK_REGISTRY yields to an explicit --endpoint/--token-file.
+    """
+    from ..ops.fit import model_kind
+
+    ctx = click.get_current_context()
+    asked = ctx.get_parameter_source("endpoint") == click.core.ParameterSource.COMMANDLINE or token_file is not None
+    explicit_registry = ctx.get_parameter_source("registry") == click.core.ParameterSource.COMMANDLINE
+    kind = model_kind(model, registry=registry if (explicit_registry or not asked) else None, hub=asked)
+    if kind != "hub":
+        return None
+    if policy is not None and ctx.get_parameter_source("policy") == click.core.ParameterSource.COMMANDLINE:
+        raise UsageError("--trust verifies a bundle tar or parts folder; a Hub model is read unsigned, before packing",
+                         hint="Drop --trust to fit the Hub's repo.")
+    from ..ops.fit_hub import load_hub_model  # the network: only for a Hub id
+
+    return [load_hub_model(model, endpoint=endpoint, token=hub_token(token_file))]
 
 
 @airpack_command(cli, "fit")
@@ -172,10 +223,19 @@ def _plan(out: Output, model: str, gpus: str | None, prices: Path | None, contex
 @click.option("--plan", is_flag=True, help="A sizing plan: for each GPU type, the fewest GPUs (1, 2, 4, 8) that fit and what they hold.")
 @click.option("--gpus", help="GPU types for --plan, comma-separated (default: H100-80GB,H200,B200,A100-80GB,A100-40GB,L40S,RTX-4090,L4).")
 @click.option("--prices", type=click.Path(path_type=Path), help="TOML price file for --plan (your own figures per GPU-hour or per card).")
+@click.option("--endpoint", envvar="HF_ENDPOINT",
+              help="Hub endpoint for an ORG/NAME[@REVISION] MODEL (default: HF_ENDPOINT or the public Hub); "
+                   "only config.json and the safetensors headers are read.")
+@click.option("--token-file", type=click.Path(path_type=Path), help="File holding a Hub token (default: the HF_TOKEN variable).")
 def fit_cmd(out: Output, model: str, gpu: str | None, context: int | None, batch: int, new_tokens: int, runtime: str,
             kv_dtype: str, utilization: str, registry: Path | None, policy: Path | None, trace: bool, plan: bool,
-            gpus: str | None, prices: Path | None) -> None:
-    """Estimate whether MODEL (a model folder, a bundle folder, tar or parts folder, or an installed repo id) fits. Exit 5 if not."""
+            gpus: str | None, prices: Path | None, endpoint: str | None, token_file: Path | None) -> None:
+    """Estimate whether MODEL (a model folder, a bundle folder, tar or parts folder, an installed repo id, or a Hub
+    repo ORG/NAME[@REVISION], read without its weights) fits. Exit 5 if not.
+
+    Of a Hub repo only config.json, the shard index and the safetensors headers are read (range requests); a path
+    that exists is always a path, and --registry keeps a repo id on the offline side (docs/fit.md).
+    """
     from ..ops.fit import FitOptions, fit_error, fit_model, report_json
     from ..trust import load_policy
     from ..vram import parse_utilization
@@ -187,13 +247,16 @@ def fit_cmd(out: Output, model: str, gpu: str | None, context: int | None, batch
         if gpu is not None or trace or policy is not None:
             raise UsageError("--plan sizes catalog GPUs: it takes --gpus, not --gpu, --trace or --trust",
                              hint="airpack fit MODEL --plan --gpus H100,L40S [--context N] [--batch N] [--prices FILE]")
-        _plan(out, model, gpus, prices, context, batch, new_tokens, runtime, kv_dtype, util, registry)
+        _plan(out, model, gpus, prices, context, batch, new_tokens, runtime, kv_dtype, util, registry,
+              _hub_sources(model, registry, endpoint, token_file, None))
         return
     if trace and click.get_current_context().get_parameter_source("runtime") == click.core.ParameterSource.DEFAULT:
         runtime = "transformers"  # the trace runs transformers' generate(); vLLM cannot be traced
+    sources = _hub_sources(model, registry, endpoint, token_file, policy)
     reports = fit_model(FitOptions(model=model, gpu=gpu, context=context, batch=batch, new_tokens=new_tokens, runtime=runtime,
                                    kv_dtype=kv_dtype, gpu_memory_utilization=util, registry=registry,
-                                   policy=load_policy(policy) if policy is not None else None, trace=trace))
+                                   policy=load_policy(policy) if policy is not None and sources is None else None,
+                                   trace=trace), sources)
     failing = [r for r in reports if r.result.verdict == "does_not_fit"]
     doc: dict[str, Any] = report_json(reports)
 

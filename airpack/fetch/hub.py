@@ -198,6 +198,10 @@ class HubClient:
     def has_token(self) -> bool:
         return self._token is not None
 
+    def scrub(self, text: str) -> str:
+        """``text`` without the token, URL credentials or a signed URL's query: for a message another module words."""
+        return self._scrub(text)
+
     # -- errors ------------------------------------------------------------------------
 
     def _translate(self, e: BaseException, what: str, repo_id: str, revision: str, path: str | None) -> Exception | None:

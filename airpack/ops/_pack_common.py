@@ -29,6 +29,7 @@ from ..errors import (
 )
 from ..formats import SNIFF_BYTES, Risk
 from ..hashing import copy_and_hash
+from ..host_profile import HostProfile
 from ..manifest import FileEntry
 from ..progress import NULL_PROGRESS, Progress
 from ..safetensors_check import read_header, summarize
@@ -69,6 +70,7 @@ class PackOptions:
     timeout: float = 30.0
     xet: bool = True  # Xet-backed files through huggingface_hub's Xet path when hf_xet is installed
     progress: Progress = NULL_PROGRESS
+    profile: HostProfile | None = None  # ``pack --for``: a delta for this host (carry only what it lacks)
 
     def __post_init__(self) -> None:
         if not 1 <= self.connections <= 256:

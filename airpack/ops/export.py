@@ -230,7 +230,7 @@ class _TarSink(Sink):
 
     def begin(self, trusted: Trusted) -> None:
         m = trusted.manifest
-        members = [(ENVELOPE_NAME, len(trusted.envelope)), (MANIFEST_NAME, len(trusted.payload))] + [(f.path, f.size) for f in m.files]
+        members = [(ENVELOPE_NAME, len(trusted.envelope)), (MANIFEST_NAME, len(trusted.payload))] + [(f.path, f.size) for f in m.carried]
         self.total = archive_size(members)
         write, tar_hash = self.target.open(self.total), self.tar_hash
 

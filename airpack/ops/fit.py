@@ -20,12 +20,13 @@ fit question at all: ``ContextTooLongError`` (exit 2).
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .. import content
 from .._fs import check_relpath, open_regular_nofollow
@@ -84,10 +85,11 @@ class ModelSource:
     """A model as the estimator sees it: its config and its tensors' headers."""
 
     name: str
-    kind: str  # "folder", "bundle" or "registry"
+    kind: str  # "folder", "bundle", "registry" or "hub"
     location: str
     config: dict[str, Any] = field(repr=False)
     tensors: tuple[TensorInfo, ...] = field(repr=False)
+    hub: dict[str, Any] | None = None  # for a model read from the Hub: endpoint, repo, revision, commit, what was read
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class FitReport:
     suggestions: tuple[str, ...] = ()  # when it does not fit: what would, each checked by estimating again
     utilization: str = "0.9"  # vLLM's share of each GPU the estimate used, as given
     trace: TracedFit | None = None  # the trace's measurement, when asked for (its verdict is the report's)
+    hub: dict[str, Any] | None = None  # the source's Hub record, for a model read from the Hub before downloading
 
     def to_json(self) -> dict[str, Any]:
         """Integers, strings, lists and objects only: it goes into manifests and audit lines."""
@@ -141,6 +144,8 @@ class FitReport:
             out["max_concurrency"] = r.max_concurrency
         if self.weights.quantization:
             out["quantization"] = self.weights.quantization
+        if self.hub is not None:
+            out["hub"] = dict(self.hub)
         if self.trace is not None:
             out["estimate_verdict"] = self.trace.estimate_verdict
             out["estimate_per_gpu_bytes"] = self.trace.estimate_bytes
@@ -274,6 +279,14 @@ def _walk_files(root: Path) -> list[str]:
     return out
 
 
+def load_paths(paths: Mapping[str, Path], *, name: str, location: str) -> ModelSource:
+    """A model made of the files ``paths`` names (relative path -> a regular file already checked): a pack plan's files."""
+    def opener(rel: str) -> int:
+        return open_regular_nofollow(paths[rel], display=f"{location}/{rel}")
+
+    return _load_with(opener, sorted(paths), name, "folder", location)
+
+
 def load_folder(path: Path, *, name: str | None = None) -> ModelSource:
     """A model folder of the user's (links followed: a Hugging Face cache snapshot is links)."""
     root = Path(path)
@@ -367,6 +380,94 @@ def load_models(model: str, registry: Path | None, policy: TrustPolicy | None = 
     return [load_registry(reg, model)]
 
 
+# A Hub repo id as `airpack fit` takes it: ORG/NAME, then an optional @REVISION (a branch, tag or commit).
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_.-]{1,96})(?:@(?P<rev>[^\s@]{1,255}))?$")
+
+
+def hub_id(model: str) -> tuple[str, str] | None:
+    """(repo id, revision) when MODEL is written as a Hub repo id (``ORG/NAME[@REVISION]``, revision ``main`` by default)."""
+    m = HUB_ID.match(model)
+    if m is None or m.group("repo").endswith((".", "/")) or ".." in m.group("repo"):
+        return None
+    return m.group("repo"), m.group("rev") or "main"
+
+
+def model_kind(model: str, *, registry: Path | None, hub: bool) -> str:
+    """Where MODEL is: ``"path"`` (on disk), ``"registry"`` (installed) or ``"hub"`` (read there before downloading).
+
+    The rule, in order, so an offline host never reaches the network by accident:
+
+    1. a path that exists is a path (``hub``, an explicit ``--endpoint`` or ``--token-file``, with one is exit 2:
+       the words name both a local folder and a Hub repo);
+    2. with ``hub`` asked for, an ``ORG/NAME[@REVISION]`` is a Hub id (``--registry`` too is exit 2);
+    3. with a registry (``--registry`` or ``AIRPACK_REGISTRY``), an installed repo id (an ``@REVISION`` is exit 2:
+       the registry holds the installed commit);
+    4. otherwise an ``ORG/NAME[@REVISION]`` is a Hub id on the default endpoint (``HF_ENDPOINT`` or the public Hub);
+       anything else is exit 2.
+    """
+    p = Path(model)
+    ident = hub_id(model)
+    if p.exists() or p.is_symlink():
+        if hub:
+            raise UsageError(
+                f"{model} is a local path, but --endpoint/--token-file ask for the Hub: which one is meant is ambiguous",
+                path=model, hint=f"Drop --endpoint/--token-file to fit the local {model}, or run from a folder that holds "
+                                 "no such path to fit the Hub's repo.")
+        return "path"
+    if hub:
+        if ident is None:
+            raise UsageError(f"{model} is not a local path nor a Hub repo id (ORG/NAME[@REVISION])", path=model)
+        if registry is not None:
+            raise UsageError(f"{model}: --registry names an installed model and --endpoint/--token-file the Hub; give one",
+                             path=model, hint="Drop --registry to read the Hub's repo, or drop --endpoint/--token-file.")
+        return "hub"
+    if registry is not None:
+        if ident is not None and "@" in model:
+            raise UsageError(f"{model}: an installed model has no @REVISION (the registry holds the commit it installed)",
+                             path=model, hint="Drop @REVISION, or pass --endpoint URL to read that revision from the Hub.")
+        return "registry"
+    if ident is not None:
+        return "hub"
+    raise UsageError(f"{model} is not a folder or a Hub repo id (ORG/NAME[@REVISION]); to fit an installed model pass "
+                     "--registry DIR (or set AIRPACK_REGISTRY)", path=model)
+
+
+class RemoteModel(Protocol):
+    """A model whose files something else reads (``fetch.hub_meta.HubModelReader``): ops.fit never reaches the network."""
+
+    @property
+    def repo_id(self) -> str: ...
+
+    @property
+    def location(self) -> str: ...
+
+    @property
+    def files(self) -> list[str]: ...
+
+    def read(self, rel: str, cap: int) -> bytes: ...
+
+    def header(self, rel: str) -> SafetensorsInfo: ...
+
+
+def load_remote(remote: RemoteModel, *, hub: dict[str, Any] | None = None, files: list[str] | None = None,
+                prefetch: Callable[[list[str]], object] | None = None) -> ModelSource:
+    """A model from a remote reader: config.json, the shard index and the chosen headers, as a folder's are chosen.
+
+    ``files`` narrows the repo's files (a pack's include/exclude); ``prefetch(weight files)`` may read
+    the headers ahead (a few at once) before they are taken one by one.
+    """
+    files = remote.files if files is None else files
+
+    def header(rel: str) -> SafetensorsInfo:
+        return remote.header(rel)
+
+    if prefetch is not None and "config.json" in files:
+        read_index = (lambda: remote.read(INDEX_NAME, MAX_INDEX_BYTES)) if INDEX_NAME in files else None
+        prefetch(select_weight_files(files, read_index))
+    src = _assemble(remote.repo_id, "hub", remote.location, files, read=remote.read, header=header)
+    return replace(src, hub=hub)
+
+
 # -- estimating -------------------------------------------------------------------------------------
 
 
@@ -408,7 +509,7 @@ def estimate_source(src: ModelSource, run: RunConfig, gpu: GpuBudget, *, trace: 
     result = fit(shape, weights, run, gpu)
     tips = suggest(shape, weights, run, gpu, result) if result.verdict == "does_not_fit" else ()
     report = FitReport(model=src.name, location=src.location, shape=shape, weights=weights, result=result, suggestions=tips,
-                       utilization=str(parse_utilization(run.gpu_memory_utilization)))
+                       utilization=str(parse_utilization(run.gpu_memory_utilization)), hub=src.hub)
     return trace_fit(src, report, gpu) if trace else report
 
 
@@ -491,14 +592,16 @@ def run_config(*, runtime: str | None, context: int | None, batch: int = 1, new_
                      gpu_memory_utilization=gpu_memory_utilization, tensor_parallel=count)
 
 
-def fit_model(opts: FitOptions) -> list[FitReport]:
-    """``airpack fit``: one report per model (a bundle may carry several)."""
+def fit_model(opts: FitOptions, sources: list[ModelSource] | None = None) -> list[FitReport]:
+    """``airpack fit``: one report per model (a bundle may carry several); ``sources`` already read (from the Hub)."""
     gpu = resolve_gpus(opts.gpu)
     run = run_config(runtime=opts.runtime, context=opts.context, batch=opts.batch, new_tokens=opts.new_tokens,
                      kv_dtype=opts.kv_dtype, gpu_memory_utilization=opts.gpu_memory_utilization, count=gpu.count)
     if opts.trace:
         check_traceable(run, gpu)
-    return [estimate_source(src, run, gpu, trace=opts.trace) for src in load_models(opts.model, opts.registry, opts.policy)]
+    if sources is None:
+        sources = load_models(opts.model, opts.registry, opts.policy)
+    return [estimate_source(src, run, gpu, trace=opts.trace) for src in sources]
 
 
 _STARTUP = "vLLM refuses to start"  # the start of vram.fit's note when vLLM's budget is not free on the GPUs
@@ -654,7 +757,6 @@ def estimate_target(out: Path, prefix: str, repo_id: str, *, gpu: str, count: in
     pack are never counted); a model the estimator cannot read, or a runtime
     it does not model, is recorded with verdict ``unknown`` and the reason.
     """
-    budget = parse_gpu(gpu, count=count)
     root = Path(out).joinpath(*prefix.split("/"))
     pre = prefix + "/"
     rels = [f[len(pre):] for f in files if f.startswith(pre)] if files is not None else _walk_files(root)
@@ -662,12 +764,24 @@ def estimate_target(out: Path, prefix: str, repo_id: str, *, gpu: str, count: in
     def opener(rel: str) -> int:
         return open_regular_nofollow(root.joinpath(*rel.split("/")), display=pre + rel)
 
+    return estimate_target_source(lambda: _load_with(opener, rels, repo_id, "bundle", prefix), repo_id, gpu=gpu, count=count,
+                                  context=context, runtime=runtime, batch=batch)
+
+
+def estimate_target_source(load: Callable[[], ModelSource], repo_id: str, *, gpu: str, count: int, context: int | None,
+                           runtime: str, batch: int) -> dict[str, Any]:
+    """One spec target's estimate for the model ``load()`` reads: pack's record, and ``pack --dry-run``'s answer.
+
+    A model the estimator cannot read, or a runtime it does not model, gets verdict
+    ``unknown`` and the reason (never "fits" on a guess); a fetch error propagates.
+    """
+    budget = parse_gpu(gpu, count=count)
     try:
         run = run_config(runtime=runtime, context=context, batch=batch, count=budget.count)
     except UsageError as e:
         return _unknown(repo_id, e.message)
     try:
-        rep = estimate_source(_load_with(opener, rels, repo_id, "bundle", prefix), run, budget)
+        rep = estimate_source(load(), run, budget)
     except (ModelConfigError, IntegrityError) as e:
         return _unknown(repo_id, e.message)
     j = rep.to_json()

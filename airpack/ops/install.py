@@ -44,6 +44,7 @@ from ..registry import (
     AuthorisingPolicy,
     Database,
     Registry,
+    RegistryCopies,
     Txn,
     Writer,
     audit_base,
@@ -198,6 +199,8 @@ class _Staging(Sink):
         self._first: dict[str, Read] = {}  # path -> the read of a content the registry lacks (staged at its first path)
         self._hash_only: set[str] = set()  # paths nobody keeps (an SBOM, say): hashed, never written
         self.same: int | None = None  # this exact bundle is installed (its id): every byte is verified, nothing written
+        # A delta's files expected on the host: every registry copy is hashed again before anything is staged.
+        self.host = RegistryCopies(w.reg, w.conn)
 
     def identify(self, manifest: Manifest, signers: tuple[TrustedKey, ...]) -> None:
         m = manifest
@@ -210,7 +213,7 @@ class _Staging(Sink):
     def begin(self, trusted: Trusted) -> None:
         m, opts = trusted.manifest, self.opts
         if self.source.random_access and self.source.root is not None:  # headers are known now: refuse before a byte is copied
-            self.check_fit(m, trusted.headers, bundle_reader(self.source.root, {}))
+            self.check_fit(m, trusted.headers, bundle_reader(self.source.root, trusted.host_kept))
         content.check_operator_consent(m, allow_pickle=opts.allow_pickle, allow_code=opts.allow_code)
         self.attempt.record["downgrade"] = trusted.downgrade
         crash_point("verified")

@@ -113,7 +113,7 @@ def push(opts: PushOptions) -> PushResult:
 
     env_desc = blob_descriptor(ENVELOPE_MEDIA_TYPE, env_bytes, ENVELOPE_NAME)
     copy_desc = blob_descriptor(MANIFEST_COPY_MEDIA_TYPE, vb.payload, MANIFEST_NAME)
-    files = [file_descriptor(f.path, f.sha256, f.size) for f in m.files]
+    files = [file_descriptor(f.path, f.sha256, f.size) for f in m.carried]  # a delta: only what it carries
     annotations = {
         "org.opencontainers.image.created": format_time(m.created),
         "org.opencontainers.image.title": m.name,
@@ -275,7 +275,7 @@ class _FolderSink(Sink):
 
     def begin(self, trusted: Trusted) -> None:
         self.trusted = trusted
-        for f in trusted.manifest.files:
+        for f in trusted.manifest.carried:
             self.dest.joinpath(*f.path.split("/")).parent.mkdir(parents=True, exist_ok=True)
 
     def open(self, entry: FileEntry) -> FileSink:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import hashlib
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from ..rules import is_expired
 from ..sbom import write_sbom
 from ..signing import PAYLOAD_TYPE, Signer, envelope_bytes, parse_envelope, verify_sig
 from ..sources import DirSource
-from ..spec import ModelSpec, PackSpec
+from ..spec import ModelSpec, PackSpec, TargetSpec
 from ..trust import TrustedKey, TrustPolicy, check_every_signature
 from ._pack_common import (
     PICKLE_DUPLICATE,
@@ -54,6 +56,7 @@ from ._pack_common import (
 from ._pack_common import STAGING_DIR as STAGING_DIR  # re-exported, like the next two: this module's API
 from ._pack_common import PackOptions as PackOptions
 from ._pack_common import PlannedFile as PlannedFile
+from ._pack_delta import delta_listing, dry_run_delta, for_host, on_host_paths
 from ._pack_wheels import pack_wheels
 from .fit import estimate_target, worst_estimate
 from .verify import read_unverified, verify_source
@@ -79,6 +82,8 @@ class PackResult:
     tar_sha256: str | None = None
     skipped: tuple[Skipped, ...] = ()  # source files left out without the spec saying so, with the reason
     hub: tuple[dict[str, Any], ...] = ()  # per Hub model: files, bytes, seconds, resumed/downloaded bytes, retries
+    warnings: tuple[str, ...] = ()  # ``pack --for``: what the host's profile says it would doubt (an untrusted key, GPUs)
+    delta: dict[str, Any] | None = None  # ``pack --for``: what is carried and what is left on the host (``delta_listing``)
 
     @property
     def total_bytes(self) -> int:
@@ -94,6 +99,7 @@ class PackResult:
                 "total_bytes": self.total_bytes,
                 "skipped": [s.to_json() for s in self.skipped],
                 **self.details,
+                **self._for_host(),
             }
         assert self.manifest is not None
         doc = {"dry_run": False, "out": str(self.out), "keyid": self.keyid, **summary(self.manifest),
@@ -102,7 +108,11 @@ class PackResult:
             doc.update({"tar_size": self.tar_size, "tar_sha256": self.tar_sha256})
         if self.hub:
             doc["hub"] = hub_totals(self.hub)
-        return doc
+        return {**doc, **self._for_host()}
+
+    def _for_host(self) -> dict[str, Any]:
+        """``pack --for``'s keys (absent without it, so a full pack's document is as it always was)."""
+        return {"delta": self.delta, "warnings": list(self.warnings)} if self.delta is not None else {}
 
 
 def hub_totals(models: tuple[dict[str, Any], ...]) -> dict[str, Any]:
@@ -423,6 +433,10 @@ def pack(opts: PackOptions) -> PackResult:
     after it takes back the folder it created, unless it holds downloads that
     the next run resumes from.
     """
+    warnings: list[str] = []
+    if opts.profile is not None:  # before anything is fetched: a sequence the host would refuse is exit 4 here
+        adjusted, warnings = for_host(opts.spec, opts.profile, opts.signer.keyid if opts.signer is not None else None)
+        opts = dataclasses.replace(opts, spec=adjusted)
     spec = opts.spec
     now = opts.now or now_utc()
     if is_expired(spec.expires, now) and not opts.allow_expired:
@@ -441,11 +455,17 @@ def pack(opts: PackOptions) -> PackResult:
         check_no_collisions(p.bundle_path for p in planned)
     if opts.dry_run:
         wheels, _, wheel_plan = pack_wheels(spec.wheels, opts) if spec.wheels is not None else ([], [], [])
+        details: dict[str, Any] = {"models": [p.record for p in plans], "wheels": wheels}
+        if spec.targets:  # the estimate per target, from the Hub's headers or the folder's, before anything is fetched
+            from .fit_hub import dry_run_estimator
+
+            details["targets"] = fit_targets(spec, opts.out, details["models"], estimate=dry_run_estimator(plans, opts))
+        delta = dry_run_delta(planned + wheel_plan, wheels, opts.profile) if opts.profile is not None else None
         return PackResult(out=opts.out, manifest=None, planned=tuple(planned + wheel_plan), keyid=None, dry_run=True,
-                          details={"models": [p.record for p in plans], "wheels": wheels}, skipped=skipped)
+                          details=details, skipped=skipped, warnings=tuple(warnings), delta=delta)
     create_out(opts.out)
     try:
-        return _write_bundle(opts, plans, now, skipped)
+        return dataclasses.replace(_write_bundle(opts, plans, now, skipped), warnings=tuple(warnings))
     except Exception:
         discard_out(opts.out, state, [p.record["path"] for p in plans if p.record["source"] == "hub"])
         raise
@@ -472,6 +492,7 @@ def _write_bundle(opts: PackOptions, plans: list[ModelPlan], now: dt.datetime, s
     # the CycloneDX SBOM is a bundle file, so the signature covers it
     entries.append(write_sbom(opts.out, name=spec.name, channel=spec.channel, sequence=spec.sequence, created=now,
                               files=entries, models=models, wheels=wheels))
+    on_host = on_host_paths(entries, models, wheels, opts.profile) if opts.profile is not None else []
     statement = build_statement(
         name=spec.name,
         channel=spec.channel,
@@ -484,10 +505,11 @@ def _write_bundle(opts: PackOptions, plans: list[ModelPlan], now: dt.datetime, s
         allow_pickle=spec.allow_pickle,
         allow_code=spec.allow_code,
         targets=targets,
+        on_host=on_host,
     )
     payload = encode(statement)
     assert opts.signer is not None
-    prune_out(opts.out, {e.path for e in entries})
+    prune_out(opts.out, {e.path for e in entries} - set(on_host))  # a delta's files the host holds leave the folder here
     sig = opts.signer.sign(PAYLOAD_TYPE, payload)
     try:
         write_signed(opts.out, payload, envelope_bytes(PAYLOAD_TYPE, payload, [sig]))
@@ -495,18 +517,26 @@ def _write_bundle(opts: PackOptions, plans: list[ModelPlan], now: dt.datetime, s
     except OSError as e:
         raise oserror_to_airpack(e, "cannot write", str(opts.out)) from None
     manifest = parse(payload, digest=hashlib.sha256(payload).hexdigest())
+    delta = None
+    if opts.profile is not None:
+        delta = delta_listing([(f.path, f.size) for f in manifest.carried], [(f.path, f.size) for f in manifest.expected_on_host], [])
     return PackResult(out=opts.out, manifest=manifest, planned=tuple(planned), keyid=opts.signer.keyid, dry_run=False,
-                      skipped=skipped, hub=tuple(p.hub_stats for p in plans if p.hub_stats))
+                      skipped=skipped, hub=tuple(p.hub_stats for p in plans if p.hub_stats), delta=delta)
 
 
-def fit_targets(spec: PackSpec, out: Path, models: list[dict[str, Any]], *, files: list[str] | None = None) -> list[dict[str, Any]]:
-    """The spec's GPU targets, each with the fit estimate made now from the packed files (integers and strings only)."""
+def fit_targets(spec: PackSpec, out: Path, models: list[dict[str, Any]], *, files: list[str] | None = None,
+                estimate: Callable[[TargetSpec, dict[str, Any]], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The spec's GPU targets, each with the fit estimate made now from the packed files (integers and strings only).
+
+    ``estimate(target, model record)`` replaces the reading of the packed files (a dry run reads the plan's).
+    """
     targets: list[dict[str, Any]] = []
     for t in spec.targets:
         entry: dict[str, Any] = {"gpu": t.gpu, "count": t.count, "runtime": t.runtime, "batch": t.batch}
         if t.context is not None:
             entry["context"] = t.context
         estimates = [
+            estimate(t, m) if estimate is not None else
             estimate_target(out, m["path"], m["repo_id"], gpu=t.gpu, count=t.count, context=t.context, runtime=t.runtime,
                             batch=t.batch, files=files)
             for m in models

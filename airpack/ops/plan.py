@@ -277,9 +277,9 @@ def plan_source(src: ModelSource, opts: PlanOptions) -> Plan:
                 currency=opts.prices.currency if opts.prices is not None else "")
 
 
-def plan_model(opts: PlanOptions) -> list[Plan]:
-    """``airpack fit MODEL --plan``: one plan per model (a bundle may carry several)."""
+def plan_model(opts: PlanOptions, sources: list[ModelSource] | None = None) -> list[Plan]:
+    """``airpack fit MODEL --plan``: one plan per model (a bundle may carry several); ``sources`` already read (from the Hub)."""
     for key in opts.gpus:
         if not any(g.key == key for g in CATALOG):
             raise GpuSpecError(f"unknown GPU {key!r} in --gpus")
-    return [plan_source(src, opts) for src in load_models(opts.model, opts.registry)]
+    return [plan_source(src, opts) for src in (load_models(opts.model, opts.registry) if sources is None else sources)]

@@ -9,7 +9,10 @@ tar, parts, OCI artifact):
 4. freshness, and with registry facts the channel's sequence (``airpack.rules``);
 5. the content policy the manifest signs (pickles, code);
 6. the readable manifest copy, byte for byte;
-7. every path, size and digest, with one report of missing, extra and changed files;
+7. for a delta bundle (``pack --for``), with the host's registry to hand (``host``, or a sink that
+   relies on it: install), every registry copy of each file expected on the host, hashed again
+   (``check_on_host``) before a byte of the bundle is read or written; then every path, size and
+   digest of what the bundle carries, with one report of missing, extra and changed files;
 8. the safetensors header of every weight file, parsed from the bytes that were hashed, and the
    content policy again over each file's first bytes as hashed (``content.check_file``: a pickle
    or a program is told by its bytes, whatever its name; a GGUF header must be sane).
@@ -20,15 +23,24 @@ written is what was checked. ``policy=None`` is the unverified mode (sign's
 own check before co-signing, a pull without ``--trust``): signatures and
 freshness are not checked (both are the host's trust decisions) and the result
 says so; every other step runs.
+
+A delta's files expected on the host are never skipped silently: the bundle
+must not carry them (carrying one is exit 3), the result lists them
+(``VerifiedBundle.expected``) and says whether the host's copies were
+hashed (``host_checked``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
+import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Protocol
 
 from .. import content, rules
 from .._fs import NameSet, check_no_collisions, check_relpath, collision_key, oserror_to_airpack
@@ -37,6 +49,7 @@ from ..errors import (
     BundleMismatchError,
     EnvelopeError,
     FileMismatch,
+    HostFilesError,
     IntegrityError,
     MismatchReport,
     PartsError,
@@ -53,6 +66,7 @@ from ..sources import BundleSource, LocalFile, Member, open_source
 from ..trust import TrustedKey, TrustPolicy, verify_envelope
 
 MAX_KEPT_BYTES = 64 << 20  # a small file kept in memory for the caller (config.json, a shard index)
+MAX_HOST_KEPT_BYTES = 4 << 20  # a delta's host file this small is kept as hashed: the fit check reads configs from it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +76,7 @@ class VerifyOptions:
     now: dt.datetime | None = None
     workers: int | None = None
     progress: Progress = NULL_PROGRESS
+    host: HostCopies | None = None  # the registry's copies of a delta's host files (verify --registry)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +105,7 @@ class Trusted:
     verified: bool
     downgrade: bool
     headers: Mapping[str, SafetensorsInfo] = field(repr=False, default_factory=dict)
+    host_kept: Mapping[str, bytes] = field(repr=False, default_factory=dict)  # a delta's small host files, hashed (fit)
 
 
 @dataclass(frozen=True)
@@ -101,10 +117,32 @@ class VerifiedBundle(Trusted):
     """
 
     kept: Mapping[str, bytes] = field(repr=False, compare=False, default_factory=dict)
+    host_checked: bool = False  # a delta whose files expected on the host were hashed in the host's registry
+
+    @property
+    def expected(self) -> tuple[FileEntry, ...]:
+        """The files a delta relies on the host for (none for a full bundle)."""
+        return self.manifest.expected_on_host
 
     @property
     def signer_names(self) -> list[str]:
         return [k.name for k in self.signers]
+
+
+class HostCopies(Protocol):
+    """Where the host holds a delta's files: the registry's root, and every copy its database names of one file's bytes.
+
+    ``registry.RegistryCopies`` is the one implementation (kept there, so that verifying a bundle imports no SQLite).
+    """
+
+    @property
+    def root(self) -> Path:
+        """The registry folder: a copy resolving outside it is refused."""
+        ...
+
+    def copies(self, entry: FileEntry) -> list[Path]:
+        """Every path under ``root`` that should hold ``entry``'s bytes; empty when the registry holds none."""
+        ...
 
 
 class FileSink:
@@ -136,6 +174,7 @@ class Sink:
 
     ordered: bool = False
     action: str = "verify"  # the progress bar's label: what the user asked for
+    host: HostCopies | None = None  # install: a delta's files expected on the host must be in this registry, hashed again
 
     def identify(self, manifest: Manifest, signers: tuple[TrustedKey, ...]) -> None:
         """The signed manifest just parsed, before any decision on it (install records what it may be about to refuse)."""
@@ -237,7 +276,10 @@ def _tree_report(members: list[Member], manifest: Manifest) -> MismatchReport:
             raise UnsafePathError(f"unsafe entry {e.path} in bundle: {e.problem}", path=e.path)
     check_no_collisions([ENVELOPE_NAME, MANIFEST_NAME, *(e.path for e in members)])
     present = {e.path: e for e in members}
-    expected = {f.path: f for f in manifest.files}
+    both = sorted(manifest.on_host & set(present))
+    if both:
+        raise _carried_on_host(both[0])
+    expected = {f.path: f for f in manifest.carried}
     aliases = _Aliases(expected, what="entry", where="in bundle")
     for p in present:
         aliases.refuse(p)
@@ -249,6 +291,10 @@ def _tree_report(members: list[Member], manifest: Manifest) -> MismatchReport:
             changed.append(_mismatch(f, size=there.size, sha256=there.sha256, reason=why))
     return MismatchReport(missing=tuple(sorted(set(expected) - set(present))), extra=tuple(sorted(set(present) - set(expected))),
                           changed=tuple(changed))
+
+
+def _carried_on_host(path: str) -> IntegrityError:
+    return IntegrityError(f"{path} is marked in the manifest as expected on the host, but the bundle also carries it", path=path)
 
 
 class _Aliases:
@@ -408,7 +454,7 @@ def _random_access_files(source: BundleSource, manifest: Manifest, files: _Files
             raise BundleMismatchError(MismatchReport(changed=(outcome.mismatch,)))
         return f.path, outcome
 
-    todo = [f for f in manifest.files if f.path not in report.missing]
+    todo = [f for f in manifest.carried if f.path not in report.missing]
     if sink is not None and sink.ordered:
         outcomes = dict(one(f) for f in sorted(todo, key=lambda f: f.path))
     else:
@@ -419,7 +465,7 @@ def _random_access_files(source: BundleSource, manifest: Manifest, files: _Files
 
 def _stream_files(source: BundleSource, manifest: Manifest, files: _Files) -> tuple[dict[str, _Outcome], MismatchReport]:
     """Tar and parts: each member once, in order, checked by name before a byte of it is used."""
-    expected = {f.path: f for f in manifest.files}
+    expected = {f.path: f for f in manifest.carried}
     seen = NameSet([ENVELOPE_NAME, MANIFEST_NAME], what="member", where=f" in {source.label}")
     aliases = _Aliases(expected, what="member", where=f"in {source.label}")
     names: list[str] = []
@@ -431,6 +477,8 @@ def _stream_files(source: BundleSource, manifest: Manifest, files: _Files) -> tu
         seen.add(name)
         aliases.refuse(name)
         names.append(name)
+        if name in manifest.on_host:
+            raise _carried_on_host(name)
         entry = expected.get(name)
         if entry is None:
             extra.append(name)
@@ -449,7 +497,7 @@ def _preread_headers(source: BundleSource, manifest: Manifest) -> dict[str, Safe
     if root is None:
         return {}
     out: dict[str, SafetensorsInfo] = {}
-    for f in manifest.files:  # only called once the entries are exactly as signed
+    for f in manifest.carried:  # only called once the entries are exactly as signed
         if content.is_safetensors(f.path):
             try:
                 out[f.path] = read_header(root.joinpath(*f.path.split("/")), display=f.path)
@@ -460,18 +508,27 @@ def _preread_headers(source: BundleSource, manifest: Manifest) -> dict[str, Safe
 
 def verify_source(source: BundleSource, policy: TrustPolicy | None, *, now: dt.datetime | None = None,
                   sequence: SequenceCheck | None = None, sink: Sink | None = None, keep: Callable[[str], bool] | None = None,
-                  workers: int | None = None, progress: Progress = NULL_PROGRESS) -> VerifiedBundle:
+                  workers: int | None = None, progress: Progress = NULL_PROGRESS,
+                  host: HostCopies | None = None) -> VerifiedBundle:
     """Run the check sequence once over ``source``; return the verified bundle or raise the first named refusal.
 
     ``sink`` receives every verified byte; ``keep(path)`` names small files
     whose verified bytes the caller wants back (``VerifiedBundle.kept``).
+    ``host`` (``verify --registry``) names the host's copies of a delta's
+    files expected on the host; a sink that ``relies_on_host`` names its own.
     """
     if policy is not None:
         policy.check_usable()
+    locate = sink.host if sink is not None and sink.host is not None else host
     with source.session():
         trusted = _trust(source, policy, now=now, sequence=sequence, sink=sink)
         manifest = trusted.manifest
-        task = progress.task(f"{sink.action if sink is not None else 'verify'} {manifest.name}", manifest.total_bytes)
+        held = None
+        if manifest.is_delta and locate is not None:  # before a byte of the bundle is read or written
+            held = check_on_host(manifest.expected_on_host, locate, workers=workers, progress=progress)
+            trusted = replace(trusted, headers=held.headers, host_kept=held.kept)
+        task = progress.task(f"{sink.action if sink is not None else 'verify'} {manifest.name}",
+                             sum(f.size for f in manifest.carried))
         files = _Files(sink, keep, task, content.Policy.signed(manifest))
         try:
             if source.random_access:
@@ -479,7 +536,7 @@ def verify_source(source: BundleSource, policy: TrustPolicy | None, *, now: dt.d
                 if sink is not None and report:
                     raise BundleMismatchError(report)  # nothing is written for a bundle whose entries are not as signed
                 if sink is not None:  # the sink plans with the headers (install's fit check) before a byte is copied
-                    trusted = replace(trusted, headers=_preread_headers(source, manifest))
+                    trusted = replace(trusted, headers={**trusted.headers, **_preread_headers(source, manifest)})
                     sink.begin(trusted)
                 outcomes = _random_access_files(source, manifest, files, report, workers=workers)
             else:
@@ -488,7 +545,104 @@ def verify_source(source: BundleSource, policy: TrustPolicy | None, *, now: dt.d
                 outcomes, report = _stream_files(source, manifest, files)
         finally:
             task.close()
-        return _conclude(trusted, report, outcomes)  # inside the session: a parts source names the damaged part
+        vb = _conclude(trusted, report, outcomes)  # inside the session: a parts source names the damaged part
+    if held is None:
+        return vb
+    return replace(vb, host_checked=True, headers={**held.headers, **vb.headers}, kept={**held.kept, **vb.kept})
+
+
+# -- step 7 for a delta: what the host holds ------------------------------------------------------
+
+
+@dataclass
+class _HostRead:
+    """What hashing the host's copy of one file learnt: a mismatch, or its safetensors header and (small files) its bytes."""
+
+    mismatch: FileMismatch | None = None
+    header: SafetensorsInfo | None = None
+    data: bytes | None = None
+
+
+def _hash_copy(f: FileEntry, path: Path, root: Path) -> _HostRead:
+    """One registry copy of ``f``'s bytes: a plain file inside the registry (never a link) with exactly those bytes."""
+    def refused(why: str) -> _HostRead:
+        return _HostRead(mismatch=FileMismatch(path=f.path, reason=why, expected_size=f.size, expected_sha256=f.sha256))
+
+    try:
+        if not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
+            return refused("its registry copy resolves to outside the registry")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return refused("missing from the registry")
+    except OSError as e:
+        return refused("its registry copy is a symbolic link" if e.errno == errno.ELOOP else f"unreadable in the registry ({e.strerror})")
+    grab = HeaderCollector() if content.is_safetensors(f.path) else None
+    kept = _Keep() if f.size <= MAX_HOST_KEPT_BYTES else None
+    feeds = [x.feed for x in (grab, kept) if x is not None]
+
+    def feed(chunk: memoryview) -> None:
+        for x in feeds:
+            x(chunk)
+
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return refused("its registry copy is not a plain file")
+        d = stream_and_hash(lambda view: os.readv(fd, [view]), write=feed if feeds else None, limit=f.size)
+    finally:
+        os.close(fd)
+    if d.size != f.size or d.sha256 != f.sha256:
+        return _HostRead(mismatch=_mismatch(f, size=d.size, sha256=d.sha256, reason="the registry's copy has other bytes"
+                                            if d.size == f.size else "the registry's copy has another size"))
+    try:
+        header = grab.info(d.size, display=f.path) if grab is not None else None
+    except AirpackError:
+        header = None  # installed (and checked) before; the fit estimate then says it cannot read it
+    return _HostRead(header=header, data=bytes(kept.data) if kept is not None else None)
+
+
+@dataclass(frozen=True)
+class HostFiles:
+    """A delta's host files once every copy held: their safetensors headers and small files (for the fit check)."""
+
+    headers: Mapping[str, SafetensorsInfo]
+    kept: Mapping[str, bytes]
+
+
+def check_on_host(entries: tuple[FileEntry, ...], locate: HostCopies, *, workers: int | None = None,
+                  progress: Progress = NULL_PROGRESS) -> HostFiles:
+    """Hash every copy the host holds of each file a delta relies on; exit 3 naming each one missing or changed.
+
+    The registry's database says what it holds, but its disk may have rotted or
+    been changed by hand since, so no row is taken on its word: a file with no
+    copy, a copy that is a link (inside the registry or out of it), or a copy
+    with other bytes is a refusal, and nothing has been written yet.
+    """
+    copies = {f.path: locate.copies(f) for f in entries}
+    task = progress.task("check the host's files", sum(f.size * max(1, len(copies[f.path])) for f in entries))
+
+    def one(job: tuple[FileEntry, Path]) -> tuple[str, _HostRead]:
+        f, path = job
+        try:
+            return f.path, _hash_copy(f, path, locate.root)
+        finally:
+            task.advance(f.size)
+
+    try:
+        jobs = [(f, p) for f in entries for p in copies[f.path]]
+        reads = parallel_map(one, jobs, workers=workers)
+    finally:
+        task.close()
+    bad = [r.mismatch for _, r in reads if r.mismatch is not None]
+    missing = tuple(sorted(f.path for f in entries if not copies[f.path]))
+    changed = {m.path: m for m in bad}
+    report = MismatchReport(missing=missing, changed=tuple(changed[p] for p in sorted(changed)))
+    if report:
+        first = (*missing, *sorted(changed))[0]
+        raise HostFilesError(f"this delta bundle relies on {len(missing) + len(changed)} file(s) the registry does not hold intact "
+                             f"(first: {first}: {changed[first].reason if first in changed else 'not in the registry'})",
+                             report=report, path=first)
+    return HostFiles(headers={p: r.header for p, r in reads if r.header is not None},
+                     kept={p: r.data for p, r in reads if r.data is not None})
 
 
 def _conclude(trusted: Trusted, report: MismatchReport, outcomes: dict[str, _Outcome]) -> VerifiedBundle:
@@ -513,6 +667,6 @@ def _conclude(trusted: Trusted, report: MismatchReport, outcomes: dict[str, _Out
 
 
 def verify_bundle(opts: VerifyOptions) -> VerifiedBundle:
-    """``airpack verify``: any local form, every check, nothing written."""
+    """``airpack verify``: any local form, every check, nothing written (``host``: a delta's host files too)."""
     source = open_source(opts.bundle, policy=opts.policy, workers=opts.workers)
-    return verify_source(source, opts.policy, now=opts.now, workers=opts.workers, progress=opts.progress)
+    return verify_source(source, opts.policy, now=opts.now, workers=opts.workers, progress=opts.progress, host=opts.host)

@@ -50,7 +50,7 @@ from .records import (
     StoredFile,
     WheelRow,
 )
-from .store import Registry, Writer
+from .store import Registry, RegistryCopies, Writer
 from .transactions import CRASH_ENV, INTENT_NAME, JOURNAL_NAME, MAX_JOURNAL_BYTES, Txn, crash_point
 
 __all__ = [
@@ -58,7 +58,7 @@ __all__ = [
     "KEPT_ENVELOPE", "KEPT_MANIFEST", "LOCK_NAME",
     "MAX_AUDIT_LINE", "MAX_JOURNAL_BYTES", "MAX_SEQUENCE_JUMP", "SCHEMA", "SCHEMA_VERSION", "STAGING_DIR", "WHEELS_DIR",
     "AuthorisingPolicy", "BundleModel", "BundleRow", "ChannelHigh", "Database", "InstalledBundle", "InstalledModel", "Layout",
-    "LogReport", "OpRow", "RefRow", "Registry",
+    "LogReport", "OpRow", "RefRow", "Registry", "RegistryCopies",
     "StoredFile", "Txn", "WheelRow", "Writer", "audit_base", "crash_point", "error_record", "hostname", "kept_bundle_dir", "kept_ref", "link_target",
     "now_text", "ref_name", "repo_folder", "requirements_name",
 ]

@@ -29,7 +29,7 @@ import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._fs import oserror_to_airpack
 from ..errors import AirpackError, LockHeldError, NotInstalledError, UnsafeRegistryError, UsageError
@@ -49,6 +49,9 @@ from .layout import (
     repo_folder,
 )
 from .transactions import Txn
+
+if TYPE_CHECKING:
+    from ..manifest import FileEntry
 
 
 def _left_by_a_first_install(e: os.DirEntry[str]) -> bool:
@@ -98,6 +101,27 @@ class Registry(Layout):
             if not usable:
                 raise UsageError(f"{p} is not empty and holds no airpack registry; choose a new or empty folder", path=str(p))
         return reg
+
+    # what the database says the folder holds
+
+    def live_blob(self, conn: Database, sha256: str) -> Path | None:
+        """A live, database-referenced plain file holding these bytes (to hard-link instead of copying)."""
+        for repo in conn.repos_holding(sha256):
+            rel = f"{HUB_DIR}/{repo_folder(repo)}/blobs/{sha256}"
+            if self.plain_file_under(rel):
+                return self.path(rel)
+        for filename in conn.wheel_files_holding(sha256):
+            rel = f"{WHEELS_DIR}/{filename}"
+            if self.check_plain_file(rel):
+                return self.path(rel)
+        return None
+
+    def copies_of(self, conn: Database, sha256: str) -> list[Path]:
+        """Every path the database says holds these bytes (each repo's blob, each wheelhouse file), checked for nothing:
+        a delta's install hashes each one itself, so a link or a missing file is named there, not refused here."""
+        rels = [f"{HUB_DIR}/{repo_folder(r)}/blobs/{sha256}" for r in conn.repos_holding(sha256)]
+        rels += [f"{WHEELS_DIR}/{fn}" for fn in conn.wheel_files_holding(sha256)]
+        return [self.path(r) for r in sorted(set(rels))]
 
     # the lock
 
@@ -269,17 +293,28 @@ class Writer:
 
     def live_blob(self, sha256: str) -> Path | None:
         """A live, database-referenced file holding these bytes (to hard-link instead of copying)."""
-        for repo in self.conn.repos_holding(sha256):
-            rel = f"{HUB_DIR}/{repo_folder(repo)}/blobs/{sha256}"
-            if self.reg.plain_file_under(rel):
-                return self.reg.path(rel)
-        for filename in self.conn.wheel_files_holding(sha256):
-            rel = f"{WHEELS_DIR}/{filename}"
-            if self.reg.check_plain_file(rel):
-                return self.reg.path(rel)
-        return None
+        return self.reg.live_blob(self.conn, sha256)
 
     def repo_has_blob(self, repo_id: str, sha256: str) -> bool:
         if not self.conn.repo_holds(repo_id, sha256):
             return False
         return self.reg.plain_file_under(f"{HUB_DIR}/{repo_folder(repo_id)}/blobs/{sha256}")
+
+
+class RegistryCopies:
+    """The registry's copies of a file's bytes, as its database names them (``verify --registry``, install of a delta).
+
+    It answers ``ops.verify.HostCopies``: the pipeline hashes each path itself
+    and refuses a missing, changed or linked one, so nothing here is trusted.
+    """
+
+    def __init__(self, reg: Registry, conn: Database) -> None:
+        self.reg = reg
+        self.conn = conn
+
+    @property
+    def root(self) -> Path:
+        return self.reg.root
+
+    def copies(self, entry: FileEntry) -> list[Path]:
+        return self.reg.copies_of(self.conn, entry.sha256)
