@@ -87,6 +87,7 @@ class PlannedFile:
     size: int
     source: str
     transport: str | None = None  # for a Hub file: "http" (ranged) or "xet"
+    sha256: str | None = None  # for a Hub LFS file: the SHA-256 the Hub lists (its LFS oid), known before any byte is fetched
 
 
 @dataclass(frozen=True)

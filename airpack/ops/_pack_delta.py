@@ -90,14 +90,15 @@ def delta_listing(carried: list[tuple[str, int]], on_host: list[tuple[str, int]]
 
 
 def dry_run_delta(planned: list[PlannedFile], wheel_records: list[dict[str, Any]], profile: HostProfile) -> dict[str, Any]:
-    """The dry run's answer: local files are hashed where they are, wheels by the index's digest; Hub files are known
-    only once fetched (the dry run downloads nothing), so they are listed apart."""
+    """The dry run's answer: local files are hashed where they are, wheels by the index's digest, Hub LFS files by the
+    SHA-256 the Hub lists; a plain Hub file (the Hub lists only its git SHA-1) is known only once fetched (the dry run
+    downloads nothing), so those are listed apart."""
     wheel_sha = {r["path"]: r.get("sha256") for r in wheel_records}
     carried: list[tuple[str, int]] = []
     left: list[tuple[str, int]] = []
     unknown: list[tuple[str, int]] = []
     for p in planned:
-        sha: str | None = wheel_sha.get(p.bundle_path)
+        sha: str | None = wheel_sha.get(p.bundle_path) or p.sha256
         if sha is None and p.bundle_path not in wheel_sha and p.transport is None:
             sha = hash_file(Path(p.source)).sha256  # a local model file
         if sha is None:

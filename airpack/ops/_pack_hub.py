@@ -147,7 +147,7 @@ def plan_hub_model(model: ModelSpec, opts: PackOptions) -> ModelPlan:
     transports = _transports(snap, files, heads, opts.xet and xet_available())
     planned = [
         PlannedFile(bundle_path=f"{prefix}/{f.path}", size=f.size, source=f"{client.endpoint}/{model.repo_id}@{snap.commit}/{f.path}",
-                    transport=transports[f.path])
+                    transport=transports[f.path], sha256=f.sha256)
         for f in files
     ]
     record: dict[str, Any] = {
