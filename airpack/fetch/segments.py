@@ -351,12 +351,16 @@ class Engine:
             job.settled = job.finished = job.abandoned = True
         with self._all_done:
             self._gave_up.append(error)
-            if job.bar is not None:
-                job.bar.close()
-                job.bar = None
-                self._bars -= 1
-            self._left -= 1
-            self._all_done.notify_all()
+            self._retire(job)
+
+    def _retire(self, job: FileJob) -> None:
+        """One file leaves the pool (finished or given up): its bar closes and the waiters wake. ``_all_done`` is held."""
+        if job.bar is not None:
+            job.bar.close()
+            job.bar = None
+            self._bars -= 1
+        self._left -= 1
+        self._all_done.notify_all()
 
     def _open_bar(self, job: FileJob) -> None:
         with self._lock:
@@ -646,12 +650,7 @@ class Engine:
         with job.lock:
             job.settled = True
         with self._all_done:
-            if job.bar is not None:
-                job.bar.close()
-                job.bar = None
-                self._bars -= 1
-            self._left -= 1
-            self._all_done.notify_all()
+            self._retire(job)
 
 
 def _capped_body(resp: httpx2.Response, cap: int) -> bytes:
