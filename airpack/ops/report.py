@@ -20,9 +20,13 @@ operations that already decide it, never re-derived here:
 - the registry: ``ops.manage.list_installed``, the channels the registry
   records, and the audit log read through its own hash-chain check.
 
-Files are listed as the manifest signs them. A delta bundle (a later form)
-will add the files it expects on the host beside the ones it carries: they
-belong in ``FilesFacts`` next to ``files``.
+Files are listed as the manifest signs them. A delta bundle (``pack --for``)
+lists every file too, each marked carried or expected on the host; with
+``--trust`` and ``--registry`` the host's copies are hashed by the very
+``verify_source`` call ``verify --registry`` makes (a missing or changed copy
+is verify's exit 3 and no report), and ``DeltaFact`` says whether that check
+ran. Without it a delta's fit is the estimate recorded at pack time: the
+weights it relies on are not in the bundle to read.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from ..errors import AirpackError, AuditLogError, IntegrityError, ReportOutputEr
 from ..gpus import parse_gpu
 from ..manifest import FileEntry, Manifest, ModelEntry, format_time, now_utc
 from ..progress import NULL_PROGRESS, Progress
-from ..registry import Registry, hostname
+from ..registry import Registry, RegistryCopies, hostname
 from ..registry.audit_log import verify_chain
 from ..rules import MAX_SEQUENCE_JUMP, ChannelHigh, Sequence, classify_sequence
 from ..sbom import SBOM_NAME
@@ -168,9 +172,34 @@ class FileFact:
     sha256: str
     kind: str
     hub: str
+    where: str | None = None  # a delta's file: ``carried`` in the bundle or ``on-host``; None (and not in the JSON) for a full bundle
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256, "kind": self.kind, "hub": self.hub}
+        doc = {"path": self.path, "size": self.size, "sha256": self.sha256, "kind": self.kind, "hub": self.hub}
+        return doc if self.where is None else {**doc, "where": self.where}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeltaFact:
+    """A delta bundle: what it carries, what it expects on the host, and whether the host's copies were hashed here.
+
+    ``host_checked`` is true only when ``verify_source`` hashed every expected file's
+    registry copy (``--trust`` with ``--registry``); the reviewer must never read a
+    delta's host files as checked when they were not.
+    """
+
+    carried_files: int
+    carried_bytes: int
+    on_host_files: int
+    on_host_bytes: int
+    host_checked: bool
+    registry: str | None
+    statement: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"carried": {"files": self.carried_files, "bytes": self.carried_bytes},
+                "on_host": {"files": self.on_host_files, "bytes": self.on_host_bytes},
+                "host_checked": self.host_checked, "registry": self.registry, "statement": self.statement}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,6 +344,7 @@ class BundleReport:
     comparison: Comparison | None
     generated_at: str
     tool: str
+    delta: DeltaFact | None = None  # a delta bundle; a full bundle's document has no ``delta`` key, as it always was
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -324,6 +354,8 @@ class BundleReport:
             "wheels": [w.to_json() for w in self.wheels], "sbom": self.sbom.to_json(), "fit": [f.to_json() for f in self.fit],
             "comparison": self.comparison.to_json() if self.comparison is not None else None,
         }
+        if self.delta is not None:
+            doc["delta"] = self.delta.to_json()
         return scrub(doc)  # type: ignore[no-any-return]
 
 
@@ -451,7 +483,9 @@ def _files(m: Manifest) -> FilesFacts:
     facts = []
     for f in m.files:
         x = owner(f.path)
-        facts.append(FileFact(path=f.path, size=f.size, sha256=f.sha256, kind=_file_kind(f.path, x), hub=_hub_state(f, x)))
+        where = ("on-host" if f.path in m.on_host else "carried") if m.is_delta else None
+        facts.append(FileFact(path=f.path, size=f.size, sha256=f.sha256, kind=_file_kind(f.path, x), hub=_hub_state(f, x),
+                              where=where))
     return FilesFacts(files=tuple(facts), total_bytes=m.total_bytes)
 
 
@@ -591,8 +625,31 @@ def _fit(m: Manifest, sources: list[ModelSource] | None, basis: str, why_not: st
     return tuple(out)
 
 
-def _unverified_sources(path: Path, form: str) -> tuple[list[ModelSource] | None, str]:
+DELTA_NOT_READ = ("a delta bundle does not carry the files it expects on the host, and they were not read from one "
+                  "(--trust with --registry DIR hashes them): shown as recorded at pack time")
+
+
+def _delta_fact(m: Manifest, host_checked: bool, registry: Path | None) -> DeltaFact | None:
+    """What a delta carries and relies on, and in words whether the host's copies were checked here."""
+    if not m.is_delta:
+        return None
+    carried, left = m.carried, m.expected_on_host
+    if host_checked:
+        statement = (f"every one of the {len(left)} file(s) expected on the host was found in registry {registry} "
+                     "with its signed size and SHA-256")
+    else:
+        how = ("a host check needs --trust POLICY as well" if registry is not None
+               else "give --trust POLICY and --registry DIR on the host to hash them")
+        statement = f"the {len(left)} file(s) expected on the host were NOT checked against a host: {how}"
+    return DeltaFact(carried_files=len(carried), carried_bytes=sum(f.size for f in carried), on_host_files=len(left),
+                     on_host_bytes=sum(f.size for f in left), host_checked=host_checked,
+                     registry=str(registry) if host_checked else None, statement=statement)
+
+
+def _unverified_sources(path: Path, form: str, m: Manifest) -> tuple[list[ModelSource] | None, str]:
     """A bundle folder's models read as ``airpack fit BUNDLE`` reads them; a stream is not read past its manifest."""
+    if m.is_delta:
+        return None, DELTA_NOT_READ
     if form != "folder":
         return None, "a tar or parts folder is read only as far as its manifest without --trust: shown as recorded at pack time"
     try:
@@ -679,8 +736,16 @@ class ReportResult:
                                                     "pdf": str(self.pdf) if self.pdf else None}}
 
 
-def _verified_side(path: Path, policy: TrustPolicy, *, now: dt.datetime | None, progress: Progress) -> tuple[Side, VerifiedBundle]:
-    vb = verify_source(open_source(path, policy=policy), policy, now=now, keep=keep_for_fit, progress=progress)
+def _verified_side(path: Path, policy: TrustPolicy, *, now: dt.datetime | None, progress: Progress,
+                   host: Path | None = None) -> tuple[Side, VerifiedBundle]:
+    """verify's own check; with ``host`` (a registry) a delta's files expected there are hashed as ``verify --registry`` does."""
+    if host is None:
+        vb = verify_source(open_source(path, policy=policy), policy, now=now, keep=keep_for_fit, progress=progress)
+    else:
+        reg = Registry.open(host)
+        with reg.reader() as conn:
+            vb = verify_source(open_source(path, policy=policy), policy, now=now, keep=keep_for_fit, progress=progress,
+                               host=RegistryCopies(reg, conn))
     return Side(path=str(path), manifest=vb.manifest, verified=True, signers=tuple(vb.signer_names)), vb
 
 
@@ -694,17 +759,19 @@ def bundle_facts(opts: ReportOptions) -> BundleReport:
     pol = opts.policy
     if pol is not None:
         pol.check_usable()
-        side, vb = _verified_side(path, pol, now=opts.now, progress=opts.progress)
+        side, vb = _verified_side(path, pol, now=opts.now, progress=opts.progress, host=opts.registry)
         signers = tuple(SignerFact(name=k.name, keyid=k.keyid, algorithm=k.algorithm) for k in vb.signers)
-        sources: list[ModelSource] | None = verified_models(vb)
-        basis, why_not = "verified", ""
+        host_checked = vb.host_checked
+        read_all = host_checked or not vb.manifest.is_delta  # a delta's weights are read only from the host's hashed copies
+        sources: list[ModelSource] | None = verified_models(vb) if read_all else None
+        basis, why_not = "verified", "" if read_all else DELTA_NOT_READ
     else:
         claimed = read_unverified(open_source(path))
         side = Side(path=str(path), manifest=claimed.manifest, verified=False,
                     signers=tuple(f"keyid:{s.keyid}" for s in claimed.envelope.signatures))
         signers = tuple(SignerFact(name=None, keyid=s.keyid, algorithm=None) for s in claimed.envelope.signatures)
-        sources, why_not = _unverified_sources(path, form)
-        basis = "unverified-files"
+        sources, why_not = _unverified_sources(path, form, claimed.manifest)
+        basis, host_checked = "unverified-files", False
     m = side.manifest
     verification = Verification(
         verified=pol is not None, form=form, location=str(path), signers=signers, threshold=pol.threshold if pol else None,
@@ -730,7 +797,7 @@ def bundle_facts(opts: ReportOptions) -> BundleReport:
     return BundleReport(
         verification=verification, identity=identity, models=tuple(_model_fact(m, x) for x in m.models), policy=_policy_fact(m),
         files=_files(m), wheels=_wheels(m), sbom=_sbom(side), fit=_fit(m, sources, basis, why_not), comparison=comparison,
-        generated_at=format_time(now), tool=f"airpack {__version__}",
+        generated_at=format_time(now), tool=f"airpack {__version__}", delta=_delta_fact(m, host_checked, opts.registry),
     )
 
 
@@ -855,6 +922,7 @@ def report(opts: ReportOptions) -> ReportResult:
 
 __all__ = [
     "BundleReport",
+    "DeltaFact",
     "RegistryReport",
     "ReportOptions",
     "ReportResult",
