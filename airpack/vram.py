@@ -21,7 +21,6 @@ All results are frozen dataclasses holding integer bytes.
 
 from __future__ import annotations
 
-import bisect
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -32,6 +31,7 @@ from typing import Any
 
 from .errors import ModelConfigError, UsageError
 from .safetensors_check import DTYPE_BITS, TensorInfo
+from .vram_alloc import slack_of
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -65,14 +65,6 @@ TIGHT_PERCENT = 5
 #: attention output and the MLP output (4 x hidden) are alive.
 ACT_INTERMEDIATE_COPIES = 3
 ACT_HIDDEN_COPIES = 4
-
-# PyTorch caching allocator rules (c10/cuda/CUDACachingAllocator.cpp).
-_ALLOC_ROUND = 512
-_SMALL_SIZE = 1 * MiB
-_SMALL_SEGMENT = 2 * MiB
-_MID_LIMIT = 10 * MiB
-_MID_SEGMENT = 20 * MiB
-_LARGE_ROUND = 2 * MiB
 
 # vLLM: the arithmetic below is derived from the source of this version (the one DESIGN.md's spec pins, vllm==0.11.0)
 # and holds for its V1 engine: vllm/v1/worker/gpu_worker.py (``init_device``: the startup check that the free memory
@@ -631,33 +623,12 @@ def _round_up(n: int, m: int) -> int:
 
 
 def allocator_slack(sizes: Iterable[int]) -> int:
-    """Bytes PyTorch's caching allocator reserves beyond ``sizes`` allocated once each.
+    """Bytes PyTorch's caching allocator reserves beyond ``sizes`` allocated once each (the weights).
 
-    Requests are rounded to 512 bytes; up to 1 MiB they share 2 MiB blocks; from
-    1 to 10 MiB they are carved best-fit from 20 MiB segments; larger ones get a
-    segment of their own rounded to 2 MiB.
+    One model of the allocator serves the estimator and the trace: ``vram_alloc``
+    (rounding to 512 bytes, the small and large pools, splitting), replayed here.
     """
-    small = 0
-    large = 0
-    free: list[int] = []  # sorted free space left in each 20 MiB segment
-    segments = 0
-    total = 0
-    for s in sizes:
-        total += s
-        r = _round_up(max(s, 1), _ALLOC_ROUND)
-        if r <= _SMALL_SIZE:
-            small += r
-        elif r < _MID_LIMIT:
-            i = bisect.bisect_left(free, r)
-            if i < len(free):
-                left = free.pop(i) - r
-            else:
-                segments += 1
-                left = _MID_SEGMENT - r
-            bisect.insort(free, left)
-        else:
-            large += _round_up(r, _LARGE_ROUND)
-    return _round_up(small, _SMALL_SEGMENT) + segments * _MID_SEGMENT + large - total
+    return slack_of([s for s in sizes if s > 0])
 
 
 # -- the run ------------------------------------------------------------------------------------

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from airpack.vram import allocator_slack
-from airpack.vram_alloc import LARGE_SEGMENT, SMALL_SEGMENT, CachingAllocator, round_size, segment_size, slack_of
+from airpack.vram_alloc import LARGE_SEGMENT, SMALL_SEGMENT, CachingAllocator, round_size, segment_size
 
 MiB = 1 << 20
 
@@ -74,7 +73,3 @@ def test_best_fit_takes_the_smallest_free_block() -> None:
     a.malloc(30 * MiB)
     assert a.reserved == 42 * MiB  # each request reused the block of its size
 
-
-def test_weights_slack_agrees_with_the_estimators_model() -> None:
-    sizes = [8 * MiB, 8 * MiB, 32 * MiB, 4096, 4096, 3 * MiB] * 5
-    assert slack_of(sizes) == allocator_slack(sizes)

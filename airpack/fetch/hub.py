@@ -27,6 +27,7 @@ import importlib.util
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,8 @@ from ..errors import (
     UnsafePathError,
     UsageError,
 )
-from ..hashing import CHUNK, FileDigest
-from .segments import Location
+from ..hashing import FileDigest, stream_and_hash
+from .segments import Location, git_blob_sha1_header
 
 MAX_FILES = 100_000
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -98,10 +99,6 @@ class HubSnapshot:
     library_name: str | None
 
 
-def git_blob_sha1_header(size: int) -> bytes:
-    return b"blob %d\0" % size
-
-
 def normalize_endpoint(endpoint: str | None) -> str:
     """The endpoint as given, or the public Hub; only http(s) URLs without a path query."""
     ep = (endpoint or DEFAULT_ENDPOINT).strip().rstrip("/")
@@ -129,23 +126,10 @@ class _Scrubber:
 
 def _hash_path(path: Path, f: HubFile, *, on_bytes: Callable[[int], None] | None = None) -> tuple[FileDigest, str | None]:
     """(size + SHA-256, git blob SHA-1 when the file is a plain git file) of a file on disk."""
-    sha = hashlib.sha256()
     sha1 = None if f.lfs else hashlib.sha1(git_blob_sha1_header(f.size), usedforsecurity=False)
-    size = 0
-    with open(path, "rb", buffering=0) as fh:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
-            sha.update(view[:n])
-            if sha1 is not None:
-                sha1.update(view[:n])
-            size += n
-            if on_bytes is not None:
-                on_bytes(n)
-    return FileDigest(size=size, sha256=sha.hexdigest()), (sha1.hexdigest() if sha1 is not None else None)
+    with open(path, "rb", buffering=0) as fh:  # the project's one hashing loop; the git SHA-1 rides on its write hook
+        digest = stream_and_hash(fh.readinto, write=sha1.update if sha1 is not None else None, on_bytes=on_bytes)
+    return digest, (sha1.hexdigest() if sha1 is not None else None)
 
 
 def matches_hub(f: HubFile, digest: FileDigest, git_sha1: str | None) -> bool:
@@ -164,7 +148,7 @@ def whole_file_matches(path: Path, f: HubFile, *, on_bytes: Callable[[int], None
         return None
     except OSError as e:
         raise oserror_to_airpack(e, "cannot read", str(path)) from None
-    if not path.is_file() or path.is_symlink() or st.st_size != f.size:
+    if not stat.S_ISREG(st.st_mode) or st.st_size != f.size:  # lstat: a symlink is not S_ISREG
         return None
     try:
         digest, sha1 = _hash_path(path, f, on_bytes=on_bytes)

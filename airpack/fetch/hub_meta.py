@@ -25,7 +25,6 @@ token-free.
 
 from __future__ import annotations
 
-import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -36,12 +35,11 @@ from ..errors import FetchError, GatedRepoError, IntegrityError, ModelConfigErro
 from ..hashing import parallel_map
 from ..safetensors_check import MAX_HEADER_BYTES, HeaderCollector, SafetensorsInfo
 from .hub import HubClient, HubFile, HubSnapshot
-from .segments import Location
+from .segments import Location, range_answered
 
 MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB; a multimodal one some tens
 MAX_JSON_BYTES = 16 << 20  # the shard index of the largest published models is under 10 MiB
 HEADER_WORKERS = 8  # shards whose headers are read at once
-_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
 @dataclass
@@ -149,12 +147,9 @@ class HubModelReader:
             raise self._fail(f.path, "HTTP 404: the file is not there at this commit")
         if st not in (200, 206) or (st == 206 and end is None):
             raise self._fail(f.path, f"unexpected HTTP {st}")
-        if st == 206 and end is not None:
-            m = _RANGE.match(resp.headers.get("content-range", ""))
-            if m is None or int(m.group(1)) != start or int(m.group(2)) != end - 1 or (
-                    m.group(3) != "*" and int(m.group(3)) != f.size):
-                raise self._fail(f.path, f"asked for bytes={start}-{end - 1} of a {f.size}-byte file, the server answered "
-                                         f"range {resp.headers.get('content-range')!r}")
+        if st == 206 and end is not None and not range_answered(resp.headers.get("content-range", ""), start, end, f.size):
+            raise self._fail(f.path, f"asked for bytes={start}-{end - 1} of a {f.size}-byte file, the server answered "
+                                     f"range {resp.headers.get('content-range')!r}")
 
     def read(self, rel: str, cap: int) -> bytes:
         """A small file whole (config.json, the shard index): refused before the GET when the Hub lists it over the cap."""

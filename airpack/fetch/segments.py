@@ -72,6 +72,18 @@ _RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _RATELIMIT_T = re.compile(r"(?:^|[;,\s])t=(\d+)")
 
 
+def git_blob_sha1_header(size: int) -> bytes:
+    """What git hashes before a blob's bytes: its object id is SHA-1 over this header and the content."""
+    return b"blob %d\0" % size
+
+
+def range_answered(content_range: str, start: int, end: int, size: int) -> bool:
+    """Whether a 206's ``Content-Range`` names exactly bytes ``start``..``end - 1`` of a ``size``-byte file."""
+    m = _RANGE.match(content_range)
+    return m is not None and int(m.group(1)) == start and int(m.group(2)) == end - 1 and (
+        m.group(3) == "*" or int(m.group(3)) == size)
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a file's bytes are now, and the headers to send there."""
@@ -130,7 +142,7 @@ class FileJob:
 
     def reset_hashers(self) -> None:
         self._sha = hashlib.sha256()
-        self._sha1 = None if self.lfs else hashlib.sha1(b"blob %d\0" % self.size, usedforsecurity=False)
+        self._sha1 = None if self.lfs else hashlib.sha1(git_blob_sha1_header(self.size), usedforsecurity=False)
         self.hashed = 0
 
     def contiguous(self) -> int:
@@ -462,13 +474,10 @@ class Engine:
         enc = resp.headers.get("content-encoding", "identity").lower()
         if enc not in ("", "identity"):
             raise self._fail_message(job, f"the server sent {enc}-encoded bytes although asked for identity")
-        if st == 206:
-            m = _RANGE.match(resp.headers.get("content-range", ""))
-            if m is None or int(m.group(1)) != pos or int(m.group(2)) != end - 1 or (
-                    m.group(3) != "*" and int(m.group(3)) != job.size):
-                raise self._fail_message(
-                    job, f"the CDN answered range {resp.headers.get('content-range')!r} to bytes={pos}-{end - 1} "
-                    f"of a {job.size}-byte file (a different file or size than the Hub lists)")
+        if st == 206 and not range_answered(resp.headers.get("content-range", ""), pos, end, job.size):
+            raise self._fail_message(
+                job, f"the CDN answered range {resp.headers.get('content-range')!r} to bytes={pos}-{end - 1} "
+                f"of a {job.size}-byte file (a different file or size than the Hub lists)")
         length = resp.headers.get("content-length")
         want = end - pos
         if length is not None and length.isdigit() and int(length) != want:

@@ -53,10 +53,10 @@ from ..sbom import SBOM_NAME
 from ..sources import detect, open_source
 from ..trust import TrustPolicy
 from ..vram import estimate
-from .audit import DiffRegistryResult, DiffResult, Side, diff_manifests, diff_registry_side, sbom_for
+from .audit import DiffRegistryResult, DiffResult, Side, diff_manifests, diff_registry_side, load_side, sbom_for
 from .fit import ModelSource, estimate_source, keep_for_fit, load_bundle, run_config, verified_models
 from .manage import list_installed
-from .verify import VerifiedBundle, read_unverified, verify_source
+from .verify import Unverified, VerifiedBundle, read_unverified, verify_source
 
 FORMS = {"dir": "folder", "tar": "tar", "parts": "parts"}
 CURVE_POINTS = 24
@@ -766,9 +766,7 @@ def bundle_facts(opts: ReportOptions) -> BundleReport:
         sources: list[ModelSource] | None = verified_models(vb) if read_all else None
         basis, why_not = "verified", "" if read_all else DELTA_NOT_READ
     else:
-        claimed = read_unverified(open_source(path))
-        side = Side(path=str(path), manifest=claimed.manifest, verified=False,
-                    signers=tuple(f"keyid:{s.keyid}" for s in claimed.envelope.signatures))
+        side, claimed = _claimed_side(path)
         signers = tuple(SignerFact(name=None, keyid=s.keyid, algorithm=None) for s in claimed.envelope.signatures)
         sources, why_not = _unverified_sources(path, form, claimed.manifest)
         basis, host_checked = "unverified-files", False
@@ -787,9 +785,7 @@ def bundle_facts(opts: ReportOptions) -> BundleReport:
     )
     comparison = None
     if opts.against is not None:
-        old = (_verified_side(opts.against, pol, now=opts.now, progress=opts.progress)[0] if pol is not None else
-               _claimed_side(opts.against))
-        comparison = _against_bundle(side, old)
+        comparison = _against_bundle(side, load_side(opts.against, pol, now=opts.now, progress=opts.progress))
     elif opts.registry is not None:
         comparison = _against_registry(side, opts.registry)
     from .. import __version__
@@ -801,10 +797,11 @@ def bundle_facts(opts: ReportOptions) -> BundleReport:
     )
 
 
-def _claimed_side(path: Path) -> Side:
+def _claimed_side(path: Path) -> tuple[Side, Unverified]:
+    """The bundle as it claims itself (nothing verified), and the envelope and manifest read."""
     claimed = read_unverified(open_source(path))
     return Side(path=str(path), manifest=claimed.manifest, verified=False,
-                signers=tuple(f"keyid:{s.keyid}" for s in claimed.envelope.signatures))
+                signers=tuple(f"keyid:{s.keyid}" for s in claimed.envelope.signatures)), claimed
 
 
 # -- the registry's facts -------------------------------------------------------------------------
