@@ -29,9 +29,9 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
 
+from . import vram_models, vram_stream
 from .errors import ModelConfigError, UsageError
 from .safetensors_check import DTYPE_BITS, TensorInfo
-from .vram_alloc import slack_of
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -48,21 +48,11 @@ LIBRARY_BYTES = 82 * MiB
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
 #: NCCL communicator buffers (and vLLM's custom all-reduce buffers) per GPU when TP > 1.
 COMMUNICATION_BYTES = 512 * MiB
-#: Slack of PyTorch's caching allocator over the bytes live at the peak, for the tensors
-#: transformers allocates while generating (KV cache grown by concatenation, prefill
-#: activations of changing sizes): reserved/allocated was 10-28% of KV + activations in
-#: the calibration runs; 20% keeps every run within the error targets.
-FRAGMENTATION_PERCENT = 20
-#: The same for the prefill's activations alone, when they are large: every layer allocates and frees
-#: the same few large blocks, but the norms' float32 copies, the rotary embedding's halves and the MLP's
-#: gate and up land between them; the trace's reserved memory exceeded its allocated peak by 25-45% of
-#: the activations at batch 8 (tests/test_vram_matrix.py).
-ACT_FRAGMENTATION_PERCENT = 45
 #: A verdict is "tight" when the estimate is within this share of the limit.
 TIGHT_PERCENT = 5
-#: Prefill working set per token, in activation elements: the MLP holds act(gate), up and
+#: vLLM's prefill working set per token, in activation elements: the MLP holds act(gate), up and
 #: their product (3 x intermediate) while the residual stream, the normed input, the
-#: attention output and the MLP output (4 x hidden) are alive.
+#: attention output and the MLP output (4 x hidden) are alive. (transformers: vram_stream.)
 ACT_INTERMEDIATE_COPIES = 3
 ACT_HIDDEN_COPIES = 4
 
@@ -130,6 +120,7 @@ class MLA:
     qk_rope_head_dim: int
     qk_nope_head_dim: int
     v_head_dim: int
+    q_lora_rank: int = 0  # q through q_a_proj, its norm and q_b_proj (DeepSeek-V2/V3; 0: one q_proj, V2-Lite)
 
 
 @dataclass(frozen=True)
@@ -141,6 +132,8 @@ class MoE:
     expert_intermediate: int
     shared_intermediate: int
     has_dense_layers: bool
+    dense_layers: tuple[int, ...] = ()  # the layers that run the dense MLP instead of the experts
+    norm_topk: bool = False  # the top-k routing weights renormalised to sum to one (Mixtral, norm_topk_prob)
 
 
 @dataclass(frozen=True)
@@ -169,6 +162,7 @@ class ModelShape:
     fused_gate_up: bool = False
     composite_act: bool = False  # an activation written as several PyTorch ops (gelu_new): its temporaries
     softcap: bool = False
+    rope_dim: int = 0  # rotated dims per head when only part of each head is rotated (0: all of it)
 
     @property
     def dtype_bytes(self) -> int:
@@ -376,7 +370,20 @@ def _moe(cfg: Mapping[str, Any], model_type: str, intermediate: int) -> MoE | No
         or (_opt_int(cfg, "moe_layer_freq") or 1) > 1
     )
     return MoE(num_experts=experts, top_k=min(top_k, experts), expert_intermediate=expert_i,
-               shared_intermediate=shared, has_dense_layers=dense)
+               shared_intermediate=shared, has_dense_layers=dense, dense_layers=_moe_dense_layers(cfg) if dense else (),
+               norm_topk=model_type == "mixtral" or cfg.get("norm_topk_prob") is True)
+
+
+def _moe_dense_layers(cfg: Mapping[str, Any]) -> tuple[int, ...]:
+    """The layer indices that transformers builds with the dense MLP (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers
+    and decoder_sparse_step, Llama-4's interleave step, moe_layer_freq), so the stream runs the dense MLP there."""
+    layers = _opt_int(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers") or 0
+    first = _opt_int(cfg, "first_k_dense_replace") or 0
+    mlp_only = cfg.get("mlp_only_layers")
+    only = {i for i in mlp_only if isinstance(i, int)} if isinstance(mlp_only, list) else set()
+    step = max(_opt_int(cfg, "decoder_sparse_step", "interleave_moe_layer_step") or 1, 1)  # sparse: (i + 1) % step == 0
+    freq = max(_opt_int(cfg, "moe_layer_freq") or 1, 1)  # DeepSeek: sparse where i % freq == 0
+    return tuple(i for i in range(layers) if i < first or i in only or (i + 1) % step != 0 or i % freq != 0)
 
 
 def model_shape(config: Mapping[str, Any], *, weights_dtype: str | None = None) -> ModelShape:
@@ -410,7 +417,7 @@ def model_shape(config: Mapping[str, Any], *, weights_dtype: str | None = None) 
         rope = _int(cfg, "qk_rope_head_dim")
         nope = _int(cfg, "qk_nope_head_dim", default=head_dim)
         mla = MLA(kv_lora_rank=_int(cfg, "kv_lora_rank"), qk_rope_head_dim=rope, qk_nope_head_dim=nope,
-                  v_head_dim=_int(cfg, "v_head_dim", default=nope))
+                  v_head_dim=_int(cfg, "v_head_dim", default=nope), q_lora_rank=_opt_int(cfg, "q_lora_rank") or 0)
     moe = _moe(cfg, model_type, intermediate)
     if moe is not None and _opt_int(cfg, "intermediate_size_mlp"):
         intermediate = _int(cfg, "intermediate_size_mlp")
@@ -431,9 +438,24 @@ def model_shape(config: Mapping[str, Any], *, weights_dtype: str | None = None) 
         dtype=_dtype_name(cfg, weights_dtype), layer_kinds=kinds, layer_windows=wins,
         tie_word_embeddings=bool(tie) if isinstance(tie, bool) else False, mla=mla, moe=moe, quantization=quant,
         notes=tuple(notes), attention_path=path, gated_mlp=model_type not in UNGATED_MLP_TYPES,
-        fused_gate_up=model_type in FUSED_GATE_UP_TYPES, softcap=softcap,
+        fused_gate_up=model_type in FUSED_GATE_UP_TYPES, softcap=softcap, rope_dim=_rope_dim(cfg, head_dim),
         composite_act=any(cfg.get(k) in COMPOSITE_ACTS for k in ("hidden_act", "activation_function", "hidden_activation")),
     )
+
+
+def _rope_dim(cfg: Mapping[str, Any], head_dim: int) -> int:
+    """Rotated dims per head: ``rotary_dim``, or ``partial_rotary_factor`` / ``rotary_pct`` of the head (0: all)."""
+    rp = cfg.get("rope_parameters")
+    sources = [cfg, rp] if isinstance(rp, Mapping) else [cfg]
+    for src in sources:
+        dim = _num(src.get("rotary_dim"))
+        if dim and 0 < dim < head_dim:
+            return dim
+        for key in ("partial_rotary_factor", "rotary_pct"):
+            f = src.get(key)
+            if isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1:
+                return max(2, int(head_dim * f) // 2 * 2)
+    return 0
 
 
 def _attention_path(cfg: Mapping[str, Any], model_type: str) -> tuple[str, bool]:
@@ -622,18 +644,6 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def allocator_slack(sizes: Iterable[int]) -> int:
-    """Bytes PyTorch's caching allocator reserves beyond ``sizes`` allocated once each (the weights).
-
-    One model of the allocator serves the estimator and the trace: ``vram_alloc``
-    (rounding to 512 bytes, the small and large pools, splitting), replayed here.
-    """
-    return slack_of([s for s in sizes if s > 0])
-
-
-# -- the run ------------------------------------------------------------------------------------
-
-
 def parse_utilization(value: str | float | Decimal) -> Decimal:
     """``gpu_memory_utilization`` as an exact decimal in (0, 1]."""
     try:
@@ -746,16 +756,15 @@ def kv_layer_token_bytes(shape: ModelShape, *, runtime: str, tp: int, kv_bytes: 
     """KV bytes one attention layer stores per token on the busiest GPU.
 
     GQA/MHA/MQA: keys and values of the local KV heads; with fewer KV heads than
-    GPUs every GPU keeps one (replicated). MLA under vLLM: one latent of
-    ``kv_lora_rank + qk_rope_head_dim`` per token, the same on every GPU;
-    transformers expands it into per-head keys and values before caching.
+    GPUs every GPU keeps one (replicated). MLA: one latent of ``kv_lora_rank +
+    qk_rope_head_dim`` per token, the same on every GPU: vLLM caches it, and so does
+    transformers 5 (DeepseekV2Attention caches the normed latent and the rotated k_pe,
+    and expands them to per-head keys and values at every step; transformers 4
+    cached the expansion, ``heads x (nope + rope + v)``, 9x more for DeepSeek-V2-Lite).
     """
     if shape.mla is not None:
         m = shape.mla
-        if runtime == "vllm":
-            return (m.kv_lora_rank + m.qk_rope_head_dim) * kv_bytes
-        heads = -(-shape.num_heads // tp)
-        return heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim) * kv_bytes
+        return (m.kv_lora_rank + m.qk_rope_head_dim) * kv_bytes
     heads = -(-shape.num_kv_heads // tp)
     return 2 * heads * shape.head_dim * kv_bytes
 
@@ -813,61 +822,86 @@ def act_elements_per_token(shape: ModelShape, tp: int) -> int:
     return max(stages)
 
 
-def prefill_attention_bytes(shape: ModelShape, *, batch: int, prompt: int, tp: int, act_bytes: int) -> int:
-    """What one layer's attention allocates at prefill beyond q, k, v and its output (transformers, busiest GPU).
-
-    * causal SDPA (flash, or memory-efficient for unequal head dims): nothing, unless a sliding-window
-      layer sees a prompt longer than its window: then transformers builds a boolean mask, SDPA turns
-      it into an additive one (``logical_not`` and ``where``, padded to 16 columns for the efficient
-      kernel) and, with a mask, grouped keys and values are repeated to every head;
-    * SDPA with an explicit mask: the efficient kernel with the converted mask when the head counts
-      match, else the math kernel;
-    * math kernel (and a model type the estimator does not know): q, k, v upcast to float32, float32
-      scores and softmax of batch x heads x prompt x prompt, and the mask;
-    * eager attention: scores in the model's dtype, float32 softmax, its cast back, a softcapped copy.
-    """
-    heads = -(-shape.num_heads // tp)
-    kv_heads = -(-shape.num_kv_heads // tp)
-    head_dim = shape.mla.qk_nope_head_dim + shape.mla.qk_rope_head_dim if shape.mla is not None else shape.head_dim
-    scores = batch * heads * prompt * prompt
-    mask = batch * prompt * prompt
-    path = shape.attention_path
-    if path == "eager":
-        # scores, the masked copy, float32 softmax, its cast back (+ the softcapped copy, + ALiBi's float32 bias sum)
-        per = 3 * act_bytes + 4 + (act_bytes if shape.softcap else 0) + (4 if shape.model_type in ALIBI_TYPES else 0)
-        return scores * per + mask * act_bytes
-    if path == "unknown" or (path == "masked" and kv_heads != heads):
-        upcast = 3 * batch * heads * prompt * head_dim * 4
-        return scores * 8 + mask * (1 + act_bytes) + upcast
-    if path == "masked":
-        return mask * (1 + act_bytes) + batch * prompt * _round_up(prompt, 16) * act_bytes
-    windows = [w for k, w in zip(shape.layer_kinds, shape.layer_windows, strict=True) if k == "sliding" and w]
-    if not windows or prompt <= min(windows):
-        return 0
-    repeated = 2 * batch * heads * prompt * head_dim * act_bytes if kv_heads != heads else 0
-    padded = batch * prompt * _round_up(prompt + 1, 16) * act_bytes  # pad_bias: the efficient kernel's aligned copy
-    return mask * (2 + act_bytes) + padded + repeated
-
-
-def moe_decode_bytes(shape: ModelShape, *, batch: int, tp: int, act_bytes: int) -> int:
-    """One MoE layer's decode step under transformers on a GPU: the selected experts' weights, copied per token.
-
-    ``generate`` switches the experts from ``grouped_mm`` to ``batched_mm`` for decoding on any device but
-    the CPU; ``batched_mm`` gathers ``gate_up_proj[expert_ids]`` and then ``down_proj[expert_ids]`` for
-    each of the batch x top-k (token, expert) pairs, both alive at the second gather: 3 matrices of
-    hidden x expert intermediate per pair (the trace shows 5.6 GiB per layer for Mixtral at batch 8).
-    """
-    moe = shape.moe
-    if moe is None:
-        return 0
-    mats = 3 if shape.gated_mlp else 2
-    return batch * moe.top_k * mats * -(-moe.expert_intermediate // tp) * shape.hidden_size * act_bytes
-
-
 def _rope_bytes_per_token(shape: ModelShape) -> int:
     """cos and sin of the rotary embedding, computed in float32 for every position."""
     dim = shape.mla.qk_rope_head_dim if shape.mla is not None else shape.head_dim
     return 2 * dim * 4
+
+
+def stream_layout(shape: ModelShape, *, tp: int, act_bytes: int | None = None, kv_bytes: int | None = None) -> vram_stream.Layout:
+    """The model as the stream writes it, on the busiest of ``tp`` GPUs: its shape here, its code from vram_models."""
+    ab = act_bytes or shape.dtype_bytes
+    kb = kv_bytes or ab
+    heads = -(-shape.num_heads // tp)
+    kv_heads = -(-shape.num_kv_heads // tp)
+    mla = shape.mla
+    if mla is not None:
+        d, vd, rope = mla.qk_nope_head_dim + mla.qk_rope_head_dim, mla.v_head_dim, mla.qk_rope_head_dim
+        kv_heads = heads
+    else:
+        d = vd = shape.head_dim
+        rope = shape.rope_dim or d
+    path = shape.attention_path
+    if path == "eager":
+        attention = "eager"
+    elif path == "unknown" or (path == "masked" and kv_heads != heads):
+        attention = "math"
+    elif path == "masked" or d != vd:
+        attention = "efficient"
+    else:
+        attention = "flash"
+    windows = tuple(-1 if k == "none" else (w if k == "sliding" and path != "unknown" else 0)
+                    for k, w in zip(shape.layer_kinds, shape.layer_windows, strict=True))
+    moe = shape.moe
+    lay = vram_stream.Layout(
+        hidden=shape.hidden_size, heads=heads, kv_heads=kv_heads, head_dim=d, v_head_dim=vd, rope_dim=rope,
+        intermediate=-(-shape.intermediate_size // tp), vocab=shape.vocab_size, act_bytes=ab, kv_bytes=kb,
+        kv_token_layer=kv_layer_token_bytes(shape, runtime="transformers", tp=tp, kv_bytes=kb),
+        norm="rms", qk_norm=False, attention=attention, gated=shape.gated_mlp, composite_act=shape.composite_act,
+        fused_gate_up=shape.fused_gate_up, parallel=False, softcap=shape.softcap, alibi=False, layer_windows=windows,
+        sdpa_mask_always=path in ("masked", "unknown"),
+        moe_experts=moe.num_experts if moe else 0, moe_top_k=moe.top_k if moe else 0,
+        moe_intermediate=-(-moe.expert_intermediate // tp) if moe else 0,
+        moe_shared=-(-moe.shared_intermediate // tp) if moe else 0,
+        moe_dense_layers=moe.dense_layers if moe else (), moe_norm_topk=bool(moe and moe.norm_topk),
+        mla=mla is not None, q_lora_rank=mla.q_lora_rank if mla else 0, kv_lora_rank=mla.kv_lora_rank if mla else 0,
+        mla_rope_dim=mla.qk_rope_head_dim if mla else 0, mla_nope_dim=mla.qk_nope_head_dim if mla else 0,
+    )
+    return replace(lay, **vram_models.code_for(shape.model_type))
+
+
+_BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+#: Where a decoder layer's sub-modules come in the order PyTorch moves them (registration order: attention, its
+#: projections q, k, v, o; then the MLP or experts; norms wherever they are, being small). A tensor matching none
+#: keeps its place among its layer's others.
+_LOAD_RANK = (
+    ("q_a_proj", 1), ("q_a_layernorm", 2), ("q_b_proj", 3), ("q_proj", 4), ("query_key_value", 4), ("qkv_proj", 4), ("c_attn", 4),
+    ("Wqkv", 4), ("q_norm", 5), ("k_proj", 6), ("kv_a_proj", 6), ("kv_a_layernorm", 7), ("kv_b_proj", 8), ("k_norm", 9),
+    ("v_proj", 10), ("o_proj", 11), ("out_proj", 11), ("attn.c_proj", 11), ("attention.dense", 11), ("self_attention.dense", 11),
+    ("attn.dense", 11), ("sinks", 12), ("mlp.gate.", 20), ("router", 20), ("gate_up_proj", 21), ("gate_proj", 21), ("w1", 21),
+    ("fc1", 21), ("fc_in", 21), ("c_fc", 21), ("dense_h_to_4h", 21), ("up_proj", 22), ("w3", 22), ("down_proj", 23), ("w2", 23),
+    ("fc2", 23), ("fc_out", 23), ("mlp.c_proj", 23), ("dense_4h_to_h", 23),
+)
+
+
+def _load_key(index: int, name: str) -> tuple[int, int, int, int]:
+    m = _BLOCK_RE.search(name)
+    if m is None:  # embeddings first, then what follows the layers (final norm, lm_head)
+        head = name.endswith(_HEAD_SUFFIXES) or "norm" in name.rsplit(".", 2)[-2:][0] or name.startswith(("lm_head", "ln_f"))
+        return (2 if head else 0, 0, 0, index)
+    rest = name[m.end():]
+    shared = 1 if "shared_expert" in rest else 0
+    rank = next((r for key, r in _LOAD_RANK if key in rest), 50)
+    return (1, int(m.group(1)), rank + 30 * shared, index)
+
+
+def stream_weight_sizes(weights: Weights, shape: ModelShape, tp: int, *, halve_fp32: bool = False) -> list[int]:
+    """Per-GPU tensor sizes in the order transformers moves them to the GPU: the embeddings, each layer's attention
+    then MLP (a header lists them alphabetically, ``layers.10`` before ``layers.2``), then the final norm and head.
+    Which 20 MiB segments the 1-10 MiB weights share, and what is left free in them, depends on it."""
+    sizes = weights_per_gpu(weights, shape, tp, halve_fp32=halve_fp32)
+    order = sorted(range(len(sizes)), key=lambda i: _load_key(i, weights.tensors[i].name))
+    return [sizes[i] for i in order]
 
 
 class _Model:
@@ -886,15 +920,30 @@ class _Model:
         self.kv_bytes = kv_bytes
         sizes = weights_per_gpu(weights, shape, tp, halve_fp32=vllm and shape.dtype == "float32")
         self.weights = sum(sizes)
-        # transformers places each checkpoint tensor on its own; vLLM fuses them into few large tensors.
-        self.weight_slack = 0 if vllm else allocator_slack(sizes)
+        # transformers places each checkpoint tensor on its own (the stream replays them); vLLM fuses them into few
+        # large tensors.
+        self.weight_sizes = tuple(stream_weight_sizes(weights, shape, tp) if not vllm else sizes)
         self.act_per_token = act_elements_per_token(shape, tp) * self.act_bytes + _rope_bytes_per_token(shape)
         self.kv_token = kv_layer_token_bytes(shape, runtime=run.runtime, tp=tp, kv_bytes=kv_bytes) * sum(
             1 for k in shape.layer_kinds if k != "none"
         )
         self.communication = COMMUNICATION_BYTES if tp > 1 else 0
-        self.has_sliding = any(k == "sliding" for k in shape.layer_kinds)
-        self.min_window = min((w for w in shape.layer_windows if w), default=0)
+
+    def _transformers(self, prompt: int, new: int, kv: int) -> tuple[int, Overhead]:
+        """(activations, overhead) of ``generate``: the stream of its tensors replayed through the caching allocator.
+
+        The peak reserved is what the allocator holds (weights and their rounding, the cache, the working set and
+        the blocks it cannot reuse); ``activations`` is the peak allocated less the weights, the cache and cuBLAS's
+        workspace, ``allocator`` the rest of the reserve.
+        """
+        run = self.run
+        lay = stream_layout(self.shape, tp=run.tensor_parallel, act_bytes=self.act_bytes, kv_bytes=self.kv_bytes)
+        peaks = vram_stream.peaks(lay, self.weight_sizes, batch=run.batch, prompt=prompt, new_tokens=new)
+        fixed = self.weights + kv + CUBLAS_WORKSPACE_BYTES
+        act = max(0, peaks.allocated - fixed)
+        allocator = max(0, peaks.reserved - fixed - act)
+        return act, Overhead(cuda_context=CUDA_CONTEXT_BYTES, libraries=LIBRARY_BYTES, workspace=CUBLAS_WORKSPACE_BYTES,
+                             allocator=allocator, communication=self.communication)
 
     def estimate(self, context: int) -> Estimate:
         shape, run = self.shape, self.run
@@ -911,22 +960,7 @@ class _Model:
         if run.runtime == "transformers":
             prompt = max(1, context - run.new_tokens)
             new = context - prompt
-            tokens = run.batch * prompt
-            per_token = tokens * self.act_per_token
-            logits = run.batch * shape.vocab_size * (self.act_bytes + 4)  # last-token logits, then float32 scores
-            attn = prefill_attention_bytes(shape, batch=run.batch, prompt=prompt, tp=tp, act_bytes=self.act_bytes)
-            act = per_token + logits + attn
-            # what the activations' reserve applies to: blocks of changing sizes. The attention path's buffers are
-            # the same few large blocks in every layer and mostly reused (not always: Bloom's eager scores at batch
-            # 8 x 2k leave 2.9 GiB reserved beyond 7.4 GiB allocated, at batch 1 nothing; tests/test_vram_matrix.py)
-            varying = per_token
-            decode = moe_decode_bytes(shape, batch=run.batch, tp=tp, act_bytes=self.act_bytes) if new else 0
-            if logits + decode > act:
-                act, varying = logits + decode, decode
-            allocator = (self.weight_slack + kv * FRAGMENTATION_PERCENT // 100
-                         + varying * ACT_FRAGMENTATION_PERCENT // 100)
-            overhead = Overhead(cuda_context=CUDA_CONTEXT_BYTES, libraries=LIBRARY_BYTES, workspace=CUBLAS_WORKSPACE_BYTES,
-                                allocator=allocator, communication=self.communication)
+            act, overhead = self._transformers(prompt, new, kv)
         else:
             prompt, new = context, 0
             tokens = run.max_num_batched_tokens
@@ -935,7 +969,7 @@ class _Model:
             # vLLM's budget (gpu_memory_utilization x total) is counted from a snapshot taken after CUDA
             # started: the context lives outside it, in the headroom, with the CUDA graphs.
             overhead = Overhead(cuda_context=0, libraries=LIBRARY_BYTES, workspace=CUBLAS_WORKSPACE_BYTES,
-                                allocator=self.weight_slack, communication=self.communication)
+                                allocator=0, communication=self.communication)
         if context > shape.max_context:
             notes.append(f"context {context} is beyond the model's max_position_embeddings ({shape.max_context})")
         return Estimate(

@@ -65,18 +65,31 @@ class _Block:
     next: _Block | None = field(default=None, repr=False)
 
 
-class CachingAllocator:
-    """Replays ``malloc`` / ``free`` like PyTorch's CUDA caching allocator and keeps the peaks."""
+class OutOfMemory(Exception):
+    """A request the allocator cannot serve within its capacity even after releasing every cached free segment."""
 
-    def __init__(self) -> None:
+
+class CachingAllocator:
+    """Replays ``malloc`` / ``free`` like PyTorch's CUDA caching allocator and keeps the peaks.
+
+    ``capacity``: the device memory the allocator may hold (None: unlimited). When a new segment would pass it,
+    PyTorch does not fail at once: it gives cached segments that are wholly free back to the driver (first the
+    smallest one large enough for the request, else the largest ones until enough is released;
+    ``release_available_cached_blocks``), then every wholly free segment (``release_cached_blocks``), and only then
+    raises out of memory. ``releases`` counts how often that happened.
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
         self._pools: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # (size, addr) of free blocks, sorted
         self._blocks: dict[int, _Block] = {}  # addr -> block (free or not)
         self._next_addr = 1 << 40
+        self.capacity = capacity
         self.allocated = 0
         self.reserved = 0
         self.peak_allocated = 0
         self.peak_reserved = 0
         self.segments = 0
+        self.releases = 0
 
     def reset_peak(self) -> None:
         """Start the peaks from now (``torch.cuda.reset_peak_memory_stats``)."""
@@ -94,6 +107,8 @@ class CachingAllocator:
             block = self._blocks[addr]
         else:
             seg = segment_size(size)
+            if self.capacity is not None and self.reserved + seg > self.capacity:
+                self._make_room(seg, small)
             block = _Block(addr=self._next_addr, size=seg, small=small)
             self._next_addr += seg + ROUND_LARGE  # segments never touch: blocks of two never merge
             self._blocks[block.addr] = block
@@ -113,6 +128,38 @@ class CachingAllocator:
         self.allocated += block.size
         self.peak_allocated = max(self.peak_allocated, self.allocated)
         return block.addr
+
+    def _whole_free(self, small: bool | None) -> list[_Block]:
+        """Cached segments with nothing allocated in them (one free block spanning the segment)."""
+        pools = (small,) if small is not None else (True, False)
+        return [self._blocks[a] for p in pools for _, a in self._pools[p]
+                if self._blocks[a].prev is None and self._blocks[a].next is None]
+
+    def _release(self, block: _Block) -> None:
+        self._pools[block.small].remove((block.size, block.addr))
+        del self._blocks[block.addr]
+        self.reserved -= block.size
+        self.segments -= 1
+
+    def _make_room(self, seg: int, small: bool) -> None:
+        """Give cached free segments back until a new segment of ``seg`` bytes fits the capacity, or fail."""
+        assert self.capacity is not None
+        self.releases += 1
+        need = self.reserved + seg - self.capacity
+        cands = sorted(self._whole_free(small), key=lambda b: (b.size, b.addr))
+        big = [b for b in cands if b.size >= need]
+        if big:
+            self._release(big[0])
+        else:
+            for b in reversed(cands):
+                if self.reserved + seg <= self.capacity:
+                    break
+                self._release(b)
+        if self.reserved + seg > self.capacity:
+            for b in self._whole_free(None):
+                self._release(b)
+        if self.reserved + seg > self.capacity:
+            raise OutOfMemory(f"{seg} bytes more would pass the capacity: {self.allocated} allocated, {self.reserved} reserved")
 
     def free(self, handle: int) -> None:
         """Give a block back to its pool, merged with free neighbours of the same segment."""

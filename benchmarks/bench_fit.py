@@ -105,7 +105,7 @@ def matrix_table() -> list[dict[str, Any]]:
         for batch, prompt, new in POINTS:
             c = run_case(name, arch, batch, prompt, new, cache)
             out.append({"arch": name, "family": c.family, "batch": c.batch, "prompt": c.prompt, "error": c.error,
-                        "estimated": c.estimated, "traced": c.traced})
+                        "estimated": c.estimated, "traced": c.traced, "estimate_s": c.estimate_s, "trace_s": c.trace_s})
     return out
 
 
@@ -123,6 +123,10 @@ def print_matrix(rows: list[dict[str, Any]]) -> None:
           f" {min(0.0, min(errs)):>+12.2%} {max(0.0, max(errs)):>+11.2%}")
     print("goals: never under by more than 3%, median within 3%, at most 10% over "
           f"(under by > 3%: {sum(e < -0.03 for e in errs)} points; over by > 10%: {sum(e > 0.10 for e in errs)} points)")
+    est_s = sum(r["estimate_s"] for r in rows)
+    trace_s = sum(r["trace_s"] for r in rows)
+    print(f"time over the {len(rows)} points: pure estimator {est_s:.2f} s, trace {trace_s:.1f} s "
+          f"(ratio {est_s / trace_s:.4f}; the trace is the baseline the estimator replaces where torch is absent)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,11 +107,12 @@ def test_mla_latent_is_replicated_under_tensor_parallelism() -> None:
     assert kv(cfg, context=160, runtime="vllm", tp=4) == kv(cfg, context=160, runtime="vllm", tp=1)
 
 
-def test_mla_transformers_caches_expanded_per_head_keys_and_values() -> None:
+def test_mla_transformers_caches_the_latent_too() -> None:
+    """transformers 5 caches the normed latent and the rotated k_pe (the trace shows it), like vLLM, not the expansion."""
     cfg = config(**MLA_CFG)
-    # 8 heads x (nope 16 + rope 8 for K, + v 16 for V) x 2 bytes x 3 layers
-    assert kv(cfg, context=10) == 10 * 3 * 8 * (16 + 8 + 16) * 2
-    assert kv(cfg, context=10, tp=2) == 10 * 3 * 4 * (16 + 8 + 16) * 2
+    # (kv_lora_rank 32 + rope 8) x 2 bytes x 3 layers, the same on every GPU
+    assert kv(cfg, context=10) == 10 * 3 * (32 + 8) * 2
+    assert kv(cfg, context=10, tp=2) == kv(cfg, context=10)
 
 
 def test_mla_with_fp8_cache() -> None:

@@ -11,7 +11,6 @@ from airpack.vram import (
     RunConfig,
     WeightTensor,
     act_elements_per_token,
-    allocator_slack,
     collect_weights,
     estimate,
     model_shape,
@@ -19,6 +18,7 @@ from airpack.vram import (
     tensor_share,
     weights_per_gpu,
 )
+from airpack.vram_alloc import slack_of
 
 
 def test_weights_are_the_exact_header_bytes() -> None:
@@ -184,14 +184,14 @@ def test_tp_weights_per_gpu_shrink_but_not_below_the_replicated_part() -> None:
 # -- the caching allocator ------------------------------------------------------------------------------------------
 
 
-def test_allocator_slack_follows_pytorch_block_rules() -> None:
+def test_weight_slack_follows_pytorch_block_rules() -> None:
     # 100 B -> a 512 B block in a 2 MiB small segment; 2 MiB -> a 20 MiB segment; 12 MiB is best-fit from the
     # 18 MiB that segment has left (the large pool splits blocks: no new cudaMalloc)
-    assert allocator_slack([100, 2 * MiB, 12 * MiB]) == (2 + 20) * MiB - (100 + 2 * MiB + 12 * MiB)
-    assert allocator_slack([12 * MiB]) == 0  # alone: a segment of its own, rounded to 2 MiB
-    assert allocator_slack([3 * MiB] * 6) == 20 * MiB - 18 * MiB  # six fit one segment (best fit)
-    assert allocator_slack([3 * MiB] * 7) == 40 * MiB - 21 * MiB
-    assert allocator_slack([64 * MiB]) == 0
+    assert slack_of([100, 2 * MiB, 12 * MiB]) == (2 + 20) * MiB - (100 + 2 * MiB + 12 * MiB)
+    assert slack_of([12 * MiB]) == 0  # alone: a segment of its own, rounded to 2 MiB
+    assert slack_of([3 * MiB] * 6) == 20 * MiB - 18 * MiB  # six fit one segment (best fit)
+    assert slack_of([3 * MiB] * 7) == 40 * MiB - 21 * MiB
+    assert slack_of([64 * MiB]) == 0
 
 
 def test_header_summary_with_torch_dtype_names() -> None:

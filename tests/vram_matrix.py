@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ class Case:
     traced: int  # the trace's peak reserved
     traced_allocated: int
     notes: tuple[str, ...]
+    estimate_s: float = 0.0  # wall time of the pure estimate
+    trace_s: float = 0.0  # wall time of the trace (the baseline bench-fit compares it with)
 
     @property
     def error(self) -> float:
@@ -44,10 +47,13 @@ def run_case(name: str, arch: dict[str, Any], batch: int, prompt: int, new_token
     shape = model_shape(cfg)
     if prompt + new_tokens > shape.max_context:  # a model cannot run past its positions (MPT's 2048)
         prompt = shape.max_context - new_tokens
+    t0 = time.perf_counter()
     weights = collect_weights(tensor_infos_from_header(header), shape=shape)
     est = estimate(shape, weights, RunConfig(runtime="transformers", context=prompt + new_tokens, batch=batch,
                                              new_tokens=new_tokens))
+    t1 = time.perf_counter()
     tr = trace_generate(arch["config"], batch=batch, prompt=prompt, new_tokens=new_tokens, num_layers=layers)
+    t2 = time.perf_counter()
     return Case(name=name, family=str(arch["family"]), batch=batch, prompt=prompt, new_tokens=new_tokens,
                 estimated=est.per_gpu_bytes - CUDA_CONTEXT_BYTES - LIBRARY_BYTES, traced=tr.peak_reserved,
-                traced_allocated=tr.peak_allocated, notes=shape.notes + est.notes)
+                traced_allocated=tr.peak_allocated, notes=shape.notes + est.notes, estimate_s=t1 - t0, trace_s=t2 - t1)

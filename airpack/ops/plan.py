@@ -32,6 +32,7 @@ from ..vram import (
     Weights,
     collect_weights,
     dtype_bytes,
+    estimate,
     fit,
     kv_sequence_bytes,
     model_shape,
@@ -219,8 +220,8 @@ def _max_batch(shape: ModelShape, weights: Weights, run: RunConfig, gpu: Any) ->
     """transformers: the most sequences of the context that fit at once (binary search over the estimate)."""
     limit = fit(shape, weights, run, gpu).limit_bytes
 
-    def fits(b: int) -> bool:
-        return fit(shape, weights, replace(run, batch=b), gpu).per_gpu_bytes <= limit
+    def fits(b: int) -> bool:  # the estimate at the plan's context (fit would also search the longest context)
+        return estimate(shape, weights, replace(run, batch=b)).per_gpu_bytes <= limit
 
     if not fits(1):
         return 0
