@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -163,6 +163,7 @@ class ModelShape:
     composite_act: bool = False  # an activation written as several PyTorch ops (gelu_new): its temporaries
     softcap: bool = False
     rope_dim: int = 0  # rotated dims per head when only part of each head is rotated (0: all of it)
+    nope_layers: tuple[int, ...] = ()  # layers the code runs without the rotary embedding (no_rope_layers: SmolLM3, Llama-4)
 
     @property
     def dtype_bytes(self) -> int:
@@ -440,7 +441,16 @@ def model_shape(config: Mapping[str, Any], *, weights_dtype: str | None = None) 
         notes=tuple(notes), attention_path=path, gated_mlp=model_type not in UNGATED_MLP_TYPES,
         fused_gate_up=model_type in FUSED_GATE_UP_TYPES, softcap=softcap, rope_dim=_rope_dim(cfg, head_dim),
         composite_act=any(cfg.get(k) in COMPOSITE_ACTS for k in ("hidden_act", "activation_function", "hidden_activation")),
+        nope_layers=_nope_layers(cfg, layers),
     )
+
+
+def _nope_layers(cfg: Mapping[str, Any], n: int) -> tuple[int, ...]:
+    """The layers whose ``no_rope_layers`` flag is 0 (the modeling code's ``use_rope``), where the list covers every layer."""
+    flags = cfg.get("no_rope_layers")
+    if not isinstance(flags, list) or len(flags) != n:
+        return ()
+    return tuple(i for i, f in enumerate(flags) if f == 0)
 
 
 def _rope_dim(cfg: Mapping[str, Any], head_dim: int) -> int:
@@ -734,6 +744,9 @@ class Estimate:
     breakdown: Breakdown
     overhead: Overhead
     notes: tuple[str, ...] = ()
+    # transformers: what the process shows on a GPU with room to spare (nvidia-smi; the context, libraries and
+    # torch.cuda.max_memory_reserved), cached segments nothing lives in included; >= per_gpu_bytes
+    peak_reserved_bytes: int | None = None
 
     @property
     def per_gpu_bytes(self) -> int:
@@ -866,6 +879,7 @@ def stream_layout(shape: ModelShape, *, tp: int, act_bytes: int | None = None, k
         moe_dense_layers=moe.dense_layers if moe else (), moe_norm_topk=bool(moe and moe.norm_topk),
         mla=mla is not None, q_lora_rank=mla.q_lora_rank if mla else 0, kv_lora_rank=mla.kv_lora_rank if mla else 0,
         mla_rope_dim=mla.qk_rope_head_dim if mla else 0, mla_nope_dim=mla.qk_nope_head_dim if mla else 0,
+        nope_layers=shape.nope_layers,
     )
     return replace(lay, **vram_models.code_for(shape.model_type))
 
@@ -929,23 +943,30 @@ class _Model:
         )
         self.communication = COMMUNICATION_BYTES if tp > 1 else 0
 
-    def _transformers(self, prompt: int, new: int, kv: int) -> tuple[int, Overhead]:
-        """(activations, overhead) of ``generate``: the stream of its tensors replayed through the caching allocator.
+    def _transformers(self, prompt: int, new: int, kv: int, shortcut: bool) -> tuple[int, Overhead, int]:
+        """(activations, overhead, peak reserved) of ``generate``: its tensors' stream replayed through the allocator.
 
-        The peak reserved is what the allocator holds (weights and their rounding, the cache, the working set and
-        the blocks it cannot reuse); ``activations`` is the peak allocated less the weights, the cache and cuBLAS's
-        workspace, ``allocator`` the rest of the reserve.
+        The figure compared with the GPU is the most the allocator must hold at once: its segments that hold a live
+        block (the weights and their rounding, the cache, the working set and the blocks beside them that cannot be
+        reused). On a GPU with room to spare it also keeps segments nothing lives in any more (old sizes of a grown
+        cache) and shows more reserved; when memory runs short it gives those back (vram_alloc) instead of failing,
+        so they are reported (the third figure, what ``torch.cuda.max_memory_reserved`` shows) but not required.
+        ``activations`` is the peak allocated less the weights, the cache and cuBLAS's workspace; ``allocator`` the
+        rest of the figure.
         """
         run = self.run
         lay = stream_layout(self.shape, tp=run.tensor_parallel, act_bytes=self.act_bytes, kv_bytes=self.kv_bytes)
-        peaks = vram_stream.peaks(lay, self.weight_sizes, batch=run.batch, prompt=prompt, new_tokens=new)
+        peaks = vram_stream.peaks(lay, self.weight_sizes, batch=run.batch, prompt=prompt, new_tokens=new, shortcut=shortcut)
         fixed = self.weights + kv + CUBLAS_WORKSPACE_BYTES
         act = max(0, peaks.allocated - fixed)
-        allocator = max(0, peaks.reserved - fixed - act)
-        return act, Overhead(cuda_context=CUDA_CONTEXT_BYTES, libraries=LIBRARY_BYTES, workspace=CUBLAS_WORKSPACE_BYTES,
-                             allocator=allocator, communication=self.communication)
+        allocator = max(0, peaks.in_use - fixed - act)
+        overhead = Overhead(cuda_context=CUDA_CONTEXT_BYTES, libraries=LIBRARY_BYTES, workspace=CUBLAS_WORKSPACE_BYTES,
+                            allocator=allocator, communication=self.communication)
+        reserved = max(peaks.reserved, fixed + act) + CUDA_CONTEXT_BYTES + LIBRARY_BYTES + self.communication
+        return act, overhead, reserved
 
-    def estimate(self, context: int) -> Estimate:
+    def estimate(self, context: int, *, shortcut: bool = False) -> Estimate:
+        """The estimate at ``context`` tokens; ``shortcut``: the fast decode replay searches bracket with."""
         shape, run = self.shape, self.run
         tp = run.tensor_parallel
         kv_shape = shape
@@ -960,7 +981,7 @@ class _Model:
         if run.runtime == "transformers":
             prompt = max(1, context - run.new_tokens)
             new = context - prompt
-            act, overhead = self._transformers(prompt, new, kv)
+            act, overhead, reserved = self._transformers(prompt, new, kv, shortcut)
         else:
             prompt, new = context, 0
             tokens = run.max_num_batched_tokens
@@ -970,19 +991,21 @@ class _Model:
             # started: the context lives outside it, in the headroom, with the CUDA graphs.
             overhead = Overhead(cuda_context=0, libraries=LIBRARY_BYTES, workspace=CUBLAS_WORKSPACE_BYTES,
                                 allocator=0, communication=self.communication)
+            reserved = 0
         if context > shape.max_context:
             notes.append(f"context {context} is beyond the model's max_position_embeddings ({shape.max_context})")
         return Estimate(
             runtime=run.runtime, context=context, batch=run.batch, prompt_tokens=prompt, new_tokens=new,
             tensor_parallel=tp, kv_dtype=self.kv_name, kv_bytes_per_token=self.kv_token,
             breakdown=Breakdown(weights=self.weights, kv_cache=kv, activations=act, overhead=overhead.total),
-            overhead=overhead, notes=tuple(notes),
+            overhead=overhead, notes=tuple(notes), peak_reserved_bytes=reserved or None,
         )
 
 
-def estimate(shape: ModelShape, weights: Weights, run: RunConfig) -> Estimate:
-    """Bytes on the busiest GPU for ``run`` (at ``run.context``, or the model's maximum)."""
-    return _Model(shape, weights, run).estimate(run.context or shape.max_context)
+def estimate(shape: ModelShape, weights: Weights, run: RunConfig, *, shortcut: bool = False) -> Estimate:
+    """Bytes on the busiest GPU for ``run`` (at ``run.context``, or the model's maximum); ``shortcut``: the fast decode
+    replay (``vram_stream._decode_steps``) a search brackets with."""
+    return _Model(shape, weights, run).estimate(run.context or shape.max_context, shortcut=shortcut)
 
 
 # -- the verdict ----------------------------------------------------------------------------------
@@ -1034,6 +1057,42 @@ def verdict_for(total: int, limit: int) -> str:
     return "fits"
 
 
+#: How far below the every-step replay's figure the shortcut's was found (tests/test_vram_stream.py: up to 12%, on a
+#: 900-token generation after an 8-token prompt); searches widen their bracket by this before checking every step.
+SHORTCUT_MARGIN = Fraction(115, 100)
+
+
+def _bisect(lo: int, hi: int, ok: Callable[[int], bool], *, granularity: int = 1) -> int:
+    """The largest n in lo..hi with ok(n), for ok true up to some point and false after; ok(lo) is assumed (lo = 0:
+    none). Stops within ``granularity`` of the answer, below it."""
+    if ok(hi):
+        return hi
+    while hi - lo > granularity:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def largest_fitting(hi: int, figure: Callable[[int, bool], int], limit: int) -> int:
+    """The largest n in 1..hi whose figure (every decode step replayed) is within ``limit``; 0 when none is.
+
+    ``figure(n, shortcut)`` grows with n (a context, a batch). The search runs on the shortcut's figure (fast), then
+    checks its answer with every step; only when that fails does it search every-step figures, between the
+    shortcut's answer widened by SHORTCUT_MARGIN and the answer itself, to 1/512 of it.
+    """
+    top = _bisect(0, hi, lambda n: n > 0 and figure(n, True) <= limit)
+    if top == 0 or figure(top, False) <= limit:
+        return top
+    low = _bisect(0, top, lambda n: n > 0 and figure(n, True) * SHORTCUT_MARGIN <= limit)
+    if low and figure(low, False) > limit:  # the margin was not enough: search every step from the bottom
+        low = _bisect(0, low, lambda n: n > 0 and figure(n, False) <= limit, granularity=max(1, low // 512))
+        return low
+    return _bisect(low, top, lambda n: n <= low or figure(n, False) <= limit, granularity=max(1, top // 512))
+
+
 def fit(shape: ModelShape, weights: Weights, run: RunConfig, gpu: GpuBudget) -> FitResult:
     """Estimate, compare with the GPUs, and search the longest context that fits."""
     if run.tensor_parallel != gpu.count:
@@ -1062,23 +1121,8 @@ def fit(shape: ModelShape, weights: Weights, run: RunConfig, gpu: GpuBudget) -> 
         limit = gpu.memory_bytes if gpu.free_bytes is None else min(gpu.memory_bytes, gpu.free_bytes)
     verdict = verdict_for(est.per_gpu_bytes, limit) if startup_ok else "does_not_fit"
 
-    def fits_at(c: int) -> bool:
-        return model.estimate(c).per_gpu_bytes <= limit
-
-    hi = max(shape.max_context, 1)
-    if not startup_ok or not fits_at(1):
-        best = 0
-    elif fits_at(hi):
-        best = hi
-    else:
-        lo = 1  # fits_at(lo) is True, fits_at(hi) is False
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fits_at(mid):
-                lo = mid
-            else:
-                hi = mid
-        best = lo
+    best = largest_fitting(max(shape.max_context, 1), lambda c, short: model.estimate(c, shortcut=short).per_gpu_bytes,
+                           limit) if startup_ok else 0
 
     pool = capacity = concurrency = 0
     if run.runtime == "vllm":

@@ -90,11 +90,14 @@ class CachingAllocator:
         self.peak_reserved = 0
         self.segments = 0
         self.releases = 0
+        self.idle = 0  # bytes in cached segments with nothing allocated (what a release could give back)
+        self.peak_in_use = 0  # peak of reserved - idle: the segments holding live blocks
 
     def reset_peak(self) -> None:
         """Start the peaks from now (``torch.cuda.reset_peak_memory_stats``)."""
         self.peak_allocated = self.allocated
         self.peak_reserved = self.reserved
+        self.peak_in_use = self.reserved - self.idle
 
     def malloc(self, nbytes: int) -> int:
         """Serve a request of ``nbytes``; returns a handle (the block's address) for ``free``."""
@@ -105,6 +108,8 @@ class CachingAllocator:
         if i < len(pool):
             _, addr = pool.pop(i)
             block = self._blocks[addr]
+            if block.prev is None and block.next is None:
+                self.idle -= block.size
         else:
             seg = segment_size(size)
             if self.capacity is not None and self.reserved + seg > self.capacity:
@@ -127,6 +132,8 @@ class CachingAllocator:
         block.free = False
         self.allocated += block.size
         self.peak_allocated = max(self.peak_allocated, self.allocated)
+        if self.reserved - self.idle > self.peak_in_use:
+            self.peak_in_use = self.reserved - self.idle
         return block.addr
 
     def _whole_free(self, small: bool | None) -> list[_Block]:
@@ -139,6 +146,7 @@ class CachingAllocator:
         self._pools[block.small].remove((block.size, block.addr))
         del self._blocks[block.addr]
         self.reserved -= block.size
+        self.idle -= block.size
         self.segments -= 1
 
     def _make_room(self, seg: int, small: bool) -> None:
@@ -187,6 +195,8 @@ class CachingAllocator:
                         other.next.prev = block
         self._blocks[block.addr] = block
         bisect.insort(pool, (block.size, block.addr))
+        if block.prev is None and block.next is None:
+            self.idle += block.size
 
 
 def slack_of(sizes: list[int]) -> int:

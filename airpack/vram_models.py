@@ -59,11 +59,11 @@ MODEL_CODE: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(_QK_NORM),
     "granite": dict(_GRANITE),
     "granitemoe": dict(_GRANITE),
-    "phimoe": {**_LAYER_NORM},
-    "exaone4": {"pre_norm": False, "post_norm": True, "qk_norm": True},
+    "exaone4": {"pre_norm": False, "post_norm": True, "qk_norm": True, "rope_sliding_only": True},
     "glm4": {"post_norm": True, "rope_interleaved": True, "rope_parts_die": True, "attn_out_copy": True},
     # mixture-of-experts routers and experts
     "mixtral": {"moe_router": "f32"},
+    "phimoe": {**_LAYER_NORM},  # sparsemixer routing: its tensors are rows x experts, written as the default router
     "qwen2_moe": {"moe_shared_gate": True},
     "deepseek_v2": {"moe_router": "f32_input"},
     # lightning (linear) attention in 256-token blocks (MiniMaxConfig.block_size), the normed input as residual

@@ -82,6 +82,7 @@ class TraceResult:
     weights_reserved: int
     peak_allocated: int  # max_memory_allocated() during generate
     peak_reserved: int  # max_memory_reserved() during generate
+    peak_in_use: int = 0  # the most reserved at once in segments holding a live block: what must fit (vram_alloc)
     backends: dict[str, int] = field(default_factory=dict)  # SDPA calls per backend
     fallback_reasons: tuple[str, ...] = ()
     attn_implementation: str = ""
@@ -93,7 +94,8 @@ class TraceResult:
         return {
             "model_type": self.model_type, "batch": self.batch, "prompt": self.prompt, "new_tokens": self.new_tokens,
             "dtype": self.dtype, "weights_allocated": self.weights_allocated, "weights_reserved": self.weights_reserved,
-            "peak_allocated": self.peak_allocated, "peak_reserved": self.peak_reserved, "sdpa_backends": dict(self.backends),
+            "peak_allocated": self.peak_allocated, "peak_reserved": self.peak_reserved, "peak_in_use": self.peak_in_use,
+            "sdpa_backends": dict(self.backends),
             "sdpa_fallback_reasons": list(self.fallback_reasons), "attn_implementation": self.attn_implementation,
             "torch": self.torch_version, "transformers": self.transformers_version, "ops": self.ops,
         }
@@ -551,7 +553,8 @@ def _run_generate(torch: Any, transformers: Any, model: Any, dtype_name: str, *,
     return TraceResult(
         model_type=str(model.config.model_type), batch=batch, prompt=prompt, new_tokens=new_tokens, dtype=dtype_name,
         weights_allocated=weights_allocated, weights_reserved=weights_reserved,
-        peak_allocated=rec.alloc.peak_allocated, peak_reserved=rec.alloc.peak_reserved, backends=backends,
+        peak_allocated=rec.alloc.peak_allocated, peak_reserved=rec.alloc.peak_reserved, peak_in_use=rec.alloc.peak_in_use,
+        backends=backends,
         fallback_reasons=reasons, attn_implementation=str(getattr(model.config, "_attn_implementation", "") or ""),
         torch_version=str(torch.__version__), transformers_version=str(transformers.__version__), ops=rec.ops,
     )

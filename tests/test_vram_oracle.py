@@ -1,11 +1,12 @@
 """The pure estimator held to the trace on every machine: recorded traces of the architecture matrix, no torch needed.
 
 tests/data/vram_trace_matrix.json holds, for the 26 architectures of tests/vram_fixtures.ARCHITECTURES at
-reduced depth, the config and header transformers saves and the trace's peak allocated and reserved at
-batch 1 and 8, short and long prompts (``tests/record_trace_matrix.py`` records it where the [trace] extra is
-installed). The estimator's stream must reproduce them: this is where a change to vram_stream or vram_models that
-breaks a family shows, in CI, without torch. The goal of the issue (never more than 3% under, at most 10% over,
-median within 3%) is the floor; the stream is in fact within 1% everywhere, and that is what is pinned.
+reduced depth (and 7 more model types on small synthetic configs), the config and header transformers saves and
+the trace's peak allocated, reserved and in use at batch 1 and 8, short and long prompts
+(``tests/record_trace_matrix.py`` records it where the [trace] extra is installed). The estimator's stream must
+reproduce them: this is where a change to vram_stream or vram_models that breaks a family shows, in CI, without
+torch. The goal of the issue (never more than 3% under, at most 10% over, median within 3%) is the floor; the
+stream's peak reserved is within 1% everywhere, and that is what is pinned.
 """
 
 from __future__ import annotations
@@ -21,17 +22,22 @@ from airpack.vram import CUDA_CONTEXT_BYTES, LIBRARY_BYTES, RunConfig, collect_w
 
 DATA = Path(__file__).resolve().parent / "data" / "vram_trace_matrix.json"
 RECORDED: dict[str, Any] = json.loads(DATA.read_text())
-POINTS = [(name, i) for name, a in RECORDED["architectures"].items() for i in range(len(a["runs"]))]
+ALL = {**RECORDED["architectures"], **RECORDED["other_types"]}
+POINTS = [(name, i) for name, a in ALL.items() for i in range(len(a["runs"]))]
 
 
-def _error(name: str, i: int) -> float:
-    arch = RECORDED["architectures"][name]
+def _errors(name: str, i: int) -> tuple[float, float]:
+    """(what must fit, what a roomy GPU shows): the estimate against the trace's peak in use and peak reserved."""
+    arch = ALL[name]
     run = arch["runs"][i]
     shape = model_shape(arch["config"])
     weights = collect_weights(tensor_infos_from_header(arch["header"]), shape=shape)
     est = estimate(shape, weights, RunConfig(runtime="transformers", context=run["prompt"] + run["new_tokens"],
                                              batch=run["batch"], new_tokens=run["new_tokens"]))
-    return float((est.per_gpu_bytes - CUDA_CONTEXT_BYTES - LIBRARY_BYTES) / run["peak_reserved"] - 1)
+    outside = CUDA_CONTEXT_BYTES + LIBRARY_BYTES
+    assert est.peak_reserved_bytes is not None
+    return (float((est.per_gpu_bytes - outside) / run["peak_in_use"] - 1),
+            float((est.peak_reserved_bytes - outside) / run["peak_reserved"] - 1))
 
 
 def test_the_recording_covers_the_matrix() -> None:
@@ -43,13 +49,18 @@ def test_the_recording_covers_the_matrix() -> None:
 
 @pytest.mark.parametrize(("name", "i"), POINTS, ids=[f"{n}-{i}" for n, i in POINTS])
 def test_estimate_within_one_percent_of_the_trace(name: str, i: int) -> None:
-    run = RECORDED["architectures"][name]["runs"][i]
-    err = _error(name, i)
-    assert -0.01 <= err <= 0.01, f"{name} batch {run['batch']} prompt {run['prompt']}: {err:+.2%} against the trace"
+    run = ALL[name]["runs"][i]
+    need, reserved = _errors(name, i)
+    where = f"{name} batch {run['batch']} prompt {run['prompt']}"
+    assert -0.01 <= reserved <= 0.01, f"{where}: {reserved:+.2%} against the trace's peak reserved"
+    # what must fit hangs on where small blocks land (one left in a big idle segment keeps it in use): the issue's
+    # bound, never more than 3% under; it is within 1% on all but two points (Command R7B at batch 8 x 4k, -2.9%;
+    # GPT-J at batch 8 x 1k, -1.5%)
+    assert -0.03 <= need <= 0.01, f"{where}: {need:+.2%} against the trace's peak in use"
 
 
 def test_issue_goals_over_the_whole_matrix() -> None:
-    errs = [_error(n, i) for n, i in POINTS]
+    errs = [_errors(n, i)[0] for n, i in POINTS]
     assert min(errs) >= -0.03
     assert max(errs) <= 0.10
     assert statistics.median(abs(e) for e in errs) <= 0.03
@@ -58,7 +69,7 @@ def test_issue_goals_over_the_whole_matrix() -> None:
 def test_header_order_does_not_matter() -> None:
     """A safetensors header lists tensors by dtype and name (``layers.10`` before ``layers.2``); the estimator loads
     them in the order PyTorch moves them, whatever order the header gives."""
-    arch = RECORDED["architectures"]["bloom-560m"]
+    arch = ALL["bloom-560m"]
     run = arch["runs"][1]
     shape = model_shape(arch["config"])
     rc = RunConfig(runtime="transformers", context=run["prompt"] + run["new_tokens"], batch=run["batch"], new_tokens=run["new_tokens"])

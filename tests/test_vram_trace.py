@@ -122,7 +122,8 @@ def test_cli_fit_trace_json(tiny_model: Path) -> None:
     d = json.loads(r.stdout)
     t = d["trace"]
     assert d["runtime"] == "transformers" and d["verdict"] == t["verdict"]
-    assert t["per_gpu_bytes"] == t["peak_reserved"] + t["outside_allocator_bytes"]
+    assert t["per_gpu_bytes"] == t["peak_in_use"] + t["outside_allocator_bytes"]
+    assert t["peak_allocated"] <= t["peak_in_use"] <= t["peak_reserved"]
     assert t["peak_allocated"] >= t["weights_allocated"] and (t["prompt"], t["new_tokens"]) == (252, 4)
     assert d["estimate_per_gpu_bytes"] > 0 and d["estimate_verdict"] in ("fits", "tight", "does_not_fit")
     text = run_cli("fit", tiny_model, "--gpu", "1GiB", "--context", "256", "--new-tokens", "4", "--trace")

@@ -22,10 +22,12 @@ class Case:
     batch: int
     prompt: int
     new_tokens: int
-    estimated: int  # the estimator's per-GPU bytes less the CUDA context and libraries (the allocator's share)
-    traced: int  # the trace's peak reserved
+    estimated: int  # the estimator's per-GPU bytes less the CUDA context and libraries: what the allocator must hold
+    traced: int  # the trace's peak in use (segments holding a live block): the same, traced
     traced_allocated: int
     notes: tuple[str, ...]
+    estimated_reserved: int = 0  # what a roomy GPU would show reserved, estimated and traced
+    traced_reserved: int = 0
     estimate_s: float = 0.0  # wall time of the pure estimate
     trace_s: float = 0.0  # wall time of the trace (the baseline bench-fit compares it with)
 
@@ -33,6 +35,10 @@ class Case:
     def error(self) -> float:
         """Signed relative error of the estimate against the trace (negative: under)."""
         return self.estimated / self.traced - 1
+
+    @property
+    def reserved_error(self) -> float:
+        return self.estimated_reserved / self.traced_reserved - 1
 
 
 def run_case(name: str, arch: dict[str, Any], batch: int, prompt: int, new_tokens: int,
@@ -55,5 +61,7 @@ def run_case(name: str, arch: dict[str, Any], batch: int, prompt: int, new_token
     tr = trace_generate(arch["config"], batch=batch, prompt=prompt, new_tokens=new_tokens, num_layers=layers)
     t2 = time.perf_counter()
     return Case(name=name, family=str(arch["family"]), batch=batch, prompt=prompt, new_tokens=new_tokens,
-                estimated=est.per_gpu_bytes - CUDA_CONTEXT_BYTES - LIBRARY_BYTES, traced=tr.peak_reserved,
+                estimated=est.per_gpu_bytes - CUDA_CONTEXT_BYTES - LIBRARY_BYTES, traced=tr.peak_in_use,
+                estimated_reserved=(est.peak_reserved_bytes or 0) - CUDA_CONTEXT_BYTES - LIBRARY_BYTES,
+                traced_reserved=tr.peak_reserved,
                 traced_allocated=tr.peak_allocated, notes=shape.notes + est.notes, estimate_s=t1 - t0, trace_s=t2 - t1)

@@ -157,9 +157,10 @@ class FitReport:
 class TracedFit:
     """The trace of one model at the estimate's batch, prompt and new tokens, and what it says about the fit.
 
-    ``per_gpu_bytes`` is the process footprint NVML would show: the allocator's peak
-    reserved memory plus the CUDA context and the libraries (cuBLAS handles, kernels)
-    that live outside the allocator.
+    ``per_gpu_bytes`` is what must fit: the most the allocator holds at once in segments
+    with a live block (``peak_in_use``; on a GPU with room it also keeps idle segments and
+    NVML shows ``peak_reserved``, but it gives those back before failing) plus the CUDA
+    context and the libraries (cuBLAS handles, kernels) that live outside the allocator.
     """
 
     result: TraceResult
@@ -485,13 +486,14 @@ def trace_fit(src: ModelSource, report: FitReport, gpu: GpuBudget) -> FitReport:
     """Run the trace at the report's batch, prompt and new tokens; its verdict becomes the report's."""
     est = report.result.estimate
     res = trace_generate(src.config, batch=est.batch, prompt=est.prompt_tokens, new_tokens=est.new_tokens)
-    total = res.peak_reserved + CUDA_CONTEXT_BYTES + LIBRARY_BYTES
+    total = res.peak_in_use + CUDA_CONTEXT_BYTES + LIBRARY_BYTES  # what must fit (cached idle segments are given back)
     limit = report.result.limit_bytes
     verdict = verdict_for(total, limit)
     traced = TracedFit(result=res, per_gpu_bytes=total, limit_bytes=limit, verdict=verdict,
                        estimate_verdict=report.result.verdict, estimate_bytes=report.result.per_gpu_bytes)
     note = (f"traced with torch {res.torch_version}, transformers {res.transformers_version}: peak allocated "
-            f"{format_bytes(res.peak_allocated)}, reserved {format_bytes(res.peak_reserved)}, footprint {format_bytes(total)} "
+            f"{format_bytes(res.peak_allocated)}, reserved {format_bytes(res.peak_reserved)} (in use at most "
+            f"{format_bytes(res.peak_in_use)}), footprint {format_bytes(total)} "
             f"(the verdict is the trace's; the longest context is the estimate's)")
     result = replace(report.result, verdict=verdict, notes=(*report.result.notes, note))
     return replace(report, result=result, trace=traced)

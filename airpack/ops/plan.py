@@ -35,6 +35,7 @@ from ..vram import (
     estimate,
     fit,
     kv_sequence_bytes,
+    largest_fitting,
     model_shape,
     weights_per_gpu,
 )
@@ -217,24 +218,11 @@ def _active_weight_bytes(shape: ModelShape, weights: Weights, tp: int) -> int:
 
 
 def _max_batch(shape: ModelShape, weights: Weights, run: RunConfig, gpu: Any) -> int:
-    """transformers: the most sequences of the context that fit at once (binary search over the estimate)."""
+    """transformers: the most sequences of the context that fit at once (the estimate at the plan's context; fit would
+    also search the longest context)."""
     limit = fit(shape, weights, run, gpu).limit_bytes
-
-    def fits(b: int) -> bool:  # the estimate at the plan's context (fit would also search the longest context)
-        return estimate(shape, weights, replace(run, batch=b)).per_gpu_bytes <= limit
-
-    if not fits(1):
-        return 0
-    lo, hi = 1, MAX_BATCH
-    if fits(hi):
-        return hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return largest_fitting(MAX_BATCH, lambda b, short: estimate(shape, weights, replace(run, batch=b), shortcut=short).per_gpu_bytes,
+                           limit)
 
 
 def plan_gpu(shape: ModelShape, weights: Weights, run: RunConfig, gpu: CatalogGpu, prices: Prices | None) -> PlanOption:
