@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench bench-fit lint clean registry-bin trace-extra cdn-bin softhsm-bin browser-bin
+.PHONY: venv test demo bench bench-fit trace-matrix lint clean registry-bin trace-extra cdn-bin softhsm-bin browser-bin
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ bench: $(STAMP) registry-bin cdn-bin
 
 bench-fit: $(STAMP)
 	$(BIN)/python benchmarks/bench_fit.py
+
+# Re-record tests/data/vram_trace_matrix.json, the trace of every architecture-matrix point that
+# tests/test_vram_oracle.py holds the pure estimator to without torch (needs the [trace] extra; ~3 minutes).
+trace-matrix: $(STAMP)
+	$(BIN)/python tests/record_trace_matrix.py
 
 # Silent on success; each tool prints only its findings (lint-imports has no quiet flag: its report shows on failure).
 lint: $(STAMP)

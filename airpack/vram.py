@@ -9,10 +9,13 @@ Inputs are a model's ``config.json`` (a dict) and its safetensors headers
   once, every MoE expert resident, split over tensor-parallel GPUs;
 * KV cache: per layer and token from the attention layout (MHA, GQA, MQA, MLA),
   sliding-window layers capped at their window, in the KV dtype;
-* activations: the prefill's peak working set (transformers) or vLLM's
-  profiling batch;
-* overhead: the CUDA context and libraries, cuBLAS workspace, the caching
-  allocator's slack, NCCL buffers under tensor parallelism.
+* transformers: ``generate()`` written as the stream of its tensors
+  (``vram_stream``, per-type code in ``vram_models``) and replayed through the
+  caching allocator's model (``vram_alloc``): the working set and the allocator's
+  reserve are what the replay holds, not a sum of terms;
+* vLLM: its profiling batch and V1 memory accounting (vLLM 0.11.0's source);
+* overhead: the CUDA context and libraries, cuBLAS workspace, NCCL buffers
+  under tensor parallelism.
 
 Every constant is named below and explained in docs/fit.md with where it came
 from (``benchmarks/bench_fit.py`` checks them against real H100 measurements).
@@ -1076,14 +1079,14 @@ def _bisect(lo: int, hi: int, ok: Callable[[int], bool], *, granularity: int = 1
     return lo
 
 
-def largest_fitting(hi: int, figure: Callable[[int, bool], int], limit: int) -> int:
+def largest_fitting(hi: int, figure: Callable[[int, bool], int], limit: int, *, step: int = 1) -> int:
     """The largest n in 1..hi whose figure (every decode step replayed) is within ``limit``; 0 when none is.
 
-    ``figure(n, shortcut)`` grows with n (a context, a batch). The search runs on the shortcut's figure (fast), then
-    checks its answer with every step; only when that fails does it search every-step figures, between the
-    shortcut's answer widened by SHORTCUT_MARGIN and the answer itself, to 1/512 of it.
+    ``figure(n, shortcut)`` grows with n (a context, a batch). The search runs on the shortcut's figure (fast, to
+    ``step``), then checks its answer with every step; only when that fails does it search every-step
+    figures, between the shortcut's answer widened by SHORTCUT_MARGIN and the answer itself, to 1/512 of it.
     """
-    top = _bisect(0, hi, lambda n: n > 0 and figure(n, True) <= limit)
+    top = _bisect(0, hi, lambda n: n > 0 and figure(n, True) <= limit, granularity=step)
     if top == 0 or figure(top, False) <= limit:
         return top
     low = _bisect(0, top, lambda n: n > 0 and figure(n, True) * SHORTCUT_MARGIN <= limit)
@@ -1101,6 +1104,10 @@ def fit(shape: ModelShape, weights: Weights, run: RunConfig, gpu: GpuBudget) -> 
     context = run.context or shape.max_context
     est = model.estimate(context)
     notes = list(shape.notes) + list(est.notes)
+    if est.peak_reserved_bytes is not None and est.peak_reserved_bytes * 50 > est.per_gpu_bytes * 51:
+        notes.append(f"on a GPU with room to spare PyTorch would show {est.peak_reserved_bytes / GiB:.2f} GiB: its caching "
+                     f"allocator keeps segments nothing lives in any more, and gives them back before it would fail; "
+                     f"{est.per_gpu_bytes / GiB:.2f} GiB is what must fit")
     util = parse_utilization(run.gpu_memory_utilization)
     startup_ok = True
     if run.runtime == "vllm":
@@ -1121,8 +1128,9 @@ def fit(shape: ModelShape, weights: Weights, run: RunConfig, gpu: GpuBudget) -> 
         limit = gpu.memory_bytes if gpu.free_bytes is None else min(gpu.memory_bytes, gpu.free_bytes)
     verdict = verdict_for(est.per_gpu_bytes, limit) if startup_ok else "does_not_fit"
 
-    best = largest_fitting(max(shape.max_context, 1), lambda c, short: model.estimate(c, shortcut=short).per_gpu_bytes,
-                           limit) if startup_ok else 0
+    hi = max(shape.max_context, 1)  # to 1/1024 of the model's positions: 128 tokens of 131,072
+    best = largest_fitting(hi, lambda c, short: model.estimate(c, shortcut=short).per_gpu_bytes, limit,
+                           step=max(1, hi // 1024)) if startup_ok else 0
 
     pool = capacity = concurrency = 0
     if run.runtime == "vllm":

@@ -528,15 +528,7 @@ def _eager_masks(s: _Stream, lay: Layout, batch: int, prompt: int) -> list[int]:
         s.drop(rep, ar)
     kinds = sorted({w > 0 for w in lay.layer_windows if w >= 0}) if lay.eager not in ("bloom", "mpt") else [False]
     for sliding in kinds:  # masking_utils: the boolean causal (and sliding) mask made additive (where) in the model's dtype
-        b = s.new(pp)
-        if sliding:  # and_masks: ``result & fn(...).to(result.device)`` per function: the window's gt (and its copy), the causal le
-            c = s.new(pp)
-            s.drop(b)
-            a1 = s.new(pp)
-            s.drop(c)
-            le = s.new(pp)
-            b = s.new(pp)
-            s.drop(le, a1)
+        b = _sliding_mask(s, prompt) if sliding else s.new(pp)
         add = s.new(batch * pp * ab)
         s.drop(b)
         if lay.eager == "mpt":  # `.to(torch.bool)`: MPT masks with masked_fill
@@ -554,12 +546,13 @@ def _masks(s: _Stream, lay: Layout, batch: int, prompt: int) -> list[int]:
     if lay.sdpa_mask_always:  # create_causal_mask(allow_is_causal_skip=False): kv_idx <= q_idx, broadcast over the batch
         return [s.new(prompt * prompt)]
     if any(w > 0 and prompt >= w for w in lay.layer_windows):  # the sliding layers' mask (full layers skip theirs)
-        return [_sdpa_sliding_mask(s, prompt)]
+        return [_sliding_mask(s, prompt)]
     return []
 
 
-def _sdpa_sliding_mask(s: _Stream, prompt: int) -> int:
-    """``and_masks(sliding_window_overlay, causal)`` over the index grid: (kv > q - w), its copy, the ands, (kv <= q)."""
+def _sliding_mask(s: _Stream, prompt: int) -> int:
+    """masking_utils' ``and_masks(sliding_window_overlay, causal)`` over the index grid, ``result & fn(...)`` per
+    function: (kv > q - w), its copy, the ands, (kv <= q). Eager and SDPA models build it alike."""
     n = prompt * prompt
     gt = s.new(n)
     cp = s.new(n)
@@ -591,12 +584,7 @@ def _mlp(s: _Stream, lay: Layout, rows: int, n_in: int) -> int:
         s.drop(m, gu)
         return out
     elif lay.gated:
-        g = s.mm(n * ab)
-        a = s.new(n * ab)
-        s.drop(g)
-        u = s.mm(n * ab)
-        m = s.new(n * ab)
-        s.drop(a, u)
+        return _gated(s, lay, rows, lay.intermediate)
     else:
         u = s.mm(n * ab)
         m = _act(s, lay, n, u)
@@ -605,6 +593,21 @@ def _mlp(s: _Stream, lay: Layout, rows: int, n_in: int) -> int:
         s.layer_held.append(m)
     else:
         s.drop(m)
+    return out
+
+
+def _gated(s: _Stream, lay: Layout, rows: int, width: int) -> int:
+    """``down(act(gate(x)) * up(x))`` of ``width`` over ``rows`` tokens: gate, its activation, up, the product, down;
+    the output (the dense MLP, a shared expert, a decode step's MLP)."""
+    ab, n = lay.act_bytes, rows * width
+    g = s.mm(n * ab)
+    a = s.new(n * ab)
+    s.drop(g)
+    u = s.mm(n * ab)
+    m = s.new(n * ab)
+    s.drop(a, u)
+    out = s.mm(rows * lay.hidden * ab)
+    s.drop(m)
     return out
 
 
@@ -662,16 +665,7 @@ def _moe(s: _Stream, lay: Layout, rows: int) -> int:
 
 def _moe_shared(s: _Stream, lay: Layout, rows: int) -> int:
     """The shared expert: a gated MLP of ``moe_shared`` width on every token; its output."""
-    ab, n = lay.act_bytes, rows * lay.moe_shared
-    g = s.mm(n * ab)
-    act = s.new(n * ab)
-    s.drop(g)
-    u = s.mm(n * ab)
-    m = s.new(n * ab)
-    s.drop(act, u)
-    out = s.mm(rows * lay.hidden * ab)
-    s.drop(m)
-    return out
+    return _gated(s, lay, rows, lay.moe_shared)
 
 
 def _moe_router(s: _Stream, lay: Layout, rows: int) -> tuple[int, list[int]]:
@@ -1224,15 +1218,43 @@ def _grow_cache(s: _Stream, lay: Layout, batch: int, cache: list[int], layer: in
         cache[c] = grown
 
 
+def _small_decode_layer(lay: Layout, batch: int) -> bool:
+    """Whether a decode step's layer allocates nothing but its cache in the large pool (> 1 MiB): no MLA expansion,
+    no eager or math scores over the cache, no lightning state, and a working set of batch rows under 1 MiB."""
+    widest = max(lay.hidden, lay.intermediate, lay.heads * lay.head_dim) * 4
+    return not (lay.mla or lay.lightning_block or lay.attention in ("math", "eager")) and batch * widest <= SMALL_SIZE
+
+
+def _decode_working_set(s: _Stream, lay: Layout, batch: int) -> None:
+    """A decode step's projections and MLP over ``batch`` rows, born and dead in the layer. Under 1 MiB they live in
+    the small pool's own segments and are not replayed; at a large batch they are large blocks among the caches."""
+    ab = lay.act_bytes
+    if batch * max(lay.intermediate, lay.hidden, lay.heads * lay.head_dim) * ab <= SMALL_SIZE:
+        return
+    q = s.new(batch * lay.heads * lay.head_dim * ab)
+    out = s.new(batch * lay.heads * lay.v_head_dim * ab)
+    s.drop(q)
+    o = s.new(batch * lay.hidden * ab)
+    s.drop(out)
+    if not lay.moe_experts:
+        s.drop(_gated(s, lay, batch, lay.intermediate))
+    s.drop(o)
+
+
 def _decode_step(s: _Stream, lay: Layout, batch: int, past: int, grow: int, cache: list[int], prev: int) -> int:
     """One decode step over ``past`` cached tokens, growing each cache by ``grow``: the step's float32 logits."""
     ab = lay.act_bytes
     h = lay.hidden
     x0 = x = s.new(batch * h * ab)
+    plain = s.quiet and _small_decode_layer(lay, batch)
     for i, window in enumerate(lay.layer_windows):
+        if plain and window >= 0 and not _moe_layer(lay, i).moe_experts:  # only the caches reach the large pool
+            _grow_cache(s, lay, batch, cache, i, _cached_after(past, grow, window))
+            continue
         n = _norm(s, lay, batch, h)
         if window >= 0:
             _grow_cache(s, lay, batch, cache, i, _cached_after(past, grow, window))
+            _decode_working_set(s, lay, batch)
         elif lay.lightning_block:
             _lightning_decode(s, lay, batch, cache, i)
         if lay.mla:

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vram_fixtures import ARCHITECTURES
+from vram_fixtures import ARCHITECTURES, LONG_GENERATIONS, OTHER_POINTS, OTHER_TYPES
 from vram_matrix import POINTS
 
 from airpack import vram_trace
@@ -23,23 +23,41 @@ from airpack.vram import model_shape
 OUT = Path(__file__).resolve().parent / "data" / "vram_trace_matrix.json"
 
 
+def _runs(config: dict[str, object], points: tuple[tuple[int, int, int], ...], layers: int | None) -> tuple[dict[str, object], list[object]]:
+    cfg, header = vram_trace.reduced_model(config, layers)
+    shape = model_shape(cfg)
+    runs: list[object] = []
+    for batch, prompt, new in points:
+        prompt = min(prompt, shape.max_context - new)
+        t = vram_trace.trace_generate(config, batch=batch, prompt=prompt, new_tokens=new, num_layers=layers)
+        runs.append({"batch": batch, "prompt": prompt, "new_tokens": new, "peak_allocated": t.peak_allocated,
+                     "peak_reserved": t.peak_reserved, "peak_in_use": t.peak_in_use, "backends": dict(t.backends)})
+    return {"config": cfg, "header": header}, runs
+
+
 def record() -> dict[str, object]:
+    import torch
+    import transformers
+
     archs: dict[str, object] = {}
-    versions: dict[str, str] = {}
     for name, arch in ARCHITECTURES.items():
-        layers = int(arch["layers"])
-        cfg, header = vram_trace.reduced_model(arch["config"], layers)
-        shape = model_shape(cfg)
-        runs = []
-        for batch, prompt, new in POINTS:
-            prompt = min(prompt, shape.max_context - new)
-            t = vram_trace.trace_generate(arch["config"], batch=batch, prompt=prompt, new_tokens=new, num_layers=layers)
-            versions = {"torch": t.torch_version, "transformers": t.transformers_version}
-            runs.append({"batch": batch, "prompt": prompt, "new_tokens": new, "peak_allocated": t.peak_allocated,
-                         "peak_reserved": t.peak_reserved, "backends": dict(t.backends)})
-        archs[name] = {"family": arch["family"], "config": cfg, "header": header, "runs": runs}
+        model, runs = _runs(arch["config"], POINTS, int(arch["layers"]))
+        archs[name] = {"family": arch["family"], **model, "runs": runs}
         print(name, file=sys.stderr)
-    return {"recorded_with": versions, "architectures": archs}
+    others: dict[str, object] = {}
+    for name, config in OTHER_TYPES.items():
+        model, runs = _runs(config, OTHER_POINTS, None)
+        others[name] = {"family": "other model types (small synthetic configs)", **model, "runs": runs}
+        print(name, file=sys.stderr)
+    long: dict[str, dict[str, object]] = {}
+    for name, batch, prompt, new in LONG_GENERATIONS:
+        arch = ARCHITECTURES[name]
+        model, runs = _runs(arch["config"], ((batch, prompt, new),), int(arch["layers"]))
+        entry = long.setdefault(name, {"family": "long generations", **model, "runs": []})
+        entry["runs"] += runs  # type: ignore[operator]
+        print(name, batch, prompt, new, file=sys.stderr)
+    return {"recorded_with": {"torch": str(torch.__version__), "transformers": str(transformers.__version__)},
+            "architectures": archs, "other_types": others, "long_generations": long}
 
 
 if __name__ == "__main__":

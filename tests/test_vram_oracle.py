@@ -1,8 +1,8 @@
 """The pure estimator held to the trace on every machine: recorded traces of the architecture matrix, no torch needed.
 
 tests/data/vram_trace_matrix.json holds, for the 26 architectures of tests/vram_fixtures.ARCHITECTURES at
-reduced depth (and 7 more model types on small synthetic configs), the config and header transformers saves and
-the trace's peak allocated, reserved and in use at batch 1 and 8, short and long prompts
+reduced depth (7 more model types on small synthetic configs, 9 long generations), the config and header
+transformers saves and the trace's peak allocated, reserved and in use at batch 1 and 8, short and long prompts
 (``tests/record_trace_matrix.py`` records it where the [trace] extra is installed). The estimator's stream must
 reproduce them: this is where a change to vram_stream or vram_models that breaks a family shows, in CI, without
 torch. The goal of the issue (never more than 3% under, at most 10% over, median within 3%) is the floor; the
@@ -22,7 +22,7 @@ from airpack.vram import CUDA_CONTEXT_BYTES, LIBRARY_BYTES, RunConfig, collect_w
 
 DATA = Path(__file__).resolve().parent / "data" / "vram_trace_matrix.json"
 RECORDED: dict[str, Any] = json.loads(DATA.read_text())
-ALL = {**RECORDED["architectures"], **RECORDED["other_types"]}
+ALL = {**RECORDED["architectures"], **RECORDED["other_types"], **{f"{n} (long)": a for n, a in RECORDED["long_generations"].items()}}
 POINTS = [(name, i) for name, a in ALL.items() for i in range(len(a["runs"]))]
 
 

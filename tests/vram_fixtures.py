@@ -198,3 +198,29 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "model_type": "gptj", "n_embd": 4096, "n_head": 16, "n_layer": 28, "rotary_dim": 64, "vocab_size": 50400,
         "n_positions": 2048, "torch_dtype": "float16", "tie_word_embeddings": False}},
 }
+
+#: Model types the estimator knows but no published config of the matrix covers, on one small synthetic config each
+#: (3 layers, hidden 1024): their traces are recorded beside the matrix's (tests/data/vram_trace_matrix.json).
+_SMALL: dict[str, Any] = {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 4,
+                          "head_dim": 64, "vocab_size": 32000, "max_position_embeddings": 8192, "num_hidden_layers": 3,
+                          "torch_dtype": "bfloat16", "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+_EXPERTS: dict[str, Any] = {"num_local_experts": 8, "num_experts_per_tok": 2}
+OTHER_TYPES: dict[str, dict[str, Any]] = {
+    "olmo": {**_SMALL, "model_type": "olmo"},
+    "smollm3": {**_SMALL, "model_type": "smollm3"},
+    "glm4": {**_SMALL, "model_type": "glm4"},
+    "exaone4": {**_SMALL, "model_type": "exaone4"},
+    "phimoe": {**_SMALL, "model_type": "phimoe", **_EXPERTS},
+    "minimax": {**_SMALL, "model_type": "minimax", **_EXPERTS},
+    "deepseek_v3": {**{k: v for k, v in _SMALL.items() if k != "head_dim"}, "model_type": "deepseek_v3", "n_routed_experts": 8,
+                    "num_experts_per_tok": 2, "moe_intermediate_size": 512, "n_shared_experts": 1, "first_k_dense_replace": 1,
+                    "kv_lora_rank": 128, "q_lora_rank": 256, "qk_rope_head_dim": 64, "qk_nope_head_dim": 64, "v_head_dim": 64,
+                    "n_group": 2, "topk_group": 1, "num_key_value_heads": 16},
+}
+#: (batch, prompt, new tokens) the other types were traced at.
+OTHER_POINTS = ((1, 512, 8), (1, 2048, 8), (8, 1024, 8), (8, 2048, 8))
+#: Long generations (arch of ARCHITECTURES, batch, prompt, new tokens): every decode step grows the caches, and the
+#: allocator keeps the old sizes' segments; recorded beside the matrix.
+LONG_GENERATIONS = (("llama-3.1-8b", 8, 1024, 64), ("llama-3.1-8b", 1, 2048, 128), ("llama-3.1-8b", 8, 32, 512),
+                    ("mistral-7b-v0.1", 8, 512, 96), ("qwen2.5-7b", 4, 300, 200), ("qwen2.5-7b", 16, 64, 300),
+                    ("llama-2-7b", 4, 16, 700), ("mixtral-8x7b", 2, 64, 200), ("gemma-2-9b", 2, 128, 300))

@@ -125,6 +125,7 @@ class FitReport:
             "headroom_bytes": r.headroom_bytes,
             "breakdown": est.breakdown.to_json(),
             "overhead_detail": est.overhead.to_json(),
+            "peak_reserved_bytes": est.peak_reserved_bytes or r.per_gpu_bytes,
             "gpu": gpu,
             "context": est.context,
             "batch": est.batch,

@@ -217,10 +217,8 @@ def _active_weight_bytes(shape: ModelShape, weights: Weights, tp: int) -> int:
     return total
 
 
-def _max_batch(shape: ModelShape, weights: Weights, run: RunConfig, gpu: Any) -> int:
-    """transformers: the most sequences of the context that fit at once (the estimate at the plan's context; fit would
-    also search the longest context)."""
-    limit = fit(shape, weights, run, gpu).limit_bytes
+def _max_batch(shape: ModelShape, weights: Weights, run: RunConfig, limit: int) -> int:
+    """transformers: the most sequences of the context that fit at once within ``limit`` per GPU."""
     return largest_fitting(MAX_BATCH, lambda b, short: estimate(shape, weights, replace(run, batch=b), shortcut=short).per_gpu_bytes,
                            limit)
 
@@ -239,7 +237,7 @@ def plan_gpu(shape: ModelShape, weights: Weights, run: RunConfig, gpu: CatalogGp
         if r.verdict == "does_not_fit":
             continue
         nrun = replace(run, tensor_parallel=n)
-        seqs = r.max_concurrency if run.runtime == "vllm" else _max_batch(shape, weights, nrun, budget)
+        seqs = r.max_concurrency if run.runtime == "vllm" else _max_batch(shape, weights, nrun, r.limit_bytes)
         kv_one = kv_sequence_bytes(shape, r.estimate.context, runtime=run.runtime, tp=n, kv_bytes=dtype_bytes(r.estimate.kv_dtype))
         per_token = _active_weight_bytes(shape, weights, n) + kv_one
         rate = gpu.bandwidth_gbps * 1e9 / per_token if per_token and gpu.bandwidth_gbps else 0.0
