@@ -109,7 +109,8 @@ _DTYPE_BYTES = {
 }
 _ST_FLOAT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float32"}
 _MAX_INT = 1 << 48
-_MAX_LAYERS = 100_000
+#: No published model has a tenth of this many decoder layers (Llama-3.1-405B: 126); the stream replays each one.
+_MAX_LAYERS = 2048
 
 
 # -- the model, from config.json ----------------------------------------------------------
@@ -400,7 +401,8 @@ def model_shape(config: Mapping[str, Any], *, weights_dtype: str | None = None) 
     hidden = _int(cfg, "hidden_size", "n_embd", "d_model", "dim")
     layers = _int(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
     if layers > _MAX_LAYERS:
-        raise ModelConfigError(f"config.json: {layers} layers is not plausible", path="config.json")
+        raise ModelConfigError(f"config.json: {layers} layers is not plausible (the estimator takes up to {_MAX_LAYERS})",
+                               path="config.json", hint="Check num_hidden_layers in the model's config.json.")
     heads = _int(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads")
     if cfg.get("multi_query") is True:
         kv_heads = 1
@@ -959,13 +961,16 @@ class _Model:
         """
         run = self.run
         lay = stream_layout(self.shape, tp=run.tensor_parallel, act_bytes=self.act_bytes, kv_bytes=self.kv_bytes)
-        peaks = vram_stream.peaks(lay, self.weight_sizes, batch=run.batch, prompt=prompt, new_tokens=new, shortcut=shortcut)
+        raised = not shortcut and self.shape.num_layers * max(0, new - 1) > EVERY_STEP_BUDGET
+        peaks = vram_stream.peaks(lay, self.weight_sizes, batch=run.batch, prompt=prompt, new_tokens=new,
+                                  shortcut=shortcut or raised)
+        in_use = int(peaks.in_use * SHORTCUT_MARGIN) if raised else peaks.in_use
         fixed = self.weights + kv + CUBLAS_WORKSPACE_BYTES
         act = max(0, peaks.allocated - fixed)
-        allocator = max(0, peaks.in_use - fixed - act)
+        allocator = max(0, in_use - fixed - act)
         overhead = Overhead(cuda_context=CUDA_CONTEXT_BYTES, libraries=LIBRARY_BYTES, workspace=CUBLAS_WORKSPACE_BYTES,
                             allocator=allocator, communication=self.communication)
-        reserved = max(peaks.reserved, fixed + act) + CUDA_CONTEXT_BYTES + LIBRARY_BYTES + self.communication
+        reserved = max(peaks.reserved, in_use, fixed + act) + CUDA_CONTEXT_BYTES + LIBRARY_BYTES + self.communication
         return act, overhead, reserved
 
     def estimate(self, context: int, *, shortcut: bool = False) -> Estimate:
@@ -997,6 +1002,10 @@ class _Model:
             reserved = 0
         if context > shape.max_context:
             notes.append(f"context {context} is beyond the model's max_position_embeddings ({shape.max_context})")
+        if run.runtime == "transformers" and shape.num_layers * max(0, new - 1) > EVERY_STEP_BUDGET:
+            notes.append(f"{new} new tokens x {shape.num_layers} layers: the decode steps were not replayed one by one "
+                         f"(over {EVERY_STEP_BUDGET:,} layer-steps); the estimate is the shortcut's raised by "
+                         f"{float(SHORTCUT_MARGIN - 1):.0%}")
         return Estimate(
             runtime=run.runtime, context=context, batch=run.batch, prompt_tokens=prompt, new_tokens=new,
             tensor_parallel=tp, kv_dtype=self.kv_name, kv_bytes_per_token=self.kv_token,
@@ -1060,6 +1069,10 @@ def verdict_for(total: int, limit: int) -> str:
     return "fits"
 
 
+#: Layers x decode steps the every-step replay takes on (about 10 s): beyond, a generation is estimated with the
+#: shortcut raised by SHORTCUT_MARGIN, and a note says so (a config claiming 100,000 layers, or a billion new
+#: tokens, must not hold a courier's laptop for hours).
+EVERY_STEP_BUDGET = 2_000_000
 #: How far below the every-step replay's figure the shortcut's was found (tests/test_vram_stream.py: up to 12%, on a
 #: 900-token generation after an 8-token prompt); searches widen their bracket by this before checking every step.
 SHORTCUT_MARGIN = Fraction(115, 100)

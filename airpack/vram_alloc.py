@@ -145,7 +145,7 @@ class CachingAllocator:
                 if self._blocks[a].prev is None and self._blocks[a].next is None]
 
     def _release(self, block: _Block) -> None:
-        self._pools[block.small].remove((block.size, block.addr))
+        _take(self._pools[block.small], block)
         del self._blocks[block.addr]
         self.reserved -= block.size
         self.idle -= block.size
@@ -181,7 +181,7 @@ class CachingAllocator:
         pool = self._pools[block.small]
         for other in (block.prev, block.next):
             if other is not None and other.free:
-                pool.remove((other.size, other.addr))
+                _take(pool, other)
                 del self._blocks[other.addr]
                 if other is block.prev:
                     other.size += block.size
@@ -199,6 +199,12 @@ class CachingAllocator:
         bisect.insort(pool, (block.size, block.addr))
         if block.prev is None and block.next is None:
             self.idle += block.size
+
+
+def _take(pool: list[tuple[int, int]], block: _Block) -> None:
+    """Remove a free block from its sorted pool (found by bisection: pools hold thousands of blocks)."""
+    i = bisect.bisect_left(pool, (block.size, block.addr))
+    del pool[i]
 
 
 def slack_of(sizes: list[int]) -> int:

@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 from vram_fixtures import ARCHITECTURES, MiB, config, llama_header, shape_and_weights
 
 from airpack import vram_stream
+from airpack.errors import ModelConfigError
 from airpack.vram import (
     CUDA_CONTEXT_BYTES,
+    EVERY_STEP_BUDGET,
     LIBRARY_BYTES,
     SHORTCUT_MARGIN,
     RunConfig,
@@ -339,3 +341,26 @@ def test_the_figure_is_the_least_memory_generate_runs_in(batch: int, prompt: int
     assert needed - 2 * MiB <= every.in_use <= needed <= every.reserved + 2 * MiB
     short = vram_stream.replay(lay, sizes, batch=batch, prompt=prompt, new_tokens=new, shortcut=True)
     assert short.in_use * SHORTCUT_MARGIN >= every.in_use
+
+
+# -- hostile configs and runs: bounded work, named refusals --------------------------------------------------------
+
+
+def test_a_config_claiming_thousands_of_layers_is_refused() -> None:
+    """The stream replays every layer: a config.json claiming more layers than any model has is a usage error (exit 2)
+    with what to check, not minutes of work."""
+    with pytest.raises(ModelConfigError, match="layers is not plausible"):
+        model_shape(config(num_hidden_layers=100_000))
+
+
+def test_a_huge_generation_is_estimated_with_the_raised_shortcut() -> None:
+    """A billion new tokens (or thousands of layers generating thousands) would be hours of decode steps: past
+    EVERY_STEP_BUDGET layer-steps the estimate is the shortcut's figure raised by SHORTCUT_MARGIN, and says so."""
+    shape, w = shape_and_weights(config())
+    run = RunConfig(runtime="transformers", context=1 << 31, new_tokens=1 << 30)
+    e = estimate(shape, w, run)
+    assert any("not replayed one by one" in n for n in e.notes)
+    short = estimate(shape, w, run, shortcut=True)
+    assert e.per_gpu_bytes > short.per_gpu_bytes
+    small = RunConfig(runtime="transformers", context=600, new_tokens=100)
+    assert shape.num_layers * 99 <= EVERY_STEP_BUDGET and not any("not replayed" in n for n in estimate(shape, w, small).notes)
