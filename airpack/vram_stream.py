@@ -1,7 +1,7 @@
 """transformers' ``generate()`` as a stream of tensor births and deaths, written from the model's shape, no torch.
 
 The pure estimator's figure for the transformers runtime is what PyTorch's caching
-allocator reserves at the peak, and that is not a sum of terms: it depends on the
+allocator must hold at once, and that is not a sum of terms: it depends on the
 order in which blocks of which sizes are born and die (a freed float32 score
 block is split by the next layer's small tensors and the next scores need a new
 segment; a key cache copied per decode step no longer fits where it was). This
@@ -19,14 +19,19 @@ module writes the stream transformers produces, op by op, as the trace
   bias), the output projection, the residual adds, the MLP (gated or not, the
   activation's own temporaries, MoE routing and the selected experts' rows);
 * the final norm and the last token's logits, kept in float32 by ``generate``;
-* the decode steps: each layer's cache grown by concatenation (the new block is
-  born before the old one dies), MoE decode gathering the chosen experts' weights.
+* every decode step: each layer's cache grown by concatenation (the new block is
+  born before the old one dies), MoE decode gathering the chosen experts' weights,
+  MLA expanding its cache, eager and math scores over the cache.
 
 The stream is replayed through ``vram_alloc.CachingAllocator``, the same model of
 the allocator the trace uses, so the reserve is the mechanism's, not a
-percentage. tests/test_vram_matrix.py compares this with the trace over the
-architecture matrix; a model type whose attention path is not known takes the
-math kernel and a full-length cache (``vram.ATTENTION_PATHS``).
+percentage. ``Peaks.in_use`` (the segments holding a live block at the worst
+moment) is what must fit: the allocator gives idle segments back before it fails;
+``Peaks.reserved`` is what a roomy GPU shows. What each model type's code does
+differently from Llama's is in ``vram_models``. tests/test_vram_oracle.py holds
+the replay to recorded traces of 26 architectures (and more) on every machine;
+a model type whose attention path is not known takes the math kernel and a
+full-length cache (``vram.ATTENTION_PATHS``).
 """
 
 from __future__ import annotations
