@@ -10,6 +10,7 @@ Timings are not checked here (benchmarks measure them).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vram_fixtures import ARCHITECTURES, MiB, config, llama_header, shape_and_weights
 
-from airpack import vram_stream
+from airpack import vram_models, vram_stream
 from airpack.errors import ModelConfigError
 from airpack.vram import (
     CUDA_CONTEXT_BYTES,
@@ -364,3 +365,19 @@ def test_a_huge_generation_is_estimated_with_the_raised_shortcut() -> None:
     assert e.per_gpu_bytes > short.per_gpu_bytes
     small = RunConfig(runtime="transformers", context=600, new_tokens=100)
     assert shape.num_layers * 99 <= EVERY_STEP_BUDGET and not any("not replayed" in n for n in estimate(shape, w, small).notes)
+
+
+@pytest.mark.parametrize("model_type", sorted(vram_models.MODEL_CODE))
+def test_every_model_types_code_is_a_layout_the_stream_runs(model_type: str) -> None:
+    """vram_models names Layout fields by string: each entry must name real fields, and the stream must run it."""
+    fields = {f.name for f in dataclasses.fields(Layout)}
+    assert set(vram_models.code_for(model_type)) <= fields
+    shape, w = shape_and_weights(config(model_type=model_type))
+    lay = stream_layout(shape, tp=1)
+    assert all(getattr(lay, k) == v for k, v in vram_models.code_for(model_type).items())
+    p = vram_stream.replay(lay, stream_weight_sizes(w, shape, 1), batch=2, prompt=64, new_tokens=4)
+    assert p.reserved >= p.in_use >= p.allocated > 0
+
+
+def test_a_type_not_in_the_table_runs_as_llama() -> None:
+    assert vram_models.code_for("llama") == {} and vram_models.code_for("no-such-type") == {}
