@@ -25,8 +25,10 @@ from airpack.vram import (
     EVERY_STEP_BUDGET,
     LIBRARY_BYTES,
     SHORTCUT_MARGIN,
+    GpuBudget,
     RunConfig,
     estimate,
+    fit,
     model_shape,
     stream_layout,
     stream_weight_sizes,
@@ -381,3 +383,19 @@ def test_every_model_types_code_is_a_layout_the_stream_runs(model_type: str) -> 
 
 def test_a_type_not_in_the_table_runs_as_llama() -> None:
     assert vram_models.code_for("llama") == {} and vram_models.code_for("no-such-type") == {}
+
+
+def test_fit_says_when_a_roomy_gpu_would_show_more_than_must_fit() -> None:
+    """A long generation leaves cached segments nothing lives in: ``peak_reserved_bytes`` (what nvidia-smi would show
+    with room to spare) is above ``per_gpu_bytes`` (what must fit), and fit's notes say why."""
+    cfg = config(hidden_size=1024, intermediate_size=2048, num_attention_heads=16, num_key_value_heads=16, head_dim=64,
+                 num_hidden_layers=8, vocab_size=1000)
+    shape, w = shape_and_weights(cfg)
+    r = fit(shape, w, RunConfig(runtime="transformers", context=516, batch=16, new_tokens=500),
+            GpuBudget(name="t", count=1, memory_bytes=8 << 30))
+    est = r.estimate
+    assert est.peak_reserved_bytes is not None and est.peak_reserved_bytes * 50 > est.per_gpu_bytes * 51
+    assert any("room to spare" in n and "what must fit" in n for n in r.notes)
+    short = fit(shape, w, RunConfig(runtime="transformers", context=72, batch=4, new_tokens=8),
+                GpuBudget(name="t", count=1, memory_bytes=8 << 30))
+    assert not any("room to spare" in n for n in short.notes)
