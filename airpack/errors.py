@@ -336,11 +336,12 @@ class AuditLogError(IntegrityError):
         return out
 
 
-class RegistryDamageError(IntegrityError):
-    """``airpack check``: installed files, links, refs, kept envelopes or the audit log differ from the database."""
+class _ReportedIntegrityError(IntegrityError):
+    """An integrity failure that carries the whole ``MismatchReport`` (every file that differs, under "mismatch").
 
-    default_hint = ("Do not load models from this registry until you know why; reinstall the named bundles "
-                    "from their media (remove, then install) and keep the audit log as evidence.")
+    A shared base for the two errors that report one, not a class to catch: ``except`` clauses
+    name ``RegistryDamageError`` or ``HostFilesError``, which stay unrelated to each other.
+    """
 
     def __init__(self, message: str, *, report: MismatchReport, path: str | None = None, hint: str | None = None) -> None:
         super().__init__(message, path=path, hint=hint)
@@ -352,7 +353,14 @@ class RegistryDamageError(IntegrityError):
         return out
 
 
-class HostFilesError(IntegrityError):
+class RegistryDamageError(_ReportedIntegrityError):
+    """``airpack check``: installed files, links, refs, kept envelopes or the audit log differ from the database."""
+
+    default_hint = ("Do not load models from this registry until you know why; reinstall the named bundles "
+                    "from their media (remove, then install) and keep the audit log as evidence.")
+
+
+class HostFilesError(_ReportedIntegrityError):
     """A delta bundle relies on files the registry does not hold intact: missing, with other bytes, or a link.
 
     The registry's database is not taken on its word: every copy is hashed
@@ -361,15 +369,6 @@ class HostFilesError(IntegrityError):
 
     default_hint = ("Write a fresh profile (airpack profile) and pack again for it, or carry the full bundle "
                     "(pack without --for); `airpack check --registry DIR` shows what else is damaged.")
-
-    def __init__(self, message: str, *, report: MismatchReport, path: str | None = None, hint: str | None = None) -> None:
-        super().__init__(message, path=path, hint=hint)
-        self.report = report
-
-    def to_json(self) -> dict[str, Any]:
-        out = super().to_json()
-        out["mismatch"] = self.report.to_json()
-        return out
 
 
 class PartsError(IntegrityError):

@@ -25,6 +25,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,6 @@ class HostGpu:
     gpu: str
     count: int
     memory_bytes: int
-
-    def budget(self) -> GpuBudget:
-        """The fit budget: the catalog's name, the host's own per-GPU memory (NVML's figure when it measured one)."""
-        b = parse_gpu(self.gpu, count=self.count)
-        return GpuBudget(name=b.name, count=self.count, memory_bytes=self.memory_bytes, source="profile")
 
     def to_json(self) -> dict[str, Any]:
         return {"gpu": self.gpu, "count": self.count, "memory_bytes": self.memory_bytes}
@@ -172,9 +168,11 @@ class HostProfile:
 
     def holds(self, sha256: str, size: int) -> bool:
         """Whether the host says it holds these bytes (a blob or a wheel); install checks again by hashing."""
-        return (sha256, size) in self._held()
+        return (sha256, size) in self._held
 
+    @cached_property
     def _held(self) -> frozenset[tuple[str, int]]:
+        # Built once per profile: pack --for asks once per manifest file, against thousands of blobs and wheels.
         return frozenset(self.blobs) | frozenset((w.sha256, w.size) for w in self.wheels)
 
     def channel_sequence(self, channel: str) -> int | None:
@@ -182,9 +180,6 @@ class HostProfile:
 
     def trusts(self, keyid: str) -> bool:
         return self.trust is not None and any(k.keyid == keyid for k in self.trust.keys)
-
-    def budget(self) -> list[GpuBudget]:
-        return [g.budget() for g in self.gpus]
 
     def summary(self) -> list[str]:
         """What ``airpack profile --show`` prints: enough for a security officer to see what leaves the host."""
@@ -256,7 +251,7 @@ def _gpu(d: _Doc, o: dict[str, Any], w: str) -> HostGpu:
     g = HostGpu(gpu=d.text(o["gpu"], f"{w}.gpu"), count=d.num(o["count"], f"{w}.count", least=1),
                 memory_bytes=d.num(o["memory_bytes"], f"{w}.memory_bytes", least=1))
     try:
-        g.budget()
+        parse_gpu(g.gpu, count=g.count)  # the name must be one ``--gpu`` accepts; the memory figure is the host's own
     except GpuSpecError as e:
         raise d.fail(f"{w}.gpu: {e.message}") from None
     return g

@@ -563,6 +563,26 @@ class TokenKey:
         return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
 
 
+def _require_object(uri: Pkcs11Uri) -> None:
+    if not uri.names_object():
+        raise Pkcs11UriError(f"PKCS#11 URI {uri.text} names no key: add object=LABEL (or id=%XX)")
+
+
+def _open(uri: Pkcs11Uri, pin_file: Path | None, *, env: dict[str, str] | None, warn: Callable[[str], None],
+          rw: bool = False, pin_optional: bool = False) -> tuple[Any, Any, str | None]:
+    """``(token, session, pin)`` for ``uri``: the PIN read, the module loaded, the token found, one login.
+
+    The one path every PIN takes on its way to a token (signing, reading a public key, keygen),
+    so the "a PIN is tried once" rule has a single copy to audit. ``pin_optional``: log in only
+    when a PIN was given (public objects are readable without one).
+    """
+    pin = read_pin(uri, pin_file, env=env, warn=warn)
+    lib = load_module(module_path(uri, env))
+    token = find_token(uri, lib)
+    session = open_session(lib, token, pin, where=uri.text, rw=rw, login=pin is not None or not pin_optional)
+    return token, session, pin
+
+
 def _mechanisms(token: Any) -> set[Any]:
     return set(token.slot.get_mechanisms())
 
@@ -576,14 +596,10 @@ def open_key(ref: str, *, pin_file: Path | None = None, warn: Callable[[str], No
     login), the object (one private key, CKA_SIGN true, P-256 or Ed25519, a public half).
     """
     uri = parse_uri(ref)
-    if not uri.names_object():
-        raise Pkcs11UriError(f"PKCS#11 URI {uri.text} names no key: add object=LABEL (or id=%XX)")
+    _require_object(uri)
     if uri.type not in (None, "private"):
         raise Pkcs11UriError(f"PKCS#11 URI {uri.text} has type={uri.type}: signing needs the private key (type=private, or leave type out)")
-    pin = read_pin(uri, pin_file, env=env, warn=warn)
-    lib = load_module(module_path(uri, env))
-    token = find_token(uri, lib)
-    session = open_session(lib, token, pin, where=uri.text)
+    token, session, pin = _open(uri, pin_file, env=env, warn=warn)
     pkcs11 = _binding()
     attr, cls = pkcs11.Attribute, pkcs11.ObjectClass
     with _mapped(uri.text, "finding the key"):
@@ -637,14 +653,10 @@ def read_public(ref: str, *, pin_file: Path | None = None, warn: Callable[[str],
     for tokens that hide public objects until login.
     """
     uri = parse_uri(ref)
-    if not uri.names_object():
-        raise Pkcs11UriError(f"PKCS#11 URI {uri.text} names no key: add object=LABEL (or id=%XX)")
+    _require_object(uri)
     if uri.type not in (None, "private", "public", "cert"):
         raise Pkcs11UriError(f"PKCS#11 URI {uri.text} has type={uri.type}: a key's public half is type=public, private or cert")
-    pin = read_pin(uri, pin_file, env=env, warn=warn)
-    lib = load_module(module_path(uri, env))
-    token = find_token(uri, lib)
-    session = open_session(lib, token, pin, where=uri.text, login=pin is not None)
+    token, session, _ = _open(uri, pin_file, env=env, warn=warn, pin_optional=True)
     pkcs11 = _binding()
     cls = pkcs11.ObjectClass
     classes = {"public": [cls.PUBLIC_KEY], "cert": [cls.CERTIFICATE], "private": [cls.PRIVATE_KEY]}.get(
@@ -684,10 +696,7 @@ def generate_key(ref: str, algorithm: str, *, pin_file: Path | None = None, warn
     attr, mech, kt = pkcs11.Attribute, pkcs11.Mechanism, pkcs11.KeyType
     if algorithm not in ("ecdsa-p256", "ed25519"):
         raise UsageError(f"unknown algorithm {algorithm!r} for a token key; choose ecdsa-p256 or ed25519")
-    pin = read_pin(uri, pin_file, env=env, warn=warn)
-    lib = load_module(module_path(uri, env))
-    token = find_token(uri, lib)
-    session = open_session(lib, token, pin, where=uri.text, rw=True)
+    token, session, _ = _open(uri, pin_file, env=env, warn=warn, rw=True)
     key_id = uri.id if uri.id is not None else secrets.token_bytes(16)
     with _mapped(uri.text, "generating the key"):
         if list(session.get_objects({attr.LABEL: uri.object})):
@@ -722,6 +731,5 @@ def generate_key(ref: str, algorithm: str, *, pin_file: Path | None = None, warn
                 priv.destroy()
                 pub.destroy()
             raise TokenKeyError(f"{uri.text}: token {token.label!r} made the key extractable or not sensitive; it was deleted")
-        alg = "ed25519" if key_type == kt.EC_EDWARDS else "ecdsa-p256"
-        public = public_from_object(pub, alg, uri.text)
-    return TokenKey(uri=uri.text, label=uri.object, algorithm=alg, public_key=public, private=priv)
+        public = public_from_object(pub, algorithm, uri.text)
+    return TokenKey(uri=uri.text, label=uri.object, algorithm=algorithm, public_key=public, private=priv)

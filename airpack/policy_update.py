@@ -25,12 +25,12 @@ refusal writes nothing but, with a registry, its audit line.
 from __future__ import annotations
 
 import base64
-import binascii
+import dataclasses
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ._fs import atomic_write, read_capped
 from ._json import StrictJSONError, loads_strict
@@ -38,7 +38,6 @@ from .errors import (
     AirpackError,
     EnvelopeError,
     IntegrityError,
-    KeyFileError,
     PolicyError,
     PolicyUpdateError,
     UnsafePathError,
@@ -46,25 +45,13 @@ from .errors import (
 )
 from .registry import Registry, audit_base, error_record
 from .rules import check_update_signers, check_update_version
-from .signing import MAX_SIGNATURES, Envelope, PublicKey, RawSignature, envelope_bytes, parse_envelope, verify_sig
+from .signing import MAX_SIGNATURES, Envelope, RawSignature, Signer, parse_envelope, verify_sig
 from .trust import MAX_POLICY_BYTES, SignatureCount, TrustPolicy, count_signatures, load_policy, parse_policy, write_policy_bytes
 
 UPDATE_PAYLOAD_TYPE = "application/vnd.airpack.trust-policy+json"
 # A policy is at most MAX_POLICY_BYTES; base64 adds a third, and the signatures a few KiB.
 MAX_UPDATE_BYTES = 2 * MAX_POLICY_BYTES
 AUDIT_COMMAND = "trust-apply"
-
-
-class UpdateSigner(Protocol):
-    """What signs an update: a key file's ``signing.Signer`` or a token key; only ``sign`` touches the private key."""
-
-    @property
-    def keyid(self) -> str: ...
-
-    @property
-    def public_key(self) -> PublicKey: ...
-
-    def sign(self, payload_type: str, payload: bytes) -> dict[str, str]: ...
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -124,7 +111,7 @@ def _is_envelope(data: bytes) -> bool:
 @dataclass(frozen=True, kw_only=True)
 class SignUpdateOptions:
     source: Path  # a draft policy (start an update) or an UPDATE.dsse.json (add signatures)
-    signers: tuple[UpdateSigner, ...]
+    signers: tuple[Signer, ...]  # a key file's or a token's; Signer.sign checks each signature it makes
     out: Path | None = None  # default: beside a draft policy as NAME.dsse.json; the envelope itself when co-signing
     now: dt.datetime | None = None
 
@@ -189,33 +176,17 @@ def sign_update(opts: SignUpdateOptions) -> SignUpdateResult:
         if any(verify_sig(s.public_key, UPDATE_PAYLOAD_TYPE, payload, raw.sig) for raw in sigs):
             already.append(s.keyid)
             continue
-        made = s.sign(UPDATE_PAYLOAD_TYPE, payload)
-        sigs.append(_check_made(made, s, payload))
+        made = s.sign(UPDATE_PAYLOAD_TYPE, payload)  # checked against s.public_key before it returns
+        sigs.append(RawSignature(keyid=s.keyid, sig=base64.b64decode(made["sig"])))
         added.append(s.keyid)
     if len(sigs) > MAX_SIGNATURES:
         raise UsageError(f"an update may carry at most {MAX_SIGNATURES} signatures", path=str(out))
     env = Envelope(payload_type=UPDATE_PAYLOAD_TYPE, payload=payload, signatures=tuple(sigs))
     if added:
-        atomic_write(out, envelope_bytes(UPDATE_PAYLOAD_TYPE, payload, [_sig_json(r) for r in sigs]), mode=0o644)
+        atomic_write(out, env.to_bytes(), mode=0o644)
     return SignUpdateResult(out=out, policy=new, payload_sha256=hashlib.sha256(payload).hexdigest(),
                             signatures=tuple(r.keyid for r in sigs), added=tuple(added), already=tuple(already),
                             new_count=count_signatures(env, new, now=opts.now), written=bool(added))
-
-
-def _check_made(made: dict[str, str], signer: UpdateSigner, payload: bytes) -> RawSignature:
-    """The signature a key just made, checked under its own public key: a key (or token) that signs wrongly writes nothing."""
-    try:
-        sig = base64.b64decode(made["sig"], validate=True)
-    except (KeyError, TypeError, binascii.Error, ValueError):
-        sig = b""
-    if not sig or not verify_sig(signer.public_key, UPDATE_PAYLOAD_TYPE, payload, sig):
-        raise KeyFileError(f"key {signer.keyid[:16]}… made a signature that does not verify under its own public key; "
-                           "nothing was written", hint="Check the key (or the token holding it) and try again.")
-    return RawSignature(keyid=signer.keyid, sig=sig)
-
-
-def _sig_json(r: RawSignature) -> dict[str, str]:
-    return {"keyid": r.keyid, "sig": base64.b64encode(r.sig).decode("ascii")}
 
 
 # -- apply -------------------------------------------------------------------------------------------
@@ -321,8 +292,7 @@ def apply_update(opts: ApplyOptions) -> ApplyResult:
         e.message = (f"the trust policy {opts.policy} was updated to version {r.new.version}, but the audit line could not "
                      f"be written: {e.message}")
         raise
-    return ApplyResult(policy=r.policy, old=r.old, new=r.new, old_sha256=r.old_sha256, new_sha256=r.new_sha256,
-                       current_signers=r.current_signers, new_signers=r.new_signers, audited=True)
+    return dataclasses.replace(r, audited=True)
 
 
 def _audit_refusal(reg: Registry, record: dict[str, Any], e: BaseException) -> None:
@@ -333,5 +303,5 @@ def _audit_refusal(reg: Registry, record: dict[str, Any], e: BaseException) -> N
             e.message = f"{e.message} (and the audit line could not be written: {log_err.message})"
 
 
-__all__ = ["UPDATE_PAYLOAD_TYPE", "ApplyOptions", "ApplyResult", "SignUpdateOptions", "SignUpdateResult", "UpdateSigner",
+__all__ = ["UPDATE_PAYLOAD_TYPE", "ApplyOptions", "ApplyResult", "SignUpdateOptions", "SignUpdateResult",
            "apply_update", "read_update", "sign_update"]

@@ -115,18 +115,26 @@ def check_sequence_for_host(host_high: int | None, *, name: str, channel: str, s
 
     The host's highest installed sequence for the channel comes from its
     profile (information, not trust: the host decides again at install). A
-    new bundle must be above it, and at most ``MAX_SEQUENCE_JUMP`` above it.
+    new bundle must be above it, and at most ``MAX_SEQUENCE_JUMP`` above it;
+    a channel the profile lacks counts from 0, as ``classify_sequence`` says.
+    The pack's manifest does not exist yet, so an equal sequence counts as a
+    rollback too (the host would see other content at that sequence).
     """
-    if host_high is None:
-        return
-    if sequence <= host_high:
-        raise RollbackError(f"bundle {name} has sequence {sequence}, but the host's profile shows channel {channel} at sequence "
-                            f"{host_high}: the host would refuse it as a rollback",
-                            hint=f"Raise bundle.sequence in the spec above {host_high}.")
-    if sequence - host_high > MAX_SEQUENCE_JUMP:
+    high = ChannelHigh(host_high, "", "") if host_high is not None else None
+    verdict = classify_sequence(high, sequence=sequence, manifest_sha256="")
+    if verdict is Sequence.JUMP:
+        if host_high is None:
+            raise SequenceJumpError(f"bundle {name} has sequence {sequence}, more than {MAX_SEQUENCE_JUMP:,}, and the host's "
+                                    f"profile shows no bundle of channel {channel}: the host would refuse the jump "
+                                    "(a channel's first bundle counts from 0)",
+                                    hint=f"Choose a sequence between 1 and {MAX_SEQUENCE_JUMP}.")
         raise SequenceJumpError(f"bundle {name} has sequence {sequence}, more than {MAX_SEQUENCE_JUMP:,} above the host's "
                                 f"{host_high} for channel {channel}: the host would refuse the jump",
                                 hint=f"Choose a sequence between {host_high + 1} and {host_high + MAX_SEQUENCE_JUMP}.")
+    if verdict in (Sequence.OLDER, Sequence.SAME, Sequence.CONFLICT):
+        raise RollbackError(f"bundle {name} has sequence {sequence}, but the host's profile shows channel {channel} at sequence "
+                            f"{host_high}: the host would refuse it as a rollback",
+                            hint=f"Raise bundle.sequence in the spec above {host_high}.")
 
 
 def check_sequence_range(*, name: str, sequence: int) -> None:

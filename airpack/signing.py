@@ -185,10 +185,18 @@ def write_keypair(
         serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
     pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
-    pub = private_key.public_key()
     atomic_write(key_path, pem, mode=0o600)
-    atomic_write(pub_path, public_pem(pub).encode("ascii"), mode=0o644)
-    return key_id(pub)
+    return write_public(private_key.public_key(), pub_path)
+
+
+def write_public(public_key: PublicKey, path: Path) -> str:
+    """NAME.pub (SPKI PEM, 0644) written atomically; returns the key id a trust policy will list for it.
+
+    One writer for a key file's and a token key's public half, so both are the same file that
+    ``airpack trust add`` reads.
+    """
+    atomic_write(path, public_pem(public_key).encode("ascii"), mode=0o644)
+    return key_id(public_key)
 
 
 def load_signer(path: Path, *, passphrase: bytes | None = None, warn: Callable[[str], None] = warn_stderr) -> FileSigner:

@@ -35,6 +35,7 @@ from typing import Any
 from . import vram_models, vram_stream
 from .errors import ModelConfigError, UsageError
 from .safetensors_check import DTYPE_BITS, TensorInfo
+from .vram_alloc import CUBLAS_WORKSPACE_BYTES
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -47,8 +48,6 @@ CUDA_CONTEXT_BYTES = 621 * MiB
 #: cuBLAS/cuBLASLt handles and kernel modules loaded lazily on first use: NVML's figure
 #: minus the context minus PyTorch's reserved memory was 76-84 MiB on every calibration run.
 LIBRARY_BYTES = 82 * MiB
-#: cuBLAS workspace PyTorch allocates through its caching allocator (4 MiB x 8 on Hopper).
-CUBLAS_WORKSPACE_BYTES = 32 * MiB
 #: NCCL communicator buffers (and vLLM's custom all-reduce buffers) per GPU when TP > 1.
 COMMUNICATION_BYTES = 512 * MiB
 #: A verdict is "tight" when the estimate is within this share of the limit.
@@ -87,7 +86,6 @@ SDPA_CAUSAL_TYPES = frozenset({
 SDPA_MASKED_TYPES = frozenset({"falcon"})
 #: No SDPA at all (eager attention): ALiBi (Bloom, MPT), logit softcapping (Gemma 2), attention sinks (gpt-oss).
 EAGER_TYPES = frozenset({"bloom", "mpt", "gemma2", "gpt_oss"})
-ALIBI_TYPES = frozenset({"bloom", "mpt"})
 #: MLPs without a gate (up, activation, down): two intermediate-size tensors alive, not three.
 FUSED_GATE_UP_TYPES = frozenset({"phi3", "glm", "glm4"})  # one gate_up matmul: its output and both halves' products
 UNGATED_MLP_TYPES = frozenset({"gpt2", "gpt_neox", "starcoder2", "phi", "gptj", "falcon", "bloom", "mpt", "gpt_bigcode", "opt"})
@@ -264,6 +262,12 @@ def text_config(config: Mapping[str, Any]) -> dict[str, Any]:
         if not any(isinstance(merged.get(k), dict) for k in _SUBCONFIGS):
             break
     return merged
+
+
+def config_dtype(config: Mapping[str, Any]) -> str:
+    """The activation dtype config.json names (its text model's, for a multimodal one); bfloat16 when it names none.
+    The trace builds the model in it, so the estimate and the trace run the same model."""
+    return _dtype_name(text_config(config), None)
 
 
 def _dtype_name(cfg: Mapping[str, Any], fallback: str | None) -> str:
@@ -846,6 +850,15 @@ def _rope_bytes_per_token(shape: ModelShape) -> int:
     return 2 * dim * 4
 
 
+def trusted_windows(shape: ModelShape) -> ModelShape:
+    """``shape`` as transformers' cache is estimated: for a model type whose attention path is not known (the
+    conservative path) no window is trusted, every attention layer caches every token."""
+    if shape.attention_path != "unknown":
+        return shape
+    return replace(shape, layer_kinds=tuple("none" if k == "none" else "full" for k in shape.layer_kinds),
+                   layer_windows=tuple(0 for _ in shape.layer_windows))
+
+
 def stream_layout(shape: ModelShape, *, tp: int, act_bytes: int | None = None, kv_bytes: int | None = None) -> vram_stream.Layout:
     """The model as the stream writes it, on the busiest of ``tp`` GPUs: its shape here, its code from vram_models."""
     ab = act_bytes or shape.dtype_bytes
@@ -868,15 +881,15 @@ def stream_layout(shape: ModelShape, *, tp: int, act_bytes: int | None = None, k
         attention = "efficient"
     else:
         attention = "flash"
-    windows = tuple(-1 if k == "none" else (w if k == "sliding" and path != "unknown" else 0)
-                    for k, w in zip(shape.layer_kinds, shape.layer_windows, strict=True))
+    cached = trusted_windows(shape)
+    windows = tuple(-1 if k == "none" else (w if k == "sliding" else 0)
+                    for k, w in zip(cached.layer_kinds, cached.layer_windows, strict=True))
     moe = shape.moe
     lay = vram_stream.Layout(
         hidden=shape.hidden_size, heads=heads, kv_heads=kv_heads, head_dim=d, v_head_dim=vd, rope_dim=rope,
         intermediate=-(-shape.intermediate_size // tp), vocab=shape.vocab_size, act_bytes=ab, kv_bytes=kb,
-        kv_token_layer=kv_layer_token_bytes(shape, runtime="transformers", tp=tp, kv_bytes=kb),
         norm="rms", qk_norm=False, attention=attention, gated=shape.gated_mlp, composite_act=shape.composite_act,
-        fused_gate_up=shape.fused_gate_up, parallel=False, softcap=shape.softcap, alibi=False, layer_windows=windows,
+        fused_gate_up=shape.fused_gate_up, parallel=False, softcap=shape.softcap, layer_windows=windows,
         sdpa_mask_always=path in ("masked", "unknown"),
         moe_experts=moe.num_experts if moe else 0, moe_top_k=moe.top_k if moe else 0,
         moe_intermediate=-(-moe.expert_intermediate // tp) if moe else 0,
@@ -914,13 +927,17 @@ def _load_key(index: int, name: str) -> tuple[int, int, int, int]:
     return (1, int(m.group(1)), rank + 30 * shared, index)
 
 
-def stream_weight_sizes(weights: Weights, shape: ModelShape, tp: int, *, halve_fp32: bool = False) -> list[int]:
-    """Per-GPU tensor sizes in the order transformers moves them to the GPU: the embeddings, each layer's attention
-    then MLP (a header lists them alphabetically, ``layers.10`` before ``layers.2``), then the final norm and head.
-    Which 20 MiB segments the 1-10 MiB weights share, and what is left free in them, depends on it."""
-    sizes = weights_per_gpu(weights, shape, tp, halve_fp32=halve_fp32)
-    order = sorted(range(len(sizes)), key=lambda i: _load_key(i, weights.tensors[i].name))
-    return [sizes[i] for i in order]
+def load_order(weights: Weights) -> list[int]:
+    """Indices of ``weights.tensors`` in the order transformers moves them to the GPU: the embeddings, each layer's
+    attention then MLP (a header lists them alphabetically, ``layers.10`` before ``layers.2``), then the final norm
+    and head. Which 20 MiB segments the 1-10 MiB weights share, and what is left free in them, depends on it."""
+    return sorted(range(len(weights.tensors)), key=lambda i: _load_key(i, weights.tensors[i].name))
+
+
+def stream_weight_sizes(weights: Weights, shape: ModelShape, tp: int) -> list[int]:
+    """Per-GPU tensor sizes in load order (``load_order``), as the stream allocates them."""
+    sizes = weights_per_gpu(weights, shape, tp)
+    return [sizes[i] for i in load_order(weights)]
 
 
 class _Model:
@@ -939,16 +956,19 @@ class _Model:
         self.kv_bytes = kv_bytes
         sizes = weights_per_gpu(weights, shape, tp, halve_fp32=vllm and shape.dtype == "float32")
         self.weights = sum(sizes)
-        # transformers places each checkpoint tensor on its own (the stream replays them); vLLM fuses them into few
-        # large tensors.
-        self.weight_sizes = tuple(stream_weight_sizes(weights, shape, tp) if not vllm else sizes)
+        # transformers places each checkpoint tensor on its own (the stream replays them, in load order, through one
+        # layout for every context); vLLM fuses them into few large tensors.
+        if not vllm:
+            self.weight_sizes = tuple(sizes[i] for i in load_order(weights))
+            self.layout = stream_layout(shape, tp=tp, act_bytes=self.act_bytes, kv_bytes=kv_bytes)
         self.act_per_token = act_elements_per_token(shape, tp) * self.act_bytes + _rope_bytes_per_token(shape)
         self.kv_token = kv_layer_token_bytes(shape, runtime=run.runtime, tp=tp, kv_bytes=kv_bytes) * sum(
             1 for k in shape.layer_kinds if k != "none"
         )
         self.communication = COMMUNICATION_BYTES if tp > 1 else 0
+        self.kv_shape = trusted_windows(shape) if not vllm else shape
 
-    def _transformers(self, prompt: int, new: int, kv: int, shortcut: bool) -> tuple[int, Overhead, int]:
+    def _transformers(self, prompt: int, new: int, kv: int, *, shortcut: bool, raised: bool) -> tuple[int, Overhead, int]:
         """(activations, overhead, peak reserved) of ``generate``: its tensors' stream replayed through the allocator.
 
         The figure compared with the GPU is the most the allocator must hold at once: its segments that hold a live
@@ -960,9 +980,7 @@ class _Model:
         rest of the figure.
         """
         run = self.run
-        lay = stream_layout(self.shape, tp=run.tensor_parallel, act_bytes=self.act_bytes, kv_bytes=self.kv_bytes)
-        raised = not shortcut and self.shape.num_layers * max(0, new - 1) > EVERY_STEP_BUDGET
-        peaks = vram_stream.peaks(lay, self.weight_sizes, batch=run.batch, prompt=prompt, new_tokens=new,
+        peaks = vram_stream.peaks(self.layout, self.weight_sizes, batch=run.batch, prompt=prompt, new_tokens=new,
                                   shortcut=shortcut or raised)
         in_use = int(peaks.in_use * SHORTCUT_MARGIN) if raised else peaks.in_use
         fixed = self.weights + kv + CUBLAS_WORKSPACE_BYTES
@@ -977,21 +995,17 @@ class _Model:
         """The estimate at ``context`` tokens; ``shortcut``: the fast decode replay searches bracket with."""
         shape, run = self.shape, self.run
         tp = run.tensor_parallel
-        kv_shape = shape
-        if run.runtime == "transformers" and shape.attention_path == "unknown":
-            # the conservative path: no window is trusted for a model type whose cache class is not known
-            kv_shape = replace(shape, layer_kinds=tuple("none" if k == "none" else "full" for k in shape.layer_kinds),
-                               layer_windows=tuple(0 for _ in shape.layer_windows))
-        prefill = max(1, context - run.new_tokens) if run.runtime == "transformers" else 0
-        kv_seq = kv_sequence_bytes(kv_shape, context, runtime=run.runtime, tp=tp, kv_bytes=self.kv_bytes, prompt=prefill)
+        transformers = run.runtime == "transformers"
+        prompt = max(1, context - run.new_tokens) if transformers else context
+        new = context - prompt
+        raised = transformers and shape.num_layers * max(0, new - 1) > EVERY_STEP_BUDGET
+        kv_seq = kv_sequence_bytes(self.kv_shape, context, runtime=run.runtime, tp=tp, kv_bytes=self.kv_bytes,
+                                   prompt=prompt if transformers else 0)
         kv = run.batch * kv_seq
         notes: list[str] = []
-        if run.runtime == "transformers":
-            prompt = max(1, context - run.new_tokens)
-            new = context - prompt
-            act, overhead, reserved = self._transformers(prompt, new, kv, shortcut)
+        if transformers:
+            act, overhead, reserved = self._transformers(prompt, new, kv, shortcut=shortcut, raised=raised and not shortcut)
         else:
-            prompt, new = context, 0
             tokens = run.max_num_batched_tokens
             act = tokens * self.act_per_token
             act += 2 * run.max_num_seqs * shape.vocab_size * 4  # the sampler's float32 logits and probabilities
@@ -1002,7 +1016,7 @@ class _Model:
             reserved = 0
         if context > shape.max_context:
             notes.append(f"context {context} is beyond the model's max_position_embeddings ({shape.max_context})")
-        if run.runtime == "transformers" and shape.num_layers * max(0, new - 1) > EVERY_STEP_BUDGET:
+        if raised:
             notes.append(f"{new} new tokens x {shape.num_layers} layers: the decode steps were not replayed one by one "
                          f"(over {EVERY_STEP_BUDGET:,} layer-steps); the estimate is the shortcut's raised by "
                          f"{float(SHORTCUT_MARGIN - 1):.0%}")

@@ -3,7 +3,7 @@
 The process footprint of a PyTorch program is not the sum of its live tensors:
 the caching allocator (c10/cuda/CUDACachingAllocator.cpp) rounds every request,
 carves requests out of segments it got from ``cudaMalloc``, splits and merges
-blocks, and never gives a segment back while the program runs. The trace
+blocks, and gives a segment back only when memory runs short. The trace
 (``vram_trace``) records every storage's birth and death; this module replays
 them with the allocator's default rules (no ``PYTORCH_CUDA_ALLOC_CONF``):
 
@@ -16,12 +16,14 @@ them with the allocator's default rules (no ``PYTORCH_CUDA_ALLOC_CONF``):
   address); it is split when the rest is at least 512 bytes (small pool) or more
   than 1 MiB (large pool), otherwise the whole block is handed out and counted
   as allocated;
-* a freed block merges with free neighbours of its segment; segments are never
-  released (``empty_cache`` is not called by ``generate``).
+* a freed block merges with free neighbours of its segment; segments are not
+  released (``empty_cache`` is not called by ``generate``) unless a new one would
+  pass the allocator's capacity: then wholly free segments go back first
+  (``CachingAllocator``), which is why what must fit is the peak *in use*.
 
 ``allocated`` is what ``torch.cuda.memory_allocated()`` reports (the sizes of
 the blocks handed out), ``reserved`` what ``memory_reserved()`` reports (the
-segments). Pure Python, no torch: it is also the weights' slack model.
+segments). Pure Python, no torch: the pure estimator's stream (``vram_stream``) replays into it too.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ SMALL_SEGMENT = 2 * MiB
 MIN_LARGE_ALLOC = 10 * MiB
 LARGE_SEGMENT = 20 * MiB
 ROUND_LARGE = 2 * MiB
+
+
+#: cuBLAS's workspace, which PyTorch takes through the caching allocator at the first matrix multiply on Hopper
+#: (4096 KiB x 8, CUDABlas.cpp's default for compute capability 9.x): the trace and the stream both allocate it.
+CUBLAS_WORKSPACE_BYTES = 32 * MiB
 
 
 def round_size(nbytes: int) -> int:
@@ -76,7 +83,7 @@ class CachingAllocator:
     PyTorch does not fail at once: it gives cached segments that are wholly free back to the driver (first the
     smallest one large enough for the request, else the largest ones until enough is released;
     ``release_available_cached_blocks``), then every wholly free segment (``release_cached_blocks``), and only then
-    raises out of memory. ``releases`` counts how often that happened.
+    raises out of memory.
     """
 
     def __init__(self, capacity: int | None = None) -> None:
@@ -89,7 +96,6 @@ class CachingAllocator:
         self.peak_allocated = 0
         self.peak_reserved = 0
         self.segments = 0
-        self.releases = 0
         self.idle = 0  # bytes in cached segments with nothing allocated (what a release could give back)
         self.peak_in_use = 0  # peak of reserved - idle: the segments holding live blocks
 
@@ -154,7 +160,6 @@ class CachingAllocator:
     def _make_room(self, seg: int, small: bool) -> None:
         """Give cached free segments back until a new segment of ``seg`` bytes fits the capacity, or fail."""
         assert self.capacity is not None
-        self.releases += 1
         need = self.reserved + seg - self.capacity
         cands = sorted(self._whole_free(small), key=lambda b: (b.size, b.addr))
         big = [b for b in cands if b.size >= need]
@@ -206,11 +211,3 @@ def _take(pool: list[tuple[int, int]], block: _Block) -> None:
     i = bisect.bisect_left(pool, (block.size, block.addr))
     del pool[i]
 
-
-def slack_of(sizes: list[int]) -> int:
-    """Bytes reserved beyond ``sizes`` when each is allocated once and kept (model weights)."""
-    alloc = CachingAllocator()
-    for s in sizes:
-        if s > 0:
-            alloc.malloc(s)
-    return alloc.reserved - sum(sizes)

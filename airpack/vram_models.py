@@ -32,9 +32,8 @@ MODEL_CODE: dict[str, dict[str, Any]] = {
     "gpt2": {**_LAYER_NORM, "rope_dim": 0, "fused_qkv": True, "keeps_branches": True, "learned_positions": True},
     "opt": {**_LAYER_NORM, "rope_dim": 0},
     "gpt_bigcode": {**_LAYER_NORM, "rope_dim": 0},
-    "bloom": {**_LAYER_NORM, "rope_dim": 0, "fused_qkv": True, "embed_norm": True, "block_locals": True, "eager": "bloom",
-              "alibi": True},
-    "mpt": {**_LAYER_NORM, "rope_dim": 0, "fused_qkv": True, "block_locals": True, "eager": "mpt", "alibi": True},
+    "bloom": {**_LAYER_NORM, "rope_dim": 0, "fused_qkv": True, "embed_norm": True, "block_locals": True, "eager": "bloom"},
+    "mpt": {**_LAYER_NORM, "rope_dim": 0, "fused_qkv": True, "block_locals": True, "eager": "mpt"},
     "starcoder2": {**_LAYER_NORM},
     "stablelm": {**_LAYER_NORM, "attn_out_copy": True, "keeps_branches": True},
     # parallel attention and MLP

@@ -39,10 +39,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 
-from airpack.vram_alloc import SMALL_SIZE, CachingAllocator
+from airpack.vram_alloc import CUBLAS_WORKSPACE_BYTES, SMALL_SIZE, CachingAllocator
 
-#: cuBLAS's workspace, allocated through the caching allocator at the first matrix multiply.
-CUBLAS_WORKSPACE = 32 << 20
 #: Decode steps replayed in full (every tensor, also those of the small pool) at each end of the generation; the
 #: steps between replay what the large pool sees: the grown caches and the large temporaries (``_Stream.quiet``).
 FULL_DECODE_STEPS = 2
@@ -62,8 +60,7 @@ class Layout:
     vocab: int
     act_bytes: int
     kv_bytes: int
-    kv_token_layer: int  # cache bytes one token adds to one attention layer (keys and values)
-    norm: str  # "rms" (float32 upcast), "rms_fp32" (whole norm in float32, Gemma), "layer", "layer_f32" (OLMo)
+    norm: str  # NORMS: "rms" (Llama: float32 upcast), "rms_fp32" (Gemma), "rms_w32" (OLMo-2), "layer", "layer_fp32" (Cohere), "layer_f32" (OLMo)
     qk_norm: bool
     attention: str  # "flash", "efficient", "math", "eager"
     gated: bool
@@ -71,7 +68,6 @@ class Layout:
     fused_gate_up: bool
     parallel: bool  # attention and MLP read the same normed input (GPT-J, Falcon, Phi, NeoX)
     softcap: bool
-    alibi: bool
     moe_experts: int = 0
     moe_top_k: int = 0
     moe_intermediate: int = 0
@@ -118,11 +114,23 @@ class Layout:
     rope_interleaved: bool = False  # GLM-4: cos and sin halves repeat_interleave'd per call; q, k die when the rotation returns
 
 
+    def __post_init__(self) -> None:
+        # the stream dispatches on these strings; vram_models spells them: a misspelt one must not run as the default
+        for name, allowed in (("norm", NORMS), ("attention", ATTENTIONS), ("eager", EAGERS), ("moe_router", ROUTERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Layout.{name} {getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+NORMS = ("rms", "rms_fp32", "rms_w32", "layer", "layer_fp32", "layer_f32")
+ATTENTIONS = ("flash", "efficient", "math", "eager")
+EAGERS = ("", "bloom", "mpt", "sinks")
+ROUTERS = ("cast", "f32", "f32_input", "topk_first", "sigmoid_groups")
+
+
 @dataclass(frozen=True)
 class Peaks:
     allocated: int
     reserved: int
-    releases: int = 0  # times the allocator gave cached segments back to stay within its capacity
     in_use: int = 0  # peak of the segments holding live blocks (reserved less wholly free cached segments)
 
 
@@ -156,7 +164,7 @@ class _Stream:
     def mm(self, nbytes: int) -> int:
         if not self.workspace:
             self.workspace = True
-            self.alloc.malloc(CUBLAS_WORKSPACE)
+            self.alloc.malloc(CUBLAS_WORKSPACE_BYTES)
         return self.new(nbytes)
 
 
@@ -1343,8 +1351,7 @@ def replay(lay: Layout, weight_sizes: list[int], *, batch: int, prompt: int, new
     for done, grow, quiet in _decode_steps(new_tokens, shortcut):
         s.quiet = quiet
         logits = _decode_step(s, lay, batch, prompt + done, grow, cache, logits)
-    return Peaks(allocated=s.alloc.peak_allocated, reserved=s.alloc.peak_reserved, releases=s.alloc.releases,
-                 in_use=s.alloc.peak_in_use)
+    return Peaks(allocated=s.alloc.peak_allocated, reserved=s.alloc.peak_reserved, in_use=s.alloc.peak_in_use)
 
 
 @functools.lru_cache(maxsize=512)

@@ -42,15 +42,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ModelConfigError, TraceUnavailableError
-from .vram_alloc import CachingAllocator
+from .vram import config_dtype
+from .vram_alloc import CUBLAS_WORKSPACE_BYTES, CachingAllocator
 
 MiB = 1 << 20
 
 #: Tensors of at most this many elements are computed for real when their inputs are real.
 REAL_LIMIT = 1 << 22
-#: cuBLAS workspace PyTorch takes through the caching allocator at the first GEMM on Hopper
-#: (4096 KiB x 8, CUDABlas.cpp's default for compute capability 9.x).
-CUBLAS_WORKSPACE_BYTES = 32 * MiB
 #: What the trace needs (the [trace] extra in setup.cfg pins the same ranges).
 TRACE_REQUIREMENT = "torch>=2.5 and transformers>=5,<6"
 INSTALL_HINT = "pip install 'airpack[trace]' (CPU PyTorch is enough: torch>=2.5, transformers>=5,<6); or fit without --trace."
@@ -376,21 +374,6 @@ class _NeedsData(Exception):
 # -- building and running ---------------------------------------------------------------------------------
 
 
-_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
-           "float32": "float32", "float": "float32", "fp32": "float32"}
-
-
-def _config_dtype(config: Mapping[str, Any]) -> str:
-    for key in ("dtype", "torch_dtype"):
-        v = config.get(key)
-        if isinstance(v, str) and v.lower().removeprefix("torch.") in _DTYPES:
-            return _DTYPES[v.lower().removeprefix("torch.")]
-    sub = config.get("text_config")
-    if isinstance(sub, dict):
-        return _config_dtype(sub)
-    return "bfloat16"
-
-
 def _build_config(transformers: Any, config: Mapping[str, Any]) -> Any:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
@@ -470,18 +453,24 @@ def _quiet() -> Iterator[None]:
 def trace_generate(config: Mapping[str, Any], *, batch: int, prompt: int, new_tokens: int,
                    num_layers: int | None = None) -> TraceResult:
     """Trace ``model.generate`` of the model config.json describes; ``num_layers`` overrides the depth (tests)."""
-    torch = _import("torch")
-    transformers = _import("transformers")
     if batch < 1 or prompt < 1 or new_tokens < 0:
         raise ModelConfigError(f"batch {batch}, prompt {prompt} and new tokens {new_tokens} cannot be traced")
+    torch, transformers, model, dtype_name = _built(config, num_layers)
+    with _quiet():
+        return _run_generate(torch, transformers, model, dtype_name, batch=batch, prompt=prompt, new_tokens=new_tokens)
+
+
+def _built(config: Mapping[str, Any], num_layers: int | None) -> tuple[Any, Any, Any, str]:
+    """torch, transformers, the model config.json describes built on the meta device (at ``num_layers``), its dtype."""
+    torch = _import("torch")
+    transformers = _import("transformers")
     cfg = _build_config(transformers, config)
     if num_layers is not None:
         _set_depth(cfg, num_layers)
-    dtype_name = _config_dtype(config)
-    dtype = getattr(torch, dtype_name)
+    dtype_name = config_dtype(config)
     with _quiet():
         try:
-            model = _build_model(torch, transformers, cfg, dtype)
+            model = _build_model(torch, transformers, cfg, getattr(torch, dtype_name))
         except ModelConfigError:
             raise
         except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError, ImportError,
@@ -489,7 +478,7 @@ def trace_generate(config: Mapping[str, Any], *, batch: int, prompt: int, new_to
             # a class that cannot be built from this config: say so, never a traceback
             raise ModelConfigError(f"transformers could not build {cfg.model_type} from config.json: {type(e).__name__}: {e}",
                                    path="config.json", hint="Fit without --trace.") from None
-        return _run_generate(torch, transformers, model, dtype_name, batch=batch, prompt=prompt, new_tokens=new_tokens)
+    return torch, transformers, model, dtype_name
 
 
 def _set_depth(cfg: Any, n: int) -> None:
@@ -567,14 +556,7 @@ def reduced_model(config: Mapping[str, Any], num_layers: int | None = None) -> t
     depth); the header maps each saved tensor (tied ones once) to ``[dtype, shape]``. The
     architecture matrix feeds both to the pure estimator and compares it with the trace.
     """
-    torch = _import("torch")
-    transformers = _import("transformers")
-    cfg = _build_config(transformers, config)
-    if num_layers is not None:
-        _set_depth(cfg, num_layers)
-    dtype = getattr(torch, _config_dtype(config))
-    with _quiet():
-        model = _build_model(torch, transformers, cfg, dtype)
+    _, _, model, _ = _built(config, num_layers)
     header: dict[str, list[Any]] = {}
     seen: set[int] = set()
     for name, t in model.state_dict().items():
@@ -584,5 +566,5 @@ def reduced_model(config: Mapping[str, Any], num_layers: int | None = None) -> t
         seen.add(key)
         header[name] = [str(t.dtype).removeprefix("torch."), list(t.shape)]
     out = model.config.to_dict()
-    out.setdefault("model_type", cfg.model_type)
+    out.setdefault("model_type", model.config.model_type)
     return out, header

@@ -3,7 +3,7 @@
 In one run it:
 
 1. writes v1 of a model (``--files`` x ``--file-mib`` safetensors shards, 1 GiB
-   by default, plus a ``--changed-mib`` (10 MB) ``tokenizer.json``), packs it
+   by default, plus a ``--changed-mb`` (10 MB) ``tokenizer.json``), packs it
    and installs it into two registries with the real code;
 2. writes v2, whose only change is that one file, and packs it twice: the full
    bundle, and a delta for the profile of the v1 registry;

@@ -146,36 +146,22 @@ class Hub:
     proc: subprocess.Popen[str]
     url: str
     cdn: str  # "nginx" or "builtin"
-    hub_log: Path | None
+    hub_log: Path
     nginx_log: Path | None
-
-
-def _hubserver_flags() -> str:
-    r = subprocess.run([sys.executable, "-m", "tests.hubserver", "--help"], cwd=REPO, capture_output=True, text=True,
-                       check=False, timeout=60)
-    return r.stdout
 
 
 def _nginx_available() -> bool:
     sys.path.insert(0, str(REPO / "tests"))
-    try:
-        from nginx_cdn import NginxCDN
-    except ImportError:  # a test Hub from before the nginx CDN
-        return False
+    from nginx_cdn import NginxCDN
     return bool(NginxCDN.available())
 
 
 def start_hub(work: Path, src: Path, cdn: str) -> Hub:
     """The test Hub in its own process (as a remote Hub would be); nginx as its CDN when asked and available."""
-    flags = _hubserver_flags()
-    cmd = [sys.executable, "-m", "tests.hubserver", "--repo", f"{REPO_ID}={src}"]
-    hub_log = None
-    if "--log" in flags:
-        hub_log = work / "hub-requests.jsonl"
-        cmd += ["--log", str(hub_log)]
-    if cdn == "nginx" and ("--cdn" not in flags or not _nginx_available()):
-        print("note: the test Hub has no --cdn nginx here (or nginx is missing): the CDN is its built-in Python server",
-              file=sys.stderr)
+    hub_log = work / "hub-requests.jsonl"
+    cmd = [sys.executable, "-m", "tests.hubserver", "--repo", f"{REPO_ID}={src}", "--log", str(hub_log)]
+    if cdn == "nginx" and not _nginx_available():
+        print("note: nginx is not installed here: the CDN is the test Hub's built-in Python server", file=sys.stderr)
         cdn = "builtin"
     if cdn == "nginx":
         cmd += ["--cdn", "nginx"]
@@ -246,47 +232,15 @@ def _env(work: Path) -> dict[str, str]:
     return env
 
 
-def pack_cmd(work: Path, hub: Hub, out: Path, connections: int | None) -> list[str]:
-    cmd = [sys.executable, "-m", "airpack", "pack", str(work / "bench.toml"), "--out", str(out),
-           "--key", str(work / "k.key"), "--endpoint", hub.url, "--json"]
-    if connections is not None:
-        cmd += ["--connections", str(connections)]
-    return cmd
-
-
-def _supports_connections() -> bool:
-    r = subprocess.run([sys.executable, "-m", "airpack", "pack", "--help"], capture_output=True, text=True, check=False,
-                       timeout=60, cwd=REPO)
-    return "--connections" in r.stdout
+def pack_cmd(work: Path, hub: Hub, out: Path, connections: int) -> list[str]:
+    return [sys.executable, "-m", "airpack", "pack", str(work / "bench.toml"), "--out", str(out),
+            "--key", str(work / "k.key"), "--endpoint", hub.url, "--json", "--connections", str(connections)]
 
 
 def hub_figures(doc: dict[str, object] | None) -> dict[str, object] | None:
-    """The ``"hub"`` object of ``pack --json`` (in total, or summed over models), None when the engine has none."""
-    found: list[dict[str, object]] = []
-
-    def walk(x: object) -> None:
-        if isinstance(x, dict):
-            h = x.get("hub")
-            if isinstance(h, dict) and "downloaded_bytes" in h:
-                found.append(h)
-                return
-            if isinstance(h, list):
-                found.extend(i for i in h if isinstance(i, dict) and "downloaded_bytes" in i)
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-
-    walk(doc)
-    if not found:
-        return None
-    if len(found) == 1:
-        return {k: v for k, v in found[0].items() if k != "models"}
-    keys = ("files", "bytes", "seconds", "resumed_bytes", "downloaded_bytes", "retries")
-    total: dict[str, object] = {k: sum(v for h in found if isinstance(v := h.get(k), (int, float))) for k in keys}
-    total["connections"] = found[0].get("connections")
-    return total
+    """The totals of ``pack --json``'s ``"hub"`` object (``ops.pack.hub_totals``), without the per-model list."""
+    hub = doc.get("hub") if doc else None
+    return {k: v for k, v in hub.items() if k != "models"} if isinstance(hub, dict) else None
 
 
 def checked(run: Run, what: str) -> Run:
@@ -344,7 +298,7 @@ class Resume:
 
 
 def resume_run(work: Path, hub: Hub, env: dict[str, str], total: int, files: list[SrcFile],
-               connections: int | None) -> Resume | None:
+               connections: int) -> Resume | None:
     """Pack, SIGKILL at 50% of the bytes written, evict the complete files from the cache, rerun, see what came back.
 
     The kill waits, past 50%, until one weight file is in place (complete and
@@ -399,13 +353,13 @@ def _row(label: str, value: str) -> None:
 
 def report(a: argparse.Namespace, hub: Hub, files: list[SrcFile], t_pack: float, t_aria: float, t_sync: float,
            rss: int, figs: dict[str, object] | None, aria_bad: list[str], pack_bad: list[str],
-           res: Resume | None, connections: int | None) -> dict[str, object]:
+           res: Resume | None, connections: int) -> dict[str, object]:
     total = sum(f.size for f in files)
     big = max(f.size for f in files)
     ratio, ratio_sync = t_aria / t_pack, (t_aria + t_sync) / t_pack
     print(f"pack from the test Hub, {len(files)} files, {total / MB:.0f} MB (largest {big / GiB:.2f} GiB), "
           f"CDN {hub.cdn}, {os.cpu_count()} CPUs, best of {a.repeat}:")
-    _row(f"airpack pack --connections {connections or 'n/a (old engine)'} (hashed, fsynced)",
+    _row(f"airpack pack --connections {connections} (hashed, fsynced)",
          f"{_mb_s(total, t_pack):8.1f} MB/s  ({t_pack:.2f} s)")
     fetch_s = figs.get("seconds") if figs else None
     if isinstance(fetch_s, (int, float)) and fetch_s > 0:
@@ -416,7 +370,7 @@ def report(a: argparse.Namespace, hub: Hub, files: list[SrcFile], t_pack: float,
     _row("files match the Hub's digests", f"aria2: {not aria_bad}{' ' + str(aria_bad) if aria_bad else ''}   "
                                           f"pack: {not pack_bad}{' ' + str(pack_bad) if pack_bad else ''}")
     _row("peak RSS of pack (largest file)", f"{rss / MiB:8.0f} MiB ({big / MiB:.0f} MiB)")
-    _row("engine's own figures (pack --json \"hub\")", json.dumps(figs) if figs else "n/a (old engine)")
+    _row("engine's own figures (pack --json \"hub\")", json.dumps(figs) if figs else "n/a")
     doc: dict[str, object] = {
         "bench": "pack", "cdn": hub.cdn, "files": len(files), "bytes": total, "largest_bytes": big,
         "connections": connections, "pack_seconds": round(t_pack, 3), "pack_mb_s": round(_mb_s(total, t_pack), 1),
@@ -463,7 +417,7 @@ def report_resume(res: Resume, total: int, t_pack: float) -> dict[str, object]:
          else "n/a: no file was complete at the kill")
     _row("read from storage by the rerun (/proc read_bytes)", f"{res.rerun.read_bytes / MB:8.1f} MB")
     _row("the resumed bundle matches the Hub's digests", f"{not res.bad}{' ' + str(res.bad) if res.bad else ''}")
-    _row("engine's own figures for the rerun", json.dumps(refigs) if refigs else "n/a (old engine)")
+    _row("engine's own figures for the rerun", json.dumps(refigs) if refigs else "n/a")
     return {"resume_killed": True, "resume_killed_at_bytes": res.killed_at,
             "resume_seconds": round(res.rerun.seconds, 3), "resume_fetched_bytes": fetched,
             "resume_fetched_source": source, "resume_refetched_bytes": again,
@@ -512,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         (work / "bench.toml").write_text(f'[bundle]\nname = "bench"\nsequence = 1\n\n'
                                          f'[[models]]\nrepo_id = "{REPO_ID}"\nrevision = "main"\n')
         env = _env(work)
-        connections = a.connections if _supports_connections() else None
+        connections = a.connections
         hub = start_hub(work, work / "src", a.cdn)
         try:
             files = hub_listing(hub.url)

@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from factories import make_model
+from report_helpers import browser  # noqa: F401 - headless Chromium for the report tests (tests/report_helpers.py)
 from softhsm import softhsm  # noqa: F401 - the throwaway SoftHSM2 token fixture (tests/softhsm.py)
 
 from airpack.ops.pack import PackOptions, pack

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hubserver import DEFAULT_TOKEN, OUTSIDER_TOKEN, HubServer
+from safetensors.numpy import save
 
 from airpack.ops.pack import PackOptions, PackResult, pack
 from airpack.signing import Signer
@@ -44,3 +46,18 @@ class Packer:
         out = out or self.tmp / f"bundle{self.n}"
         return pack(PackOptions(spec=load_spec(spec), out=out, signer=None if dry_run else self.signer,
                                 endpoint=self.hub.url, token=token, dry_run=dry_run, **opts))
+
+
+BIG = "big.safetensors"  # the one large file the engine tests add to the tiny model
+SEG = 256 * 1024  # a small segment size: a few-MiB file takes the many-range paths a 100 GB one takes
+
+
+def with_big_file(tiny_files: dict[str, bytes], mib: int, seed: int) -> dict[str, bytes]:
+    """The tiny model plus ``BIG``: ``mib`` MiB of random weights (each test module its own seed, so its own blob)."""
+    arr = np.frombuffer(np.random.default_rng(seed).bytes(mib << 20), dtype=np.uint8)
+    return {**tiny_files, BIG: save({"blob": arr}, metadata={"format": "pt"})}
+
+
+def model_dir(out: Path) -> Path:
+    """Where the tiny model lands in a bundle folder."""
+    return out / "models" / "acme--tiny"

@@ -11,17 +11,22 @@ shows that a request by the page is seen.
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
+from threat_helpers import cli_inproc
 
 from airpack.report_html import find_browser, run_browser
 
+TARGET = '\n[[targets]]\ngpu = "L4"\ncount = 1\ncontext = 1024\nruntime = "vllm"\n'  # a spec's target the tiny model fits
 CHROMIUM_OWN = ("google.com", "googleapis.com", "gstatic.com", "gvt1.com", "googleusercontent.com")
 
 
@@ -80,8 +85,9 @@ class Browser:
         return r.stdout.decode("utf-8")
 
 
-def chromium() -> Iterator[Browser]:
-    """The body of a test module's ``browser`` fixture: skips cleanly when no Chromium is installed."""
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """Headless Chromium proxied to a socket the test holds (conftest imports it); skips cleanly when none is installed."""
     exe = find_browser()
     if exe is None:
         pytest.skip("no Chromium installed (make test installs the Debian package chromium when run as root)")
@@ -122,6 +128,19 @@ def outside_references(html: str) -> list[str]:
     p = _Refs()
     p.feed(html)
     return [u for u in p.urls if not (u.startswith("#") or u.startswith("data:"))]
+
+
+def report_json(*args: str | Path) -> dict[str, Any]:
+    """``airpack report ARGS --json`` in process, which must succeed: the facts document the HTML renders."""
+    r = cli_inproc("report", *args, "--json")
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    doc: dict[str, Any] = json.loads(r.stdout)
+    return doc
+
+
+def page_text(dom: str) -> str:
+    """The DOM's text, tags dropped and whitespace folded (what a reader sees, in order)."""
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
 
 
 def script_count(html: str) -> tuple[int, list[str]]:

@@ -132,6 +132,24 @@ class SoftHsm:
                                Attribute.SUBJECT: name.public_bytes()})
 
 
+def count_logins(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """The PINs ``pkcs11_keys._login`` is called with from now on, in order: each one is a login the token sees.
+
+    A plain helper taking ``monkeypatch`` (not a fixture), so test modules import it without shadowing.
+    """
+    from airpack import pkcs11_keys
+
+    logins: list[str | None] = []
+    real = pkcs11_keys._login
+
+    def counting(token: Any, pin: str | None, *, rw: bool) -> Any:
+        logins.append(pin)
+        return real(token, pin, rw=rw)
+
+    monkeypatch.setattr(pkcs11_keys, "_login", counting)
+    return logins
+
+
 @pytest.fixture
 def softhsm(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftHsm]:
     why = missing()

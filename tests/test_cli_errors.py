@@ -375,6 +375,13 @@ def pack_into_a_non_empty_folder(c: Ctx, out: Path) -> list[str | os.PathLike[st
     return ["pack", spec_with(c), "--out", out, "--key", c.alice.key]
 
 
+def pack_token_file_not_utf8(c: Ctx, out: Path) -> list[str | os.PathLike[str]]:
+    """pack reads --token-file as fit does (``_common.hub_token``): bytes that are not UTF-8 are exit 2, not a traceback."""
+    token = c.tmp / "token"
+    token.write_bytes(b"\xff\xfehf_secret\n")
+    return ["pack", spec_with(c), "--out", out, "--key", c.alice.key, "--token-file", token]
+
+
 PACK_CASES: list[tuple[PackSetup, int, str, str]] = [
     (pack_pickle, 3, "ContentPolicyError", "optimizer.pkl"),
     (pack_code, 3, "ContentPolicyError", "modeling_evil.py"),
@@ -390,6 +397,7 @@ PACK_CASES: list[tuple[PackSetup, int, str, str]] = [
     (pack_source_missing, 2, "SpecError", "gone"),
     (pack_into_a_bundle, 2, "UsageError", "already holds a signed bundle"),
     (pack_into_a_non_empty_folder, 2, "UsageError", "not empty"),
+    (pack_token_file_not_utf8, 2, "UsageError", "not UTF-8"),
 ]
 
 

@@ -22,7 +22,7 @@ from conftest import KeyPair, run_cli, verify, write_spec
 from registry_fixtures import audit_lines, do_install, registry_state, variant_model
 from threat_helpers import resign, statement
 
-from airpack.errors import AirpackError, HostFilesError, RollbackError
+from airpack.errors import AirpackError, HostFilesError, RollbackError, SequenceJumpError
 from airpack.host_profile import HostProfile
 from airpack.manifest import parse
 from airpack.ops.pack import PackOptions, pack
@@ -163,6 +163,17 @@ def test_pack_for_a_host_ahead_of_the_sequence_is_exit_4_before_anything(tmp_pat
     with pytest.raises(RollbackError) as e:
         pack_for(tmp_path, v2_model, collect(ProfileOptions(registry=v1)), alice, sequence=1)
     assert e.value.exit_code == 4
+    assert not (tmp_path / "delta").exists()
+
+
+def test_pack_for_a_channel_the_host_lacks_refuses_a_first_bundle_above_the_jump(tmp_path: Path, v1: Path,
+                                                                               v2_model: Path, alice: KeyPair) -> None:
+    """The host counts a channel's first bundle from 0 (``rules.classify_sequence``), so pack --for must too."""
+    profile = collect(ProfileOptions(registry=v1))
+    assert profile.channel_sequence("other") is None
+    with pytest.raises(SequenceJumpError) as e:
+        pack_for(tmp_path, v2_model, profile, alice, repo_id="acme/other", channel="other", sequence=2_000_000)
+    assert e.value.exit_code == 4 and "first bundle" in e.value.message
     assert not (tmp_path / "delta").exists()
 
 

@@ -25,6 +25,11 @@ def test_push_and_install_a_delta_from_oci(oci_registry: OciRegistry, tmp_path: 
     delta = pack_for(tmp_path, v2_model, collect(ProfileOptions(registry=v1)), alice)
     r = run_cli("push", delta.out, oci_registry.ref(), "--trust", policy, "--plain-http", "--json")
     assert r.returncode == 0, r.stderr
+    pushed = json.loads(r.stdout)
+    sent = set(pushed["uploaded"]) | set(pushed["skipped"])
+    assert {f.path for f in delta.manifest.carried} <= sent  # every carried file went up (or was there already)
+    assert not {f.path for f in delta.manifest.expected_on_host} & sent  # and none of the host's files did
+    assert pushed["bytes_uploaded"] < delta.manifest.total_bytes
     empty = tmp_path / "empty"
     r = run_cli("install", oci_registry.ref(), "--registry", empty, "--trust", policy, "--plain-http", "--ignore-fit", "--json")
     assert r.returncode == 3, r.stdout

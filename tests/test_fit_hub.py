@@ -17,7 +17,7 @@ from hubserver import HubServer, Request, tiny_model_files
 from threat_helpers import assert_cli_error, cli_inproc
 
 from airpack.errors import FetchError, GatedRepoError, MalformedSafetensorsError, RevisionNotFoundError, UsageError
-from airpack.ops.fit import FitOptions, fit_model, load_folder, model_kind
+from airpack.ops.fit import MAX_CONFIG_BYTES, FitOptions, fit_model, load_folder, model_kind
 from airpack.ops.fit_hub import load_hub_model
 
 pytest_plugins = ("hub_fixtures",)
@@ -138,7 +138,7 @@ def test_a_header_length_past_the_cap_is_refused_after_8_bytes(hub: HubServer, w
 
 def test_an_oversized_config_is_refused_before_it_is_fetched(hub: HubServer, wide_files: dict[str, bytes]) -> None:
     cfg = json.loads(wide_files["config.json"])
-    cfg["padding"] = "x" * (2 << 20)
+    cfg["padding"] = "x" * MAX_CONFIG_BYTES  # past the limit a folder's config.json is held to: the same from the Hub
     hub.create_repo("acme/tiny")
     hub.commit("acme/tiny", {**wide_files, "config.json": json.dumps(cfg).encode()})
     with pytest.raises(UsageError) as ei:

@@ -15,19 +15,16 @@ import shutil
 from collections import namedtuple
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import verify
-from hub_helpers import Packer
+from hub_helpers import BIG, Packer, model_dir, with_big_file
 from hubserver import Fault, HubServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.numpy import save
 
 from airpack.errors import DiskSpaceError, FetchError, IntegrityError
 from airpack.ops.pack import STAGING_DIR
 
-BIG = "big.safetensors"
 SHARD = "model-00001-of-00002.safetensors"
 # Where the cuts fall in the big file (any offset works: the engine keeps every byte it wrote).
 CLIENT_CHUNK = 10 * 1024 * 1024
@@ -39,12 +36,7 @@ pytest_plugins = ("hub_fixtures",)
 @pytest.fixture(scope="module")
 def big_files(tiny_files: dict[str, bytes]) -> dict[str, bytes]:
     """The tiny model plus a 24 MiB safetensors file, so a transfer can be cut after a whole client chunk."""
-    arr = np.frombuffer(np.random.default_rng(7).bytes(24 << 20), dtype=np.uint8)
-    return {**tiny_files, BIG: save({"blob": arr}, metadata={"format": "pt"})}
-
-
-def model_dir(out: Path) -> Path:
-    return out / "models" / "acme--tiny"
+    return with_big_file(tiny_files, mib=24, seed=7)
 
 
 # -- wrong bytes ------------------------------------------------------------------------------
@@ -107,7 +99,7 @@ def test_interrupted_pack_resumes_without_fetching_whole_files_again(
     hub.inject("acme/tiny", BIG, Fault("drop", after=cut), Fault("status", status=503, times=None))
     spec, out = packer.spec(), packer.tmp / "out"
     with pytest.raises(FetchError) as ei:
-        packer.pack(spec, out=out, workers=1, **FAST)
+        packer.pack(spec, out=out, **FAST)
     assert ei.value.exit_code == 7 and BIG in str(ei.value) and "next run" in str(ei.value)
     whole = {p.relative_to(model_dir(out)).as_posix() for p in model_dir(out).rglob("*") if p.is_file()}
     assert whole and BIG not in whole
@@ -123,7 +115,7 @@ def test_interrupted_pack_resumes_without_fetching_whole_files_again(
 
     hub.clear_faults()
     before = len(hub.requests)
-    r = packer.pack(spec, out=out, workers=1, **FAST)
+    r = packer.pack(spec, out=out, **FAST)
     second = [q for q in hub.requests[before:] if q.method == "GET" and q.file]
     fetched = {q.file for q in second}
     assert victim in fetched
@@ -158,7 +150,7 @@ def test_leftovers_of_another_spec_are_not_signed(packer: Packer, hub: HubServer
     out = packer.tmp / "out"
     hub.inject("acme/tiny", "tokenizer.json", Fault("status", status=500, times=None))
     with pytest.raises(FetchError):
-        packer.pack(packer.spec(), out=out, workers=1, **FAST)
+        packer.pack(packer.spec(), out=out, **FAST)
     assert (model_dir(out) / "README.md").exists()
     hub.clear_faults()
     r = packer.pack(packer.spec(model_extra='exclude = ["README.md"]'), out=out)

@@ -27,7 +27,7 @@ def test_interrupted_tar_pack_resumes_in_its_work_folder(packer: Packer, hub: Hu
     tar = media / "tiny.tar"
 
     def run(out: Path) -> object:
-        return pack(PackOptions(spec=spec, out=out, signer=packer.signer, endpoint=hub.url, workers=1,
+        return pack(PackOptions(spec=spec, out=out, signer=packer.signer, endpoint=hub.url,
                                 connections=1, retries=1, retry_base=0.001))
 
     hub.inject("acme/tiny", VICTIM, Fault("status", status=503, times=None))

@@ -11,27 +11,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from conftest import verify
-from hub_helpers import TOKEN, Packer
+from hub_helpers import BIG, SEG, TOKEN, Packer, with_big_file
 from hubserver import Fault, HubServer
-from safetensors.numpy import save
 
 import airpack.fetch.segments as seg_mod
 from airpack.errors import FetchError
 from airpack.fetch.segments import backoff, retry_wait
+from airpack.progress import NULL_PROGRESS
 
-BIG = "big.safetensors"
-SEG = 256 * 1024
 FAST: dict[str, Any] = {"connections": 4, "segment_size": SEG, "retries": 3, "retry_base": 0.001}
 pytest_plugins = ("hub_fixtures",)
 
 
 @pytest.fixture(scope="module")
 def big_files(tiny_files: dict[str, bytes]) -> dict[str, bytes]:
-    arr = np.frombuffer(np.random.default_rng(5).bytes(2 << 20), dtype=np.uint8)
-    return {**tiny_files, BIG: save({"blob": arr}, metadata={"format": "pt"})}
+    return with_big_file(tiny_files, mib=2, seed=5)
 
 
 @pytest.fixture
@@ -97,7 +93,7 @@ def test_urls_that_really_expire_between_plan_and_fetch(ttl_hub: HubServer, tmp_
         def task(self, label: str, total: int, *, unit: str = "B") -> Any:
             if label.startswith("acme/"):
                 time.sleep(2.5)  # the overall bar opens when fetching starts, after planning (Expires: whole seconds)
-            return _Null()
+            return NULL_PROGRESS.task(label, total)
 
         def message(self, text: str) -> None:
             pass
@@ -107,14 +103,6 @@ def test_urls_that_really_expire_between_plan_and_fetch(ttl_hub: HubServer, tmp_
     assert [q for q in ttl_hub.requests if q.origin == "cdn" and q.status == 403], [
         (q.origin, q.method, q.status, q.file) for q in ttl_hub.requests if q.file == BIG or q.origin == "cdn"]
     assert r.to_json()["hub"]["retries"] >= 1
-
-
-class _Null:
-    def advance(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def test_retries_are_bounded_then_exit_7_names_the_file_and_what_is_kept(

@@ -11,25 +11,20 @@ import re
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import verify
-from hub_helpers import Packer
+from hub_helpers import BIG, SEG, Packer, with_big_file
 from hubserver import HubServer
-from safetensors.numpy import save
 
 from airpack.fetch.journal import merge
 from airpack.fetch.segments import EngineOptions, segment_length
 
-BIG = "big.safetensors"
-SEG = 256 * 1024
 pytest_plugins = ("hub_fixtures",)
 
 
 @pytest.fixture(scope="module")
 def big_files(tiny_files: dict[str, bytes]) -> dict[str, bytes]:
-    arr = np.frombuffer(np.random.default_rng(11).bytes(3 << 20), dtype=np.uint8)
-    return {**tiny_files, BIG: save({"blob": arr}, metadata={"format": "pt"})}
+    return with_big_file(tiny_files, mib=3, seed=11)
 
 
 def _ranges(hub: HubServer, file: str) -> list[tuple[int, int]]:

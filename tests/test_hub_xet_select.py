@@ -27,7 +27,7 @@ SHARD = "model-00001-of-00002.safetensors"
 
 
 def _head(*, size: int | None = 10, xet: bool = False) -> HeadInfo:
-    return HeadInfo(url="https://hub/x", location="https://cdn/x", size=size, xet=xet, redirected=True)
+    return HeadInfo(location="https://cdn/x", size=size, xet=xet)
 
 
 F = HubFile(path="w.safetensors", size=10, blob_id="0" * 40, sha256="1" * 64)

@@ -11,16 +11,14 @@ labelled so. The browser check loads the delta report in headless Chromium.
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import KeyPair, write_spec
 from registry_fixtures import do_install, variant_model
-from report_helpers import Browser, chromium, outside_references, script_count
+from report_helpers import TARGET, Browser, outside_references, page_text, report_json, script_count
 from threat_helpers import cli_inproc
 
 from airpack.ops.pack import PackOptions, pack
@@ -28,15 +26,6 @@ from airpack.ops.profile import ProfileOptions, collect
 from airpack.registry import HUB_DIR
 from airpack.spec import load_spec
 from airpack.trust import load_policy
-
-TARGET = '\n[[targets]]\ngpu = "L4"\ncount = 1\ncontext = 1024\nruntime = "vllm"\n'
-
-
-def report_json(*args: str | Path, code: int = 0) -> dict[str, Any]:
-    r = cli_inproc("report", *args, "--json")
-    assert r.returncode == code, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
-    doc: dict[str, Any] = json.loads(r.stdout) if code == 0 else {}
-    return doc
 
 
 @pytest.fixture
@@ -51,11 +40,6 @@ def delta_world(tmp_path: Path, tiny_model: Path, make_bundle: Callable[..., Pat
     r = pack(PackOptions(spec=load_spec(spec), out=tmp_path / "delta", signer=alice.signer, profile=profile))
     assert r.manifest is not None and r.manifest.is_delta
     return {"delta": r.out, "registry": reg, "policy": policy}
-
-
-def _text(dom: str) -> str:
-    """The DOM's text, tags dropped and whitespace folded (what a reader sees)."""
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
 
 
 def _by_where(doc: dict[str, Any]) -> dict[str, set[str]]:
@@ -125,11 +109,6 @@ def test_a_full_bundle_has_no_delta_facts(make_bundle: Callable[..., Path]) -> N
     assert "delta" not in doc and all("where" not in f for f in doc["files"]["files"])
 
 
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    yield from chromium()
-
-
 def test_delta_report_in_the_browser(delta_world: dict[str, Path], browser: Browser, tmp_path: Path) -> None:
     page = tmp_path / "delta.html"
     doc = report_json(delta_world["delta"], "--trust", delta_world["policy"], "--registry", delta_world["registry"],
@@ -137,7 +116,7 @@ def test_delta_report_in_the_browser(delta_world: dict[str, Path], browser: Brow
     html = page.read_text()
     assert outside_references(html) == [] and script_count(html) == (0, [])
     png = tmp_path / "delta.png"
-    text = _text(browser.dom(page, png))
+    text = page_text(browser.dom(page, png))
     assert png.stat().st_size > 10_000
     assert browser.listener.page_requests() == [], "the report made a request"
     on_host = next(f["path"] for f in doc["files"]["files"] if f["where"] == "on-host")

@@ -11,26 +11,18 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import KeyPair
 from registry_fixtures import audit_lines, do_install
+from report_helpers import TARGET, report_json
 from threat_helpers import assert_cli_error, assert_cli_json_error, cli_inproc, flip_byte
 from transfer_fixtures import export_to
 
 from airpack.ops.pack import add_signature
 from airpack.trust import load_policy
 
-TARGET = '\n[[targets]]\ngpu = "L4"\ncount = 1\ncontext = 1024\nruntime = "vllm"\n'
 TIGHT = '\n[[targets]]\ngpu = "600MiB"\ncount = 1\ncontext = 2048\nruntime = "transformers"\n'
-
-
-def report_json(*args: str | Path, code: int = 0) -> dict[str, Any]:
-    r = cli_inproc("report", *args, "--json")
-    assert r.returncode == code, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
-    doc: dict[str, Any] = json.loads(r.stdout)
-    return doc
 
 
 @pytest.fixture
@@ -94,11 +86,9 @@ def test_every_form_gives_the_same_facts(cosigned: Path, two_of_two: Path, tmp_p
             for form, src in (("folder", cosigned), ("tar", tar), ("parts", parts.parent))}
     for form, doc in docs.items():
         assert doc["verification"]["form"] == form
-    same = ("identity", "models", "files", "wheels", "sbom", "policy")
+    same = ("identity", "models", "files", "wheels", "sbom", "policy", "fit")
     for key in same:
         assert docs["tar"][key] == docs["folder"][key] == docs["parts"][key], key
-    strip = [[{k: v for k, v in f.items() if k != "location"} for f in d["fit"]] for d in docs.values()]
-    assert strip[0] == strip[1] == strip[2]
 
 
 def test_unverified_report_carries_the_banner_and_claimed_key_ids(cosigned: Path, tmp_path: Path) -> None:

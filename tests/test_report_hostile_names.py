@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import KeyPair
-from report_helpers import Browser, chromium, outside_references, script_count
+from report_helpers import Browser, outside_references, script_count
 from threat_helpers import assert_cli_error, cli_inproc, rename_in_statement, resign, statement
 
 from airpack.ops.pack import PackOptions, pack
@@ -30,11 +29,6 @@ LONG_DIR = "d" * 240
 LONG_NAME = "/".join([LONG_DIR] * 3) + "/" + "n" * 200 + ".json"  # near the 1024-byte path limit
 LICENCE = "<script>alert(2)</script> &amp; &#x3C;b&#x3E; \u202e" + "L" * 10_000
 ARCH = "<img src=x onerror=alert(3)>"
-
-
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    yield from chromium()
 
 
 @pytest.fixture

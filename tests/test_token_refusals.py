@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import KeyPair, run_cli, write_spec
-from softhsm import SoftHsm
+from softhsm import SoftHsm, count_logins
 
 from airpack import pkcs11_keys
 from airpack.errors import TokenKeyError, TokenPinError, TokenRemovedError, UsageError
@@ -70,14 +70,7 @@ def test_wrong_pin_is_tried_once_and_writes_nothing(softhsm: SoftHsm, packer: Pa
 
 
 def test_wrong_pin_reaches_the_token_exactly_once(softhsm: SoftHsm, packer: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    logins: list[str | None] = []
-    real = pkcs11_keys._login
-
-    def counting(token: Any, pin: str | None, *, rw: bool) -> Any:
-        logins.append(pin)
-        return real(token, pin, rw=rw)
-
-    monkeypatch.setattr(pkcs11_keys, "_login", counting)
+    logins = count_logins(monkeypatch)
     monkeypatch.setenv("AIRPACK_PIN", "0000")
     with pytest.raises(TokenPinError, match="wrong PIN"):
         open_signer(softhsm.uri("packer", pin=False))

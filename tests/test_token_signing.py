@@ -18,9 +18,8 @@ import pytest
 from conftest import AIRPACK, KeyPair, run_cli, write_spec
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from softhsm import SoftHsm
+from softhsm import SoftHsm, count_logins
 
-from airpack import pkcs11_keys
 from airpack.signing import TokenSigner, key_id, load_public_file, open_signer, pae
 
 pytestmark = pytest.mark.slow
@@ -210,14 +209,7 @@ def test_export_split_signs_the_parts_index_on_the_token(softhsm: SoftHsm, tmp_p
 def test_two_keys_on_one_token_log_in_once(softhsm: SoftHsm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     token_keygen(softhsm, tmp_path, "one")
     token_keygen(softhsm, tmp_path, "two", "ed25519")
-    logins: list[str | None] = []
-    real = pkcs11_keys._login
-
-    def counting(token: Any, pin: str | None, *, rw: bool) -> Any:
-        logins.append(pin)
-        return real(token, pin, rw=rw)
-
-    monkeypatch.setattr(pkcs11_keys, "_login", counting)
+    logins = count_logins(monkeypatch)
     a, b = open_signer(softhsm.uri("one")), open_signer(softhsm.uri("two"))
     assert isinstance(a, TokenSigner) and isinstance(b, TokenSigner)
     assert logins == [softhsm.pin]

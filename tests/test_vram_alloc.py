@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from airpack.vram_alloc import LARGE_SEGMENT, SMALL_SEGMENT, CachingAllocator, round_size, segment_size
+import pytest
+
+from airpack.vram_alloc import LARGE_SEGMENT, SMALL_SEGMENT, CachingAllocator, OutOfMemory, round_size, segment_size
 
 MiB = 1 << 20
 
@@ -73,3 +75,42 @@ def test_best_fit_takes_the_smallest_free_block() -> None:
     a.malloc(30 * MiB)
     assert a.reserved == 42 * MiB  # each request reused the block of its size
 
+
+
+def test_a_mid_request_is_split_from_a_segments_remainder() -> None:
+    """12 MiB after 2 MiB: best fit over the large pool carves it from the 18 MiB the 20 MiB segment has left."""
+    a = CachingAllocator()
+    a.malloc(2 * MiB)
+    a.malloc(12 * MiB)
+    assert (a.reserved, a.segments) == (LARGE_SEGMENT, 1)
+
+
+def test_at_capacity_idle_segments_are_given_back() -> None:
+    """PyTorch frees cached segments nothing lives in (release_cached_blocks) before it fails; the peak in use does
+    not count them, the peak reserved does."""
+    a = CachingAllocator(capacity=64 * MiB)
+    x = a.malloc(40 * MiB)
+    a.free(x)  # a 40 MiB segment, cached, idle
+    a.malloc(30 * MiB)  # reuses it (best fit): no new segment
+    assert a.reserved == 40 * MiB
+    b = CachingAllocator(capacity=64 * MiB)
+    y = b.malloc(40 * MiB)
+    b.free(y)
+    b.malloc(50 * MiB)  # 40 + 50 > 64: the idle 40 MiB goes back first
+    assert (b.reserved, b.peak_reserved, b.peak_in_use) == (50 * MiB, 50 * MiB, 50 * MiB)
+
+
+def test_out_of_memory_when_live_blocks_leave_no_room() -> None:
+    a = CachingAllocator(capacity=64 * MiB)
+    a.malloc(40 * MiB)
+    with pytest.raises(OutOfMemory):
+        a.malloc(30 * MiB)
+    assert a.allocated == 40 * MiB  # the refusal changed nothing
+
+
+def test_peak_in_use_leaves_idle_segments_out() -> None:
+    a = CachingAllocator()
+    x = a.malloc(40 * MiB)
+    a.free(x)
+    a.malloc(50 * MiB)  # too big for the idle 40 MiB: a new segment, the old one stays cached
+    assert (a.peak_reserved, a.peak_in_use) == (90 * MiB, 50 * MiB)

@@ -59,11 +59,12 @@ def test_estimate_within_one_percent_of_the_trace(name: str, i: int) -> None:
     assert -0.03 <= need <= 0.01, f"{where}: {need:+.2%} against the trace's peak in use"
 
 
-def test_issue_goals_over_the_whole_matrix() -> None:
-    errs = [_errors(n, i)[0] for n, i in POINTS]
-    assert min(errs) >= -0.03
-    assert max(errs) <= 0.10
-    assert statistics.median(abs(e) for e in errs) <= 0.03
+def test_the_median_point_is_exact() -> None:
+    """Each point is held to -3% ... +1% above; over the whole set the typical point must be exact, not just inside the
+    bound (a mechanism written slightly wrong for one family shows here before it crosses a point's bound)."""
+    errs = [_errors(n, i) for n, i in POINTS]
+    assert statistics.median(abs(need) for need, _ in errs) <= 0.005
+    assert statistics.median(abs(res) for _, res in errs) <= 0.005
 
 
 def test_header_order_does_not_matter() -> None:

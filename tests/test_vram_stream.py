@@ -33,8 +33,8 @@ from airpack.vram import (
     stream_layout,
     stream_weight_sizes,
 )
-from airpack.vram_alloc import SMALL_SEGMENT, OutOfMemory, round_size
-from airpack.vram_stream import CUBLAS_WORKSPACE, FULL_DECODE_STEPS, Layout, _cached_after, _decode_steps
+from airpack.vram_alloc import CUBLAS_WORKSPACE_BYTES, SMALL_SEGMENT, OutOfMemory, round_size
+from airpack.vram_stream import FULL_DECODE_STEPS, Layout, _cached_after, _decode_steps
 
 HEADER_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
@@ -47,9 +47,9 @@ def tiny_layout(**kw: Any) -> Layout:
     """
     fields: dict[str, Any] = {
         "hidden": 64, "heads": 4, "kv_heads": 4, "head_dim": 16, "v_head_dim": 16, "rope_dim": 0,
-        "intermediate": 4096, "vocab": 64, "act_bytes": 2, "kv_bytes": 2, "kv_token_layer": 2 * 4 * 16 * 2,
+        "intermediate": 4096, "vocab": 64, "act_bytes": 2, "kv_bytes": 2,
         "norm": "layer", "qk_norm": False, "attention": "flash", "gated": True, "composite_act": False,
-        "fused_gate_up": False, "parallel": False, "softcap": False, "alibi": False, "layer_windows": (0,),
+        "fused_gate_up": False, "parallel": False, "softcap": False, "layer_windows": (0,),
     }
     fields.update(kw)
     return Layout(**fields)
@@ -85,7 +85,7 @@ def test_peak_allocated_of_a_one_layer_prefill_is_its_mlp_stage() -> None:
     expected = (
         1 * MiB + round_size(3000)  # the weights, each its own block
         + 2 * round_size(rows * 8)  # input_ids, attention mask
-        + CUBLAS_WORKSPACE
+        + CUBLAS_WORKSPACE_BYTES
         + hidden_block  # the embedding output
         + 2 * round_size(rows * 4 * 16 * 2)  # the cache's keys and values
         + 2 * hidden_block  # the residual sum, post_attention_layernorm's output
@@ -109,7 +109,7 @@ def test_a_layer_leaves_only_its_cache_and_its_output_alive() -> None:
     # the first decode step crops them
     kv_block = round_size(rows * 4 * 16 * 2)
     assert len(cache) == 2
-    assert s.alloc.allocated - before == CUBLAS_WORKSPACE + 2 * kv_block + round_size(rows * 64 * 2)
+    assert s.alloc.allocated - before == CUBLAS_WORKSPACE_BYTES + 2 * kv_block + round_size(rows * 64 * 2)
 
 
 def test_the_first_decode_step_crops_a_sliding_cache_to_the_window() -> None:
@@ -246,7 +246,7 @@ def test_replay_and_estimate_invariants(cfg: dict[str, Any], batch: int, context
     sizes = stream_weight_sizes(weights, shape, tp)
     lay = stream_layout(shape, tp=tp)
     peaks = vram_stream.replay(lay, sizes, batch=batch, prompt=e.prompt_tokens, new_tokens=e.new_tokens)
-    assert peaks.reserved >= peaks.in_use >= peaks.allocated >= sum(sizes) + CUBLAS_WORKSPACE
+    assert peaks.reserved >= peaks.in_use >= peaks.allocated >= sum(sizes) + CUBLAS_WORKSPACE_BYTES
     assert peaks.reserved % SMALL_SEGMENT == 0 and peaks.in_use % SMALL_SEGMENT == 0
     b = e.breakdown
     assert b.weights == sum(sizes)
@@ -255,7 +255,7 @@ def test_replay_and_estimate_invariants(cfg: dict[str, Any], batch: int, context
     # the estimate is what the allocator must hold at once (its segments with a live block) plus what lives outside
     # it; on a roomy GPU it shows its whole reserve. The analytic cache is never below what the stream holds.
     outside = CUDA_CONTEXT_BYTES + LIBRARY_BYTES + e.overhead.communication
-    floor = b.weights + b.kv_cache + CUBLAS_WORKSPACE
+    floor = b.weights + b.kv_cache + CUBLAS_WORKSPACE_BYTES
     assert e.per_gpu_bytes == max(peaks.in_use, floor) + outside
     assert e.peak_reserved_bytes == max(peaks.reserved, floor) + outside >= e.per_gpu_bytes
     assert min(b.activations, e.overhead.allocator) >= 0
@@ -399,3 +399,13 @@ def test_fit_says_when_a_roomy_gpu_would_show_more_than_must_fit() -> None:
     short = fit(shape, w, RunConfig(runtime="transformers", context=72, batch=4, new_tokens=8),
                 GpuBudget(name="t", count=1, memory_bytes=8 << 30))
     assert not any("room to spare" in n for n in short.notes)
+
+
+def test_a_misspelt_code_name_is_refused() -> None:
+    """vram_models spells the stream's mechanisms as strings; a misspelt one must fail loudly, never run as the default."""
+    shape, _ = shape_and_weights(config())
+    lay = stream_layout(shape, tp=1)
+    with pytest.raises(ValueError, match="norm"):
+        dataclasses.replace(lay, norm="layer_fp23")
+    with pytest.raises(ValueError, match="moe_router"):
+        dataclasses.replace(lay, moe_router="sigmoid")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import pytest
-from vram_fixtures import MiB, config, llama_header, shape_and_weights, tensors
+from vram_fixtures import config, llama_header, shape_and_weights, tensors
 
 from airpack.vram import (
     RunConfig,
@@ -18,7 +18,6 @@ from airpack.vram import (
     tensor_share,
     weights_per_gpu,
 )
-from airpack.vram_alloc import slack_of
 
 
 def test_weights_are_the_exact_header_bytes() -> None:
@@ -179,19 +178,6 @@ def test_tp_weights_per_gpu_shrink_but_not_below_the_replicated_part() -> None:
     norms = sum(t.nbytes for t in weights.tensors if len(t.shape) == 1)
     assert one == weights.total_bytes
     assert four == (one - norms) // 4 + norms
-
-
-# -- the caching allocator ------------------------------------------------------------------------------------------
-
-
-def test_weight_slack_follows_pytorch_block_rules() -> None:
-    # 100 B -> a 512 B block in a 2 MiB small segment; 2 MiB -> a 20 MiB segment; 12 MiB is best-fit from the
-    # 18 MiB that segment has left (the large pool splits blocks: no new cudaMalloc)
-    assert slack_of([100, 2 * MiB, 12 * MiB]) == (2 + 20) * MiB - (100 + 2 * MiB + 12 * MiB)
-    assert slack_of([12 * MiB]) == 0  # alone: a segment of its own, rounded to 2 MiB
-    assert slack_of([3 * MiB] * 6) == 20 * MiB - 18 * MiB  # six fit one segment (best fit)
-    assert slack_of([3 * MiB] * 7) == 40 * MiB - 21 * MiB
-    assert slack_of([64 * MiB]) == 0
 
 
 def test_header_summary_with_torch_dtype_names() -> None:

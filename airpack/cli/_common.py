@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from .._fs import read_capped
 from .._json import dumps_output, printable
 from ..errors import AirpackError, BrokenPipe, BundleMismatchError, InternalError, Interrupted, UsageError, as_airpack_error
 from ..progress import NULL_PROGRESS, Progress, ProgressTask
@@ -212,6 +213,21 @@ class Output:
         """A warning (a private key or PIN file others can read) on stderr, in every mode but -q: --json keeps stdout."""
         if not self.quiet:
             echo(f"warning: {message}", err=True)
+
+
+def hub_token(token_file: pathlib.Path | None) -> str | None:
+    """The Hub token of ``pack`` and ``fit``: the first line of ``--token-file``, else HF_TOKEN; never printed.
+
+    One reader for both commands, so a missing, empty or non-UTF-8 token file means the same in each.
+    """
+    if token_file is None:
+        return os.environ.get("HF_TOKEN", "").strip() or None
+    try:
+        return read_capped(token_file, 4096, what="token file").decode("utf-8").strip() or None
+    except FileNotFoundError:
+        raise UsageError(f"token file {token_file} not found", path=str(token_file)) from None
+    except UnicodeDecodeError:
+        raise UsageError(f"token file {token_file} is not UTF-8 text", path=str(token_file)) from None
 
 
 def airpack_command(group: click.Group, name: str, **kwargs: Any) -> Callable[[F], click.Command]:

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from .._fs import oserror_to_airpack, read_capped
+from .._fs import oserror_to_airpack
+from ..download_defaults import DEFAULT_CONNECTIONS
 from ..errors import PolicyError, UsageError
 from ..manifest import summary
 from ..signing import ALGORITHMS
 from ..units import format_bytes
 from . import cli
-from ._common import KEY_HELP, KEY_METAVAR, Output, airpack_command, pin_file_option
+from ._common import KEY_HELP, KEY_METAVAR, Output, airpack_command, hub_token, pin_file_option
 
 if TYPE_CHECKING:
     from ..manifest import Manifest
@@ -30,16 +29,6 @@ if TYPE_CHECKING:
 PathArg = click.Path(path_type=Path)
 
 
-def _warner(out: Output) -> Callable[[str], None]:
-    """Warnings (a private key others can read) go to stderr, in every mode but -q: --json keeps stdout."""
-
-    def warn(message: str) -> None:
-        if not out.quiet:
-            click.echo(f"warning: {message}", err=True)
-
-    return warn
-
-
 def _signer(key: str | Path, passphrase_file: Path | None, out: Output, pin_file: Path | None = None, *, strict: bool = True) -> Any:
     """The signer of a ``--key`` value: a key file, or a ``pkcs11:`` URI (a key on a token, logged in once here).
 
@@ -47,7 +36,7 @@ def _signer(key: str | Path, passphrase_file: Path | None, out: Output, pin_file
     """
     from ..signing import open_signer
 
-    return open_signer(key, passphrase_file=passphrase_file, pin_file=pin_file, warn=_warner(out), strict=strict)
+    return open_signer(key, passphrase_file=passphrase_file, pin_file=pin_file, warn=out.warn, strict=strict)
 
 
 # -- keygen ----------------------------------------------------------------------------
@@ -83,7 +72,7 @@ def keygen_cmd(out: Output, name: str, directory: Path, algorithm: str | None, p
             raise UsageError(f"{p} already exists; pass --force to replace it", path=str(p))
     _make_dir(directory)
     algorithm = algorithm or "ed25519"
-    passphrase = passphrase_from(passphrase_file, warn=_warner(out))
+    passphrase = passphrase_from(passphrase_file, warn=out.warn)
     kid = write_keypair(generate(algorithm), key_path, pub_path, passphrase=passphrase)
     out.result(
         {"keyid": kid, "algorithm": algorithm, "private_key": str(key_path), "public_key": str(pub_path), "encrypted": bool(passphrase)},
@@ -101,15 +90,13 @@ def _make_dir(directory: Path) -> None:
 
 
 def _write_pub(pub: Any, path: Path) -> str:
-    """NAME.pub (SPKI PEM) written atomically; returns the key id a trust policy will list."""
-    from .._fs import atomic_write
-    from ..signing import key_id, public_pem
+    """``signing.write_public``, with a write failure as the command's error (not a traceback)."""
+    from ..signing import write_public
 
     try:
-        atomic_write(path, public_pem(pub).encode("ascii"), mode=0o644)
+        return write_public(pub, path)
     except OSError as e:
         raise oserror_to_airpack(e, "cannot write", str(path)) from None
-    return str(key_id(pub))
 
 
 def _token_keygen(out: Output, uri: str, pub_path: Path, algorithm: str, pin_file: Path | None, force: bool) -> None:
@@ -118,7 +105,7 @@ def _token_keygen(out: Output, uri: str, pub_path: Path, algorithm: str, pin_fil
     if pub_path.exists() and not force:
         raise UsageError(f"{pub_path} already exists; pass --force to replace it", path=str(pub_path))
     _make_dir(pub_path.parent)
-    key = generate_key(uri, algorithm, pin_file=pin_file, warn=_warner(out))
+    key = generate_key(uri, algorithm, pin_file=pin_file, warn=out.warn)
     kid = _write_pub(key.public_key, pub_path)
     out.result(
         {"keyid": kid, "algorithm": key.algorithm, "pkcs11_uri": uri, "label": key.label, "public_key": str(pub_path),
@@ -147,7 +134,7 @@ def key_pub(out: Output, uri: str, out_path: Path, pin_file: Path | None, force:
 
     if out_path.exists() and not force:
         raise UsageError(f"{out_path} already exists; pass --force to replace it", path=str(out_path))
-    pub, algorithm = read_public(uri, pin_file=pin_file, warn=_warner(out))
+    pub, algorithm = read_public(uri, pin_file=pin_file, warn=out.warn)
     kid = _write_pub(pub, out_path)
     out.result({"keyid": kid, "algorithm": algorithm, "pkcs11_uri": uri, "public_key": str(out_path)},
                [f"wrote {out_path} ({algorithm}) from {uri}", f"key id: {kid}"])
@@ -425,7 +412,7 @@ def _pack_lines(r: PackResult) -> list[str]:
 @click.option("--token-file", type=PathArg, help="File holding a Hub token (default: the HF_TOKEN variable).")
 @click.option("--dry-run", is_flag=True, help="Resolve everything, print what would be fetched, write nothing.")
 @click.option("--allow-expired", is_flag=True, help="Write a bundle whose expiry is already past.")
-@click.option("--connections", type=click.IntRange(1, 256), envvar="AIRPACK_CONNECTIONS", default=16, show_default=True,
+@click.option("--connections", type=click.IntRange(1, 256), envvar="AIRPACK_CONNECTIONS", default=DEFAULT_CONNECTIONS, show_default=True,
               help="HTTP connections to the Hub's CDN at once, shared by all files (or AIRPACK_CONNECTIONS).")
 @click.option("--for", "for_profile", type=PathArg, metavar="PROFILE.json",
               help="A delta bundle for the host this profile describes: carry only the files it lacks.")
@@ -447,14 +434,7 @@ def pack_cmd(
     if not dry_run and key is None:
         raise UsageError("pack needs --key KEY to sign the bundle (or --dry-run)")
     signer = _signer(key, passphrase_file, out, pin_file) if key is not None and not dry_run else None
-    token = None
-    if token_file is not None:
-        try:
-            token = read_capped(token_file, 4096, what="token file").decode("utf-8").strip()
-        except FileNotFoundError:
-            raise UsageError(f"token file {token_file} not found", path=str(token_file)) from None
-    else:
-        token = os.environ.get("HF_TOKEN", "").strip() or None
+    token = hub_token(token_file)
 
     def run(dest: Path) -> PackResult:
         return pack(PackOptions(spec=s, out=dest, signer=signer, dry_run=dry_run, allow_expired=allow_expired,

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from .._fs import read_capped
 from ..errors import UsageError
 from ..units import format_bytes
 from ..vram import KV_DTYPES, RUNTIMES
 from . import cli
-from ._common import Output, airpack_command
+from ._common import Output, airpack_command, hub_token
 
 if TYPE_CHECKING:
     from ..ops.fit import FitReport, ModelSource
@@ -166,18 +164,6 @@ def _plan(out: Output, model: str, gpus: str | None, prices: Path | None, contex
             f"{failing[0].model} fits none of {', '.join(keys)} with 8 or fewer GPUs at context {failing[0].context} x batch {batch}",
             hint="Try a shorter --context, --batch 1, a quantized model, or larger GPUs in --gpus."))
     out.result(doc, text)
-
-
-def hub_token(token_file: Path | None) -> str | None:
-    """The Hub token: the first line of ``--token-file``, else HF_TOKEN; never printed, sent only to the Hub's origin."""
-    if token_file is None:
-        return os.environ.get("HF_TOKEN", "").strip() or None
-    try:
-        return read_capped(token_file, 4096, what="token file").decode("utf-8").strip() or None
-    except FileNotFoundError:
-        raise UsageError(f"token file {token_file} not found", path=str(token_file)) from None
-    except UnicodeDecodeError:
-        raise UsageError(f"token file {token_file} is not UTF-8 text", path=str(token_file)) from None
 
 
 def _hub_sources(model: str, registry: Path | None, endpoint: str | None, token_file: Path | None,

@@ -182,6 +182,12 @@ class HubClient:
     def has_token(self) -> bool:
         return self._token is not None
 
+    def require_access(self, snap: HubSnapshot) -> None:
+        """Refuse a gated repo before any file is asked for when there is no token: pack and fit word it alike."""
+        if snap.gated and not self.has_token:
+            raise GatedRepoError(f"{snap.repo_id} is gated: pass a token (HF_TOKEN or --token-file) from an account "
+                                 "that accepted its licence")
+
     def scrub(self, text: str) -> str:
         """``text`` without the token, URL credentials or a signed URL's query: for a message another module words."""
         return self._scrub(text)
@@ -315,8 +321,7 @@ class HubClient:
                 f"{snap.repo_id}/{f.path}: the Hub lists {f.size} bytes but serves {meta.size}", path=f.path
             )
         location = meta.location or url
-        return HeadInfo(url=url, location=location, size=meta.size, xet=meta.xet_file_data is not None,
-                        redirected=location != url)
+        return HeadInfo(location=location, size=meta.size, xet=meta.xet_file_data is not None)
 
     def location(self, head: HeadInfo) -> Location:
         """The GET for a HEAD's location: the token goes only to the Hub's own origin, never to a CDN."""
@@ -329,12 +334,12 @@ class HubClient:
     def locator(self, snap: HubSnapshot, f: HubFile) -> Callable[[], Location]:
         return lambda: self.location(self.head(snap, f))
 
-    def fail(self, snap: HubSnapshot, f: HubFile, cause: str, kept: int) -> FetchError:
+    def fail(self, snap: HubSnapshot, path: str, size: int, cause: str, kept: int) -> FetchError:
         """The one-line error that stops the pack for one file: repo, file, cause, and what the next run resumes."""
-        keep = (f"{kept} of {f.size} bytes are kept for the next run, which resumes from them" if kept
+        keep = (f"{kept} of {size} bytes are kept for the next run, which resumes from them" if kept
                 else "run pack again to retry it")
-        return FetchError(self._scrub(f"cannot fetch {snap.repo_id}/{f.path} @ {snap.commit[:12]}: {cause}; {keep}"),
-                          path=f.path)
+        return FetchError(self._scrub(f"cannot fetch {snap.repo_id}/{path} @ {snap.commit[:12]}: {cause}; {keep}"),
+                          path=path)
 
     def fetch_xet(self, snap: HubSnapshot, f: HubFile, dest: Path, work: Path,
                   on_bytes: Callable[[int], None]) -> FileDigest:
@@ -396,11 +401,9 @@ def xet_available() -> bool:
 class HeadInfo:
     """What a HEAD against the Hub says about one file."""
 
-    url: str  # the resolve URL asked
     location: str  # where the bytes are (the CDN's signed URL for LFS files)
     size: int | None
     xet: bool
-    redirected: bool
 
 
 @dataclass(frozen=True)

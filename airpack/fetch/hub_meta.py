@@ -37,8 +37,6 @@ from ..safetensors_check import MAX_HEADER_BYTES, HeaderCollector, SafetensorsIn
 from .hub import HubClient, HubFile, HubSnapshot
 from .segments import Location, range_answered
 
-MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB; a multimodal one some tens
-MAX_JSON_BYTES = 16 << 20  # the shard index of the largest published models is under 10 MiB
 HEADER_WORKERS = 8  # shards whose headers are read at once
 
 
@@ -98,13 +96,9 @@ class HubModelReader:
         return FetchError(self.client.scrub(f"cannot read {self.snap.repo_id}/{rel} @ {self.snap.commit[:12]}: {why}"),
                           path=rel)
 
-    def _locate(self, f: HubFile) -> Location:
-        """Where ``f``'s bytes are now (a fresh HEAD, the commit checked), with the token only for the Hub's origin."""
-        return self.client.location(self.client.head(self.snap, f))
-
     def _get(self, f: HubFile, start: int, end: int | None, cap: int, loc: Location | None = None) -> bytes:
         """Bytes [start, end) of ``f`` (``end`` None: the whole file, at most ``cap`` bytes), from ``loc`` or a fresh one."""
-        loc = loc or self._locate(f)
+        loc = loc or self.client.locator(self.snap, f)()
         headers = dict(loc.headers)
         if end is not None:
             headers["range"] = f"bytes={start}-{end - 1}"
@@ -152,9 +146,12 @@ class HubModelReader:
                                      f"range {resp.headers.get('content-range')!r}")
 
     def read(self, rel: str, cap: int) -> bytes:
-        """A small file whole (config.json, the shard index): refused before the GET when the Hub lists it over the cap."""
+        """A small file whole (config.json, the shard index): refused before the GET when the Hub lists it over the cap.
+
+        The cap is the caller's alone (``ops.fit`` passes the same limits to a
+        local folder), so a file that fits from disk also fits from the Hub.
+        """
         f = self._file(rel)
-        cap = min(cap, MAX_CONFIG_BYTES if rel.rsplit("/", 1)[-1] == "config.json" else MAX_JSON_BYTES)
         if f.size > cap:
             raise ModelConfigError(f"{self.location}/{rel} is {f.size} bytes, over the {cap}-byte limit for it", path=rel)
         if rel not in self._small:
@@ -170,7 +167,7 @@ class HubModelReader:
         display = f"{self.location}/{rel}"
         c = HeaderCollector()
         if f.size >= 8:
-            loc = self._locate(f)  # one HEAD for both ranges (a signed CDN URL outlives two requests)
+            loc = self.client.locator(self.snap, f)()  # one HEAD for both ranges (a signed CDN URL outlives two requests)
             c.feed(self._get(f, 0, 8, 8, loc))
             (length,) = struct.unpack("<Q", bytes(c.buf[:8]))
             if 0 < length <= MAX_HEADER_BYTES and 8 + length <= f.size:  # else ``info`` names what is wrong
@@ -191,8 +188,10 @@ def open_reader(repo_id: str, revision: str, *, endpoint: str | None, token: str
     """A reader on ``repo_id`` at ``revision`` resolved to its commit; a gated repo without a token is refused first."""
     client = HubClient(endpoint=endpoint, token=token, etag_timeout=timeout)
     reader = HubModelReader(client, repo_id, revision)
-    if reader.snap.gated and not client.has_token:
+    try:
+        client.require_access(reader.snap)
+    except GatedRepoError:
         reader.close()
-        raise GatedRepoError(f"{repo_id} is gated: pass a token (HF_TOKEN or --token-file) from an account that accepted its licence")
+        raise
     return reader
 

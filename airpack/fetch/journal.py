@@ -7,7 +7,7 @@ the bundle is signed. It is JSON lines, appended to while downloading:
 - ``{"v": 1, "id": CID, "size": N, "seg": [START, END]}``: bytes [START, END)
   of ``CID.part`` are on disk. Written after ``pwrite`` returned (a killed
   process loses nothing the kernel already holds) at least every
-  ``checkpoint`` bytes of a segment in flight and when a segment ends or fails;
+  ``segments.CHECKPOINT`` bytes (1 MiB) of a segment in flight and when a segment ends or fails;
   the line that ends a segment is written after ``fdatasync`` of the partial,
   so a power loss also keeps completed segments.
 - ``{"v": 1, "id": CID, "size": N, "done": {"path": P, "sha256": H, "mtime_ns": T, "ino": I}}``:
@@ -206,9 +206,7 @@ class Journal:
         out: list[dict[str, Any]] = []
         for cid, e in sorted(self._entries.items()):
             if e.done is not None:
-                d = e.done
-                out.append({"v": 1, "id": cid, "size": e.size,
-                            "done": {"path": d.path, "sha256": d.sha256, "mtime_ns": d.mtime_ns, "ino": d.ino}})
+                out.append(_done_doc(cid, e.done))
             out.extend({"v": 1, "id": cid, "size": e.size, "seg": [a, b]} for a, b in e.intervals)
         return out
 
@@ -243,9 +241,8 @@ class Journal:
         if end > start:
             self._append({"v": 1, "id": cid, "size": size, "seg": [start, end]})
 
-    def record_done(self, cid: str, size: int, rec: DoneRecord) -> None:
-        self._append({"v": 1, "id": cid, "size": size,
-                      "done": {"path": rec.path, "sha256": rec.sha256, "mtime_ns": rec.mtime_ns, "ino": rec.ino}})
+    def record_done(self, cid: str, rec: DoneRecord) -> None:
+        self._append(_done_doc(cid, rec))
 
     def record_drop(self, cid: str) -> None:
         self._append({"v": 1, "id": cid, "drop": True})
@@ -255,6 +252,12 @@ class Journal:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def _done_doc(cid: str, rec: DoneRecord) -> dict[str, Any]:
+    """A ``done`` line: one writer for the appended line and the compacted one, so the two cannot drift apart."""
+    return {"v": 1, "id": cid, "size": rec.size,
+            "done": {"path": rec.path, "sha256": rec.sha256, "mtime_ns": rec.mtime_ns, "ino": rec.ino}}
 
 
 def _dump(doc: dict[str, Any]) -> bytes:

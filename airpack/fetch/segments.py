@@ -55,17 +55,21 @@ from typing import Any
 import httpx2
 
 from .._fs import oserror_to_airpack
+from ..download_defaults import (
+    DEFAULT_CONNECTIONS,
+    DEFAULT_RETRIES,
+    DEFAULT_RETRY_BASE,
+    DEFAULT_SEGMENT,
+    DEFAULT_TIMEOUT,
+    MAX_WAIT,
+)
 from ..errors import AirpackError, FetchError, IntegrityError
 from ..hashing import CHUNK, FileDigest
 from ..progress import Progress, ProgressTask
 from .journal import DoneRecord, Journal, merge, missing
 
-DEFAULT_CONNECTIONS = 16
-DEFAULT_SEGMENT = 64 * 1024 * 1024
 MIN_SEGMENT = 8 * 1024 * 1024
-DEFAULT_RETRIES = 5
-DEFAULT_RETRY_BASE = 1.0
-MAX_WAIT = 60.0  # the longest pause a Retry-After or RateLimit reset may impose on one retry
+CHECKPOINT = CHUNK  # bytes of a segment in flight between two journal lines: a kill loses at most this per connection
 MAX_FILE_BARS = 4  # per-file progress bars at once: the largest files in flight
 FILE_BAR_MIN = 1 << 20
 _RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -103,7 +107,7 @@ class EngineOptions:
     retries: int = DEFAULT_RETRIES
     retry_base: float = DEFAULT_RETRY_BASE
     max_wait: float = MAX_WAIT
-    timeout: float = 30.0
+    timeout: float = DEFAULT_TIMEOUT
 
 
 @dataclass
@@ -196,14 +200,6 @@ class _Retry(Exception):
         self.wait = wait
 
 
-class GaveUp(Exception):
-    """One file's retries are spent: the other files go on, and the pack then stops with this file's error."""
-
-    def __init__(self, error: AirpackError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 class _NoRanges(Exception):
     """The server answered 200 to a range request: it serves the whole file or nothing."""
 
@@ -247,7 +243,7 @@ class Engine:
     """Fetch a set of files over one connection budget; see the module docstring."""
 
     def __init__(self, opts: EngineOptions, journal: Journal, progress: Progress, overall: ProgressTask,
-                 stats: Stats, *, fail_message: Callable[[FileJob, str], AirpackError]) -> None:
+                 stats: Stats, *, fail_message: Callable[[FileJob, str], FetchError]) -> None:
         self.opts = opts
         self.journal = journal
         self.progress = progress
@@ -347,8 +343,6 @@ class Engine:
                 self._open_bar(seg.job)
                 if seg.start >= seg.end or self._fetch_with_retries(seg):
                     self._segment_done(seg)
-            except GaveUp as g:
-                self._give_up(seg.job, g.error)
             except (IntegrityError, FetchError) as e:  # this file only: the others finish, then the pack stops
                 self._give_up(seg.job, e)
             except BaseException as e:  # noqa: BLE001 -- a full disk, a bug: everything stops; re-raised by run()
@@ -421,7 +415,8 @@ class Engine:
                     pos = max(pos, job.inflight.get(seg.start, seg.start)) if not job.stream or pos else pos
                 attempt += 1
                 if attempt > self.opts.retries:
-                    raise GaveUp(self._fail_message(job, f"{r.cause} (gave up after {self.opts.retries} retries)")) from None
+                    # this file's retries are spent: the other files go on, then the pack stops with its error
+                    raise self._fail_message(job, f"{r.cause} (gave up after {self.opts.retries} retries)") from None
                 self.stats.add(retries=1)
                 time.sleep(backoff(attempt, self.opts.retry_base, self.opts.max_wait, r.wait))
                 try:
@@ -499,7 +494,7 @@ class Engine:
                     pos += len(chunk)
                     self.stats.add(downloaded_bytes=len(chunk))
                     self._advance(job, len(chunk))
-                    if pos - mark >= CHUNK:  # a checkpoint: a kill loses at most CHUNK per connection
+                    if pos - mark >= CHECKPOINT:
                         self._checkpoint(seg, pos)
                         mark = pos
             except OSError as e:
@@ -653,8 +648,8 @@ class Engine:
         except OSError as e:
             raise oserror_to_airpack(e, "cannot write", str(job.dest)) from None
         job.digest = FileDigest(size=job.size, sha256=sha256)
-        self.journal.record_done(job.content_id, job.size, DoneRecord(path=job.bundle_path, sha256=sha256, size=job.size,
-                                                                     mtime_ns=st.st_mtime_ns, ino=st.st_ino))
+        self.journal.record_done(job.content_id, DoneRecord(path=job.bundle_path, sha256=sha256, size=job.size,
+                                                             mtime_ns=st.st_mtime_ns, ino=st.st_ino))
         self.stats.add(files=1, bytes=job.size)
         with job.lock:
             job.settled = True

@@ -19,6 +19,14 @@ from typing import Any
 from .. import content
 from .._fs import oserror_to_airpack
 from .._json import StrictJSONError, loads_strict
+from ..download_defaults import (
+    DEFAULT_CONNECTIONS,
+    DEFAULT_RETRIES,
+    DEFAULT_RETRY_BASE,
+    DEFAULT_SEGMENT,
+    DEFAULT_TIMEOUT,
+    MAX_WAIT,
+)
 from ..errors import (
     AirpackError,
     IntegrityError,
@@ -62,12 +70,13 @@ class PackOptions:
     # (``pack --connections``, ``AIRPACK_CONNECTIONS``); ranges of at most ``segment_size`` bytes;
     # ``retries`` per range with exponential backoff from ``retry_base`` seconds, a server's
     # Retry-After/RateLimit wait capped at ``max_retry_wait``; ``timeout`` per connect/read.
-    connections: int = 16
-    segment_size: int = 64 * 1024 * 1024
-    retries: int = 5
-    retry_base: float = 1.0
-    max_retry_wait: float = 60.0
-    timeout: float = 30.0
+    # The defaults are the engine's own (download_defaults.py), so the two cannot drift apart.
+    connections: int = DEFAULT_CONNECTIONS
+    segment_size: int = DEFAULT_SEGMENT
+    retries: int = DEFAULT_RETRIES
+    retry_base: float = DEFAULT_RETRY_BASE
+    max_retry_wait: float = MAX_WAIT
+    timeout: float = DEFAULT_TIMEOUT
     xet: bool = True  # Xet-backed files through huggingface_hub's Xet path when hf_xet is installed
     progress: Progress = NULL_PROGRESS
     profile: HostProfile | None = None  # ``pack --for``: a delta for this host (carry only what it lacks)

@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import content
 from .._fs import check_no_collisions, oserror_to_airpack
-from ..errors import DiskSpaceError, FetchError, GatedRepoError, IntegrityError, SpecError
+from ..errors import DiskSpaceError, FetchError, IntegrityError, SpecError
 from ..fetch.hub import (
     HeadInfo,
     HubClient,
@@ -129,10 +129,7 @@ def plan_hub_model(model: ModelSpec, opts: PackOptions) -> ModelPlan:
     assert model.revision is not None
     client = HubClient(endpoint=opts.endpoint, token=opts.token, etag_timeout=opts.timeout)
     snap = client.resolve(model.repo_id, model.revision)
-    if snap.gated and not client.has_token:
-        raise GatedRepoError(
-            f"{model.repo_id} is gated: pass a token (HF_TOKEN or --token-file) from an account that accepted its licence"
-        )
+    client.require_access(snap)
     hints = source_hints(f"{model.repo_id}@{snap.commit[:12]} on the Hub")
     hints[IntegrityError] = (f"The Hub's copy of {model.repo_id}@{snap.commit[:12]} does not match its own listing; "
                              "run pack again (it resumes), or check --endpoint if a mirror serves it.")
@@ -211,22 +208,22 @@ class _Download:
             raise oserror_to_airpack(e, "cannot read", str(dest)) from None
         if rec is not None and stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns, st.st_ino) == (
                 rec.size, rec.mtime_ns, rec.ino):
-            overall.advance(f.size)
-            self.stats.add(resumed_bytes=f.size, files=1, bytes=f.size)
-            return FileEntry(path=bundle_path, size=f.size, sha256=rec.sha256)
-        whole = whole_file_matches(dest, f)
-        if whole is not None:  # changed on disk since (or never journaled): verified by hash, kept
-            overall.advance(f.size)
-            self.stats.add(resumed_bytes=f.size, files=1, bytes=f.size)
-            st = dest.stat()
-            self.journal.record_done(f.content_id, f.size, DoneRecord(path=bundle_path, sha256=whole.sha256, size=f.size,
-                                                                     mtime_ns=st.st_mtime_ns, ino=st.st_ino))
-            return FileEntry(path=bundle_path, size=whole.size, sha256=whole.sha256)
-        try:
-            dest.unlink()
-        except OSError as e:
-            raise oserror_to_airpack(e, "cannot replace", str(dest)) from None
-        return None
+            sha256 = rec.sha256
+        else:
+            whole = whole_file_matches(dest, f)
+            if whole is None:
+                try:
+                    dest.unlink()
+                except OSError as e:
+                    raise oserror_to_airpack(e, "cannot replace", str(dest)) from None
+                return None
+            # changed on disk since (or never journaled): verified by hash, kept, and journaled for the next run
+            sha256 = whole.sha256
+            self.journal.record_done(f.content_id, DoneRecord(path=bundle_path, sha256=sha256, size=f.size,
+                                                              mtime_ns=st.st_mtime_ns, ino=st.st_ino))
+        overall.advance(f.size)
+        self.stats.add(resumed_bytes=f.size, files=1, bytes=f.size)
+        return FileEntry(path=bundle_path, size=f.size, sha256=sha256)
 
     def run(self, stats_out: dict[str, Any]) -> list[FileEntry]:
         opts, snap = self.opts, self.snap
@@ -249,7 +246,7 @@ class _Download:
                     done[f.path] = FileEntry(path=f"{self.prefix}/{f.path}", size=d.size, sha256=d.sha256)
             jobs = [self._job(f) for f in http]
             engine = Engine(self._engine_options(), self.journal, opts.progress, overall, self.stats,
-                            fail_message=lambda j, cause: self.client.fail(snap, self._by_path[j.path], cause, j.kept()))
+                            fail_message=lambda j, cause: self.client.fail(snap, j.path, j.size, cause, j.kept()))
             engine.run(jobs)
             for j in jobs:
                 assert j.digest is not None
@@ -261,10 +258,6 @@ class _Download:
                              resumed_bytes=s.resumed_bytes, downloaded_bytes=s.downloaded_bytes, retries=s.retries,
                              connections=opts.connections)
         return [done[f.path] for f in self.files]
-
-    @property
-    def _by_path(self) -> dict[str, HubFile]:
-        return {f.path: f for f in self.files}
 
     def _engine_options(self) -> EngineOptions:
         o = self.opts

@@ -20,7 +20,7 @@ from ..rules import MAX_SEQUENCE_JUMP, ChannelHigh, Sequence, classify_sequence
 from ..sbom import SBOM_NAME, build_sbom
 from ..sources import open_source
 from ..trust import TrustPolicy
-from .verify import VerifyOptions, read_unverified, verify_bundle
+from .verify import Unverified, VerifyOptions, read_unverified, verify_bundle
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,14 @@ def load_side(path: Path, policy: TrustPolicy | None, *, now: dt.datetime | None
     if policy is not None:
         vb = verify_bundle(VerifyOptions(bundle=path, policy=policy, now=now, progress=progress))
         return Side(path=str(path), manifest=vb.manifest, verified=True, signers=tuple(vb.signer_names))
+    return claimed_side(path)[0]
+
+
+def claimed_side(path: Path) -> tuple[Side, Unverified]:
+    """The bundle as it claims itself (nothing verified), with the envelope and manifest read (the report shows both)."""
     claimed = read_unverified(open_source(path))
     return Side(path=str(path), manifest=claimed.manifest, verified=False,
-                signers=tuple(f"keyid:{s.keyid}" for s in claimed.envelope.signatures))
+                signers=tuple(f"keyid:{s.keyid}" for s in claimed.envelope.signatures)), claimed
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -291,6 +296,7 @@ class DiffRegistryResult:
     models: tuple[ModelChange, ...]
     wheels: tuple[WheelState, ...]
     flags: tuple[str, ...]
+    channel_high: ChannelHigh | None  # the channel's highest installed bundle, as read for the sequence flag (not in the JSON)
 
     @property
     def bytes_to_copy(self) -> int:
@@ -369,4 +375,5 @@ def diff_registry_side(side: Side, registry: Path) -> DiffRegistryResult:
         wheels.append(WheelState(name=w.name, version=w.version, filename=fn, state=state))
         if state == "conflict":
             flags.append(f"wheel {fn} is installed with other content: install would be refused")
-    return DiffRegistryResult(bundle=side, registry=str(reg.root), models=tuple(models), wheels=tuple(wheels), flags=tuple(flags))
+    return DiffRegistryResult(bundle=side, registry=str(reg.root), models=tuple(models), wheels=tuple(wheels), flags=tuple(flags),
+                              channel_high=ch)

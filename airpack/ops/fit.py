@@ -451,7 +451,7 @@ class RemoteModel(Protocol):
     def header(self, rel: str) -> SafetensorsInfo: ...
 
 
-def load_remote(remote: RemoteModel, *, hub: dict[str, Any] | None = None, files: list[str] | None = None,
+def load_remote(remote: RemoteModel, *, files: list[str] | None = None,
                 prefetch: Callable[[list[str]], object] | None = None) -> ModelSource:
     """A model from a remote reader: config.json, the shard index and the chosen headers, as a folder's are chosen.
 
@@ -459,15 +459,10 @@ def load_remote(remote: RemoteModel, *, hub: dict[str, Any] | None = None, files
     the headers ahead (a few at once) before they are taken one by one.
     """
     files = remote.files if files is None else files
-
-    def header(rel: str) -> SafetensorsInfo:
-        return remote.header(rel)
-
     if prefetch is not None and "config.json" in files:
         read_index = (lambda: remote.read(INDEX_NAME, MAX_INDEX_BYTES)) if INDEX_NAME in files else None
         prefetch(select_weight_files(files, read_index))
-    src = _assemble(remote.repo_id, "hub", remote.location, files, read=remote.read, header=header)
-    return replace(src, hub=hub)
+    return _assemble(remote.repo_id, "hub", remote.location, files, read=remote.read, header=remote.header)
 
 
 # -- estimating -------------------------------------------------------------------------------------
@@ -500,20 +495,31 @@ def trace_fit(src: ModelSource, report: FitReport, gpu: GpuBudget) -> FitReport:
     return replace(report, result=result, trace=traced)
 
 
-def estimate_source(src: ModelSource, run: RunConfig, gpu: GpuBudget, *, trace: bool = False) -> FitReport:
-    """The estimate and verdict for one model on ``gpu``; a context beyond the model's maximum is refused first."""
+def model_of(src: ModelSource, context: int | None) -> tuple[ModelShape, Weights]:
+    """The shape and weights of a model read from its config and headers; refused when its files hold no tensors or
+    ``context`` is beyond its maximum (the estimate and the plan both start here)."""
     probe = collect_weights(src.tensors)
     shape = model_shape(src.config, weights_dtype=probe.float_dtype)
     weights = collect_weights(src.tensors, shape=shape)
     if not weights.tensors:
         raise ModelConfigError(f"{src.location}: the safetensors files hold no tensors", path=src.location)
-    check_context(src, shape, run.context)
+    check_context(src, shape, context)
+    return shape, weights
+
+
+def estimate_source(src: ModelSource, run: RunConfig, gpu: GpuBudget, *, trace: bool = False) -> FitReport:
+    """The estimate and verdict for one model on ``gpu``; a context beyond the model's maximum is refused first.
+
+    With ``trace`` the trace's verdict is the report's, and what would fit is suggested for that verdict."""
+    shape, weights = model_of(src, run.context)
     run = replace(run, tensor_parallel=gpu.count)
-    result = fit(shape, weights, run, gpu)
-    tips = suggest(shape, weights, run, gpu, result) if result.verdict == "does_not_fit" else ()
-    report = FitReport(model=src.name, location=src.location, shape=shape, weights=weights, result=result, suggestions=tips,
-                       utilization=str(parse_utilization(run.gpu_memory_utilization)), hub=src.hub)
-    return trace_fit(src, report, gpu) if trace else report
+    report = FitReport(model=src.name, location=src.location, shape=shape, weights=weights, result=fit(shape, weights, run, gpu),
+                       suggestions=(), utilization=str(parse_utilization(run.gpu_memory_utilization)), hub=src.hub)
+    if trace:
+        report = trace_fit(src, report, gpu)
+    if report.result.verdict != "does_not_fit":
+        return report
+    return replace(report, suggestions=suggest(shape, weights, run, gpu, report.result))
 
 
 _ASSUMED_MAX = "config.json gives no max_position_embeddings"  # the start of vram.model_shape's note when it guesses

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def load_hub_model(model: str, *, endpoint: str | None, token: str | None, timeo
             "requests": reader.stats.requests, "bytes_read": reader.stats.bytes,
             "repo_bytes": sum(f.size for f in reader.snap.files),
         }
-    return ModelSource(name=src.name, kind=src.kind, location=src.location, config=src.config, tensors=src.tensors, hub=record)
+    return replace(src, hub=record)
 
 
 def _plan_source(plan: ModelPlan, opts: PackOptions) -> ModelSource:

@@ -30,16 +30,14 @@ from ..vram import (
     ModelShape,
     RunConfig,
     Weights,
-    collect_weights,
     dtype_bytes,
     estimate,
     fit,
     kv_sequence_bytes,
     largest_fitting,
-    model_shape,
     weights_per_gpu,
 )
-from .fit import ModelSource, check_context, load_models, run_config
+from .fit import ModelSource, load_models, model_of, run_config
 
 COUNTS = (1, 2, 4, 8)
 DEFAULT_GPUS = ("H100-80GB", "H200", "B200", "A100-80GB", "A100-40GB", "L40S", "RTX-4090", "L4")
@@ -250,14 +248,10 @@ def plan_gpu(shape: ModelShape, weights: Weights, run: RunConfig, gpu: CatalogGp
     return PlanOption(gpu=gpu, count=0, result=last, notes=tuple(notes))
 
 
-def plan_source(src: ModelSource, opts: PlanOptions) -> Plan:
-    probe = collect_weights(src.tensors)
-    shape = model_shape(src.config, weights_dtype=probe.float_dtype)
-    weights = collect_weights(src.tensors, shape=shape)
-    check_context(src, shape, opts.context)
+def plan_source(src: ModelSource, opts: PlanOptions, gpus: tuple[CatalogGpu, ...]) -> Plan:
+    shape, weights = model_of(src, opts.context)
     run = run_config(runtime=opts.runtime, context=opts.context, batch=opts.batch, new_tokens=opts.new_tokens,
                      kv_dtype=opts.kv_dtype, gpu_memory_utilization=opts.gpu_memory_utilization)
-    gpus = [next(g for g in CATALOG if g.key == k) for k in opts.gpus]
     options = tuple(plan_gpu(shape, weights, run, g, opts.prices) for g in gpus)
     return Plan(model=src.name, location=src.location, shape=shape, weights=weights, runtime=run.runtime,
                 context=opts.context or shape.max_context, batch=opts.batch, options=options,
@@ -266,7 +260,9 @@ def plan_source(src: ModelSource, opts: PlanOptions) -> Plan:
 
 def plan_model(opts: PlanOptions, sources: list[ModelSource] | None = None) -> list[Plan]:
     """``airpack fit MODEL --plan``: one plan per model (a bundle may carry several); ``sources`` already read (from the Hub)."""
+    by_key = {g.key: g for g in CATALOG}
     for key in opts.gpus:
-        if not any(g.key == key for g in CATALOG):
+        if key not in by_key:
             raise GpuSpecError(f"unknown GPU {key!r} in --gpus")
-    return [plan_source(src, opts) for src in (load_models(opts.model, opts.registry) if sources is None else sources)]
+    gpus = tuple(by_key[k] for k in opts.gpus)
+    return [plan_source(src, opts, gpus) for src in (load_models(opts.model, opts.registry) if sources is None else sources)]

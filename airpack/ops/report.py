@@ -53,14 +53,22 @@ from ..sbom import SBOM_NAME
 from ..sources import detect, open_source
 from ..trust import TrustPolicy
 from ..vram import estimate
-from .audit import DiffRegistryResult, DiffResult, Side, diff_manifests, diff_registry_side, load_side, sbom_for
+from .audit import DiffRegistryResult, DiffResult, Side, claimed_side, diff_manifests, diff_registry_side, load_side, sbom_for
 from .fit import ModelSource, estimate_source, keep_for_fit, load_bundle, run_config, verified_models
 from .manage import list_installed
-from .verify import Unverified, VerifiedBundle, read_unverified, verify_source
+from .verify import VerifiedBundle, verify_source
 
 FORMS = {"dir": "folder", "tar": "tar", "parts": "parts"}
 CURVE_POINTS = 24
 MAX_TIMELINE = 10_000  # audit lines shown; the chain check still reads every one
+
+
+def _whole(v: object) -> int | None:
+    """``v`` if it is an integer, else None: the manifest signs free JSON, and JSON's ``true`` is a Python int too.
+
+    Not ``vram._num``, which also takes whole floats: a count the bundle claims is shown only as it was written.
+    """
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 # -- the facts ------------------------------------------------------------------------------------
@@ -281,18 +289,16 @@ class FitFact:
     recorded: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        rec = self.recorded or {}
+        verdict = rec.get("verdict")
         return {
             "model": self.model, "target": dict(self.target), "basis": self.basis, "verdict": self.verdict, "reason": self.reason,
             "per_gpu_bytes": self.per_gpu_bytes, "limit_bytes": self.limit_bytes, "breakdown": dict(self.breakdown),
             "context": self.context, "max_context": self.max_context, "model_max_context": self.model_max_context,
             "architecture": self.architecture, "notes": list(self.notes), "curve": [p.to_json() for p in self.curve],
-            "recorded": self.recorded, "recorded_verdict": self._recorded_field("verdict", str),
-            "recorded_per_gpu_bytes": self._recorded_field("per_gpu_bytes", int),
+            "recorded": self.recorded, "recorded_verdict": verdict if isinstance(verdict, str) else None,
+            "recorded_per_gpu_bytes": _whole(rec.get("per_gpu_bytes")),
         }
-
-    def _recorded_field(self, key: str, typ: type) -> Any:
-        v = (self.recorded or {}).get(key)
-        return v if isinstance(v, typ) and not isinstance(v, bool) else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -443,7 +449,7 @@ def _model_fact(m: Manifest, x: ModelEntry) -> ModelFact:
     dtypes = x.raw.get("dtypes")
     return ModelFact(
         repo_id=x.repo_id, source=x.source, revision=x.revision, commit=x.commit, license=x.license,
-        parameters=params if isinstance(params, int) and not isinstance(params, bool) else None,
+        parameters=_whole(params),
         dtypes=dtypes if isinstance(dtypes, dict) else {}, architecture=_architecture(cfg), config=cfg,
         files=len(files), bytes=sum(f.size for f in files), pickles=x.pickles, code=x.code,
     )
@@ -499,7 +505,7 @@ def _wheels(m: Manifest) -> tuple[WheelFact, ...]:
         size = w.raw.get("size")
         out.append(WheelFact(
             name=w.name, version=w.version, filename=str(w.raw.get("filename") or w.path.rsplit("/", 1)[-1]), sha256=w.sha256,
-            size=size if isinstance(size, int) and not isinstance(size, bool) else None, licenses=_str_tuple(w.raw.get("licenses")),
+            size=_whole(size), licenses=_str_tuple(w.raw.get("licenses")),
             platforms=_str_tuple(w.raw.get("platform_tags")), python=_str_tuple(w.raw.get("python_tags")),
         ))
     return tuple(out)
@@ -552,7 +558,6 @@ def _estimate_fact(src: ModelSource, target: Mapping[str, Any], basis: str, reco
     rep = estimate_source(src, run, budget)
     r = rep.result
     est = r.estimate
-    run = replace(run, tensor_parallel=budget.count)
     top = max(r.model_max_context, est.context)
     curve = tuple(CurvePoint(context=c, per_gpu_bytes=estimate(rep.shape, rep.weights, replace(run, context=c)).per_gpu_bytes)
                   for c in _curve_contexts(top, (est.context, r.max_context)))
@@ -577,15 +582,11 @@ def _recorded_fact(model: str, target: dict[str, Any], recorded: dict[str, Any] 
     """Only what the bundle claims from pack time; ``basis`` recorded, or unknown when there is no record either."""
     if recorded is None or not isinstance(recorded.get("breakdown"), dict):
         return FitFact(model=model, target=target, basis="unknown", verdict="unknown", reason=reason, recorded=recorded)
-
-    def num(k: str) -> int | None:
-        v = recorded.get(k)
-        return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-    bd = {k: v for k, v in recorded["breakdown"].items() if isinstance(v, int) and not isinstance(v, bool)}
+    bd = {k: n for k, v in recorded["breakdown"].items() if (n := _whole(v)) is not None}
     return FitFact(model=model, target=target, basis="recorded", verdict=str(recorded.get("verdict", "unknown")), reason=reason,
-                   per_gpu_bytes=num("per_gpu_bytes"), limit_bytes=num("limit_bytes"), breakdown=bd, context=num("context"),
-                   max_context=num("max_context"), model_max_context=num("model_max_context"), recorded=recorded)
+                   per_gpu_bytes=_whole(recorded.get("per_gpu_bytes")), limit_bytes=_whole(recorded.get("limit_bytes")),
+                   breakdown=bd, context=_whole(recorded.get("context")), max_context=_whole(recorded.get("max_context")),
+                   model_max_context=_whole(recorded.get("model_max_context")), recorded=recorded)
 
 
 def _target_view(t: Mapping[str, Any]) -> dict[str, Any]:
@@ -593,16 +594,12 @@ def _target_view(t: Mapping[str, Any]) -> dict[str, Any]:
 
     The manifest signs targets as free objects, so nothing about their shape is assumed.
     """
-    def whole(k: str) -> int | None:
-        v = t.get(k)
-        return v if isinstance(v, int) and not isinstance(v, bool) else None
-
     def text(k: str) -> str | None:
         v = t.get(k)
         return None if v is None else str(v)[:200]
 
-    return {"gpu": text("gpu"), "count": whole("count") or 1, "runtime": text("runtime"), "context": whole("context"),
-            "batch": whole("batch") or 1}
+    return {"gpu": text("gpu"), "count": _whole(t.get("count")) or 1, "runtime": text("runtime"), "context": _whole(t.get("context")),
+            "batch": _whole(t.get("batch")) or 1}
 
 
 def _fit(m: Manifest, sources: list[ModelSource] | None, basis: str, why_not: str) -> tuple[FitFact, ...]:
@@ -693,16 +690,13 @@ def _against_bundle(side: Side, old: Side) -> Comparison:
 
 def _against_registry(side: Side, registry: Path) -> Comparison:
     r: DiffRegistryResult = diff_registry_side(side, registry)
-    reg = Registry.open(registry)
-    with reg.reader() as conn:
-        high = conn.channel_high(side.manifest.channel)
     files: dict[str, list[dict[str, Any]]] = {"added": [], "removed": [], "changed": []}
     for mc in r.models:
         pre = f"{mc.repo_id}: "
         for k in files:
             files[k] += [{**x, "path": pre + str(x["path"])} for x in mc.files.get(k, [])]
     return Comparison(kind="registry", against=str(registry), verified=side.verified, files=files, flags=r.flags,
-                      sequence=sequence_fact(high, side.manifest), detail=r.to_json())
+                      sequence=sequence_fact(r.channel_high, side.manifest), detail=r.to_json())
 
 
 # -- the operation --------------------------------------------------------------------------------
@@ -739,13 +733,13 @@ class ReportResult:
 def _verified_side(path: Path, policy: TrustPolicy, *, now: dt.datetime | None, progress: Progress,
                    host: Path | None = None) -> tuple[Side, VerifiedBundle]:
     """verify's own check; with ``host`` (a registry) a delta's files expected there are hashed as ``verify --registry`` does."""
+    source = open_source(path, policy=policy)  # refuses a policy that can never be met first, before the registry is opened
     if host is None:
-        vb = verify_source(open_source(path, policy=policy), policy, now=now, keep=keep_for_fit, progress=progress)
+        vb = verify_source(source, policy, now=now, keep=keep_for_fit, progress=progress)
     else:
         reg = Registry.open(host)
         with reg.reader() as conn:
-            vb = verify_source(open_source(path, policy=policy), policy, now=now, keep=keep_for_fit, progress=progress,
-                               host=RegistryCopies(reg, conn))
+            vb = verify_source(source, policy, now=now, keep=keep_for_fit, progress=progress, host=RegistryCopies(reg, conn))
     return Side(path=str(path), manifest=vb.manifest, verified=True, signers=tuple(vb.signer_names)), vb
 
 
@@ -758,7 +752,6 @@ def bundle_facts(opts: ReportOptions) -> BundleReport:
     now = now_utc()
     pol = opts.policy
     if pol is not None:
-        pol.check_usable()
         side, vb = _verified_side(path, pol, now=opts.now, progress=opts.progress, host=opts.registry)
         signers = tuple(SignerFact(name=k.name, keyid=k.keyid, algorithm=k.algorithm) for k in vb.signers)
         host_checked = vb.host_checked
@@ -766,7 +759,7 @@ def bundle_facts(opts: ReportOptions) -> BundleReport:
         sources: list[ModelSource] | None = verified_models(vb) if read_all else None
         basis, why_not = "verified", "" if read_all else DELTA_NOT_READ
     else:
-        side, claimed = _claimed_side(path)
+        side, claimed = claimed_side(path)
         signers = tuple(SignerFact(name=None, keyid=s.keyid, algorithm=None) for s in claimed.envelope.signatures)
         sources, why_not = _unverified_sources(path, form, claimed.manifest)
         basis, host_checked = "unverified-files", False
@@ -795,13 +788,6 @@ def bundle_facts(opts: ReportOptions) -> BundleReport:
         files=_files(m), wheels=_wheels(m), sbom=_sbom(side), fit=_fit(m, sources, basis, why_not), comparison=comparison,
         generated_at=format_time(now), tool=f"airpack {__version__}", delta=_delta_fact(m, host_checked, opts.registry),
     )
-
-
-def _claimed_side(path: Path) -> tuple[Side, Unverified]:
-    """The bundle as it claims itself (nothing verified), and the envelope and manifest read."""
-    claimed = read_unverified(open_source(path))
-    return Side(path=str(path), manifest=claimed.manifest, verified=False,
-                signers=tuple(f"keyid:{s.keyid}" for s in claimed.envelope.signatures)), claimed
 
 
 # -- the registry's facts -------------------------------------------------------------------------
